@@ -1,0 +1,10 @@
+"""Triton kernels of fastgen: pure tensor functions, their launchers and plain-PyTorch references.
+
+Nothing here knows about diffusers or models. Each op lives in one file named after it:
+
+- ``attention``: FlashAttention-2 style forward with cached K/V segments read in place.
+- ``qk_norm_rope``: fused RMS-norm of q and k plus rotary embedding (the attention prologue).
+
+The launchers need ``triton``; the references need only ``torch``. On a machine without a GPU the
+launchers run under the Triton interpreter when ``TRITON_INTERPRET=1`` was set before import.
+"""

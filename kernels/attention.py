@@ -1,0 +1,326 @@
+"""Attention forward with cached K/V segments, FlashAttention-2 style.
+
+Layout is that of ``F.scaled_dot_product_attention``: q (B, H, Nq, D), k/v (B, H, Nk, D). Keys come
+in segments: the main ``k, v`` and up to ``MAX_EXTRA`` extra ``(k_i, v_i)`` pairs, each
+(B or 1, H, N_i, D), attended after the main keys *as if concatenated*, but read in place by one
+launch. Every segment has an additive logit bias. Any tensor may be strided; a batch dimension of
+1 broadcasts (stride 0), so one cached condition serves both halves of a CFG pair.
+
+Three layers here, nothing else: the ``@triton.jit`` kernel, the launcher ``attention_fwd`` that
+picks tiles and grid, and the float64 reference ``attention_reference``. ``merge_partials`` merges
+partial results of disjoint key sets through their log-sum-exp (more than ``MAX_EXTRA`` segments,
+or attention split across devices).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+
+from ._common import HAVE_TRITON, INTERPRET, next_pow2, tl, triton
+
+MAX_EXTRA = 4  # extra segments fused in one launch; more are merged through the LSE
+LOG2E = 1.4426950408889634
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    extra_kv: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+    extra_bias: Sequence[float] = (),
+    scale: float | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch attention over concatenated segments, computed in ``dtype``.
+
+    Returns ``(out, lse)``: out (B, H, Nq, D) in ``dtype``, lse (B, H, Nq) natural-log
+    log-sum-exp of the scaled, biased logits. Materialises the full (Nq, Nk) logits.
+    """
+    B = q.shape[0]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    keys, values, biases = [k], [v], [0.0]
+    for (ki, vi), bi in zip(extra_kv, extra_bias, strict=True):
+        keys.append(ki)
+        values.append(vi)
+        biases.append(float(bi))
+    qf = q.to(dtype)
+    logits, vs = [], []
+    for ki, vi, bi in zip(keys, values, biases, strict=True):
+        ki = ki.to(dtype).expand(B, -1, -1, -1)
+        vs.append(vi.to(dtype).expand(B, -1, -1, -1))
+        logits.append(qf @ ki.transpose(-1, -2) * scale + bi)
+    s = torch.cat(logits, dim=-1)
+    lse = torch.logsumexp(s, dim=-1)
+    out = torch.softmax(s, dim=-1) @ torch.cat(vs, dim=-2)
+    return out, lse
+
+
+def merge_partials(
+    outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine attention over disjoint key sets: ``out = sum_i exp(lse_i - lse) * out_i``.
+
+    outs: each (B, H, Nq, D); lses: each (B, H, Nq) float32. Returns (out in outs[0].dtype, lse).
+    """
+    lse = torch.stack([x.float() for x in lses]).logsumexp(dim=0)
+    acc = torch.zeros(outs[0].shape, dtype=torch.float32, device=outs[0].device)
+    for o, l in zip(outs, lses, strict=True):
+        w = torch.exp(l.float() - lse)
+        # A row whose every logit is -inf in one part has lse -inf there: weight 0, not NaN.
+        acc += torch.nan_to_num(w, nan=0.0).unsqueeze(-1) * o.float()
+    return acc.to(outs[0].dtype), lse
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel
+# --------------------------------------------------------------------------------------------
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _attend_segment(
+        acc, m_i, l_i, q,
+        K, V, k_off, v_off, s_kn, s_kd, s_vn, s_vd,
+        n_keys, bias, qk_scale,
+        offs_d, d_mask,
+        BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ):
+        # One key segment: online softmax in the log2 domain, running max m_i and sum l_i (fp32).
+        offs_n = tl.arange(0, BLOCK_N)
+        k_ptrs = K + k_off + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd
+        v_ptrs = V + v_off + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd
+        for start in range(0, n_keys, BLOCK_N):
+            col_ok = (start + offs_n) < n_keys
+            k = tl.load(k_ptrs, mask=col_ok[None, :] & d_mask[:, None], other=0.0)
+            qk = tl.dot(q, k, input_precision=INPUT_PRECISION)
+            qk = qk * qk_scale + bias
+            qk = tl.where(col_ok[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            p = tl.math.exp2(qk - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptrs, mask=col_ok[:, None] & d_mask[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+            m_i = m_new
+            k_ptrs += BLOCK_N * s_kn
+            v_ptrs += BLOCK_N * s_vn
+        return acc, m_i, l_i
+
+    @triton.jit
+    def _attn_fwd(
+        Q, K0, V0, K1, V1, K2, V2, K3, V3, K4, V4, Out, Lse,
+        # strides (batch, head, token, dim); a broadcast batch has stride 0
+        sq_b, sq_h, sq_n, sq_d,
+        so_b, so_h, so_n, so_d,
+        sk0_b, sk0_h, sk0_n, sk0_d, sv0_b, sv0_h, sv0_n, sv0_d,
+        sk1_b, sk1_h, sk1_n, sk1_d, sv1_b, sv1_h, sv1_n, sv1_d,
+        sk2_b, sk2_h, sk2_n, sk2_d, sv2_b, sv2_h, sv2_n, sv2_d,
+        sk3_b, sk3_h, sk3_n, sk3_d, sv3_b, sv3_h, sv3_n, sv3_d,
+        sk4_b, sk4_h, sk4_n, sk4_d, sv4_b, sv4_h, sv4_n, sv4_d,
+        N0, N1, N2, N3, N4,
+        bias0, bias1, bias2, bias3, bias4,  # log2 units
+        H, N_Q, qk_scale,  # qk_scale = scale * log2(e)
+        BUCKET_Q, BUCKET_K,  # autotune keys only
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        NUM_EXTRA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        # int64 offsets: B*H*N*D of a long video overflows int32.
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        row_ok = offs_m < N_Q
+
+        q_ptrs = Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :] * sq_d
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_mask[None, :], other=0.0)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+        acc, m_i, l_i = _attend_segment(
+            acc, m_i, l_i, q, K0, V0, b * sk0_b + h * sk0_h, b * sv0_b + h * sv0_h,
+            sk0_n, sk0_d, sv0_n, sv0_d, N0, bias0, qk_scale, offs_d, d_mask, BLOCK_N, INPUT_PRECISION)
+        if NUM_EXTRA >= 1:
+            acc, m_i, l_i = _attend_segment(
+                acc, m_i, l_i, q, K1, V1, b * sk1_b + h * sk1_h, b * sv1_b + h * sv1_h,
+                sk1_n, sk1_d, sv1_n, sv1_d, N1, bias1, qk_scale, offs_d, d_mask, BLOCK_N, INPUT_PRECISION)
+        if NUM_EXTRA >= 2:
+            acc, m_i, l_i = _attend_segment(
+                acc, m_i, l_i, q, K2, V2, b * sk2_b + h * sk2_h, b * sv2_b + h * sv2_h,
+                sk2_n, sk2_d, sv2_n, sv2_d, N2, bias2, qk_scale, offs_d, d_mask, BLOCK_N, INPUT_PRECISION)
+        if NUM_EXTRA >= 3:
+            acc, m_i, l_i = _attend_segment(
+                acc, m_i, l_i, q, K3, V3, b * sk3_b + h * sk3_h, b * sv3_b + h * sv3_h,
+                sk3_n, sk3_d, sv3_n, sv3_d, N3, bias3, qk_scale, offs_d, d_mask, BLOCK_N, INPUT_PRECISION)
+        if NUM_EXTRA >= 4:
+            acc, m_i, l_i = _attend_segment(
+                acc, m_i, l_i, q, K4, V4, b * sk4_b + h * sk4_h, b * sv4_b + h * sv4_h,
+                sk4_n, sk4_d, sv4_n, sv4_d, N4, bias4, qk_scale, offs_d, d_mask, BLOCK_N, INPUT_PRECISION)
+
+        out = acc / l_i[:, None]
+        o_ptrs = Out + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :] * so_d
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
+        # natural-log LSE: (m + log2 l) * ln 2
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+        tl.store(Lse + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+
+
+def _gpu_configs() -> list:
+    # Candidates for H100/A100-class GPUs; the autotuner skips any that do not fit.
+    out = []
+    for bm, bn, warps, stages in [
+        (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2),
+        (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 2), (128, 32, 4, 2),
+    ]:
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
+    return out
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    # Large head dims need small tiles: keep q, k, v tiles and the fp32 accumulator in budget.
+    d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] * d <= 128 * 128 and c.kwargs["BLOCK_N"] * d <= 128 * 128]
+    return keep or configs[-2:]
+
+
+_autotuned = None
+
+
+def _kernel_for(device: torch.device):
+    """The plain kernel under the interpreter; an autotuned one on a GPU."""
+    global _autotuned
+    if device.type != "cuda" or os.environ.get("FASTGEN_AUTOTUNE", "1") == "0":
+        return None
+    if _autotuned is None:
+        _autotuned = triton.autotune(
+            configs=_gpu_configs(),
+            key=["BUCKET_Q", "BUCKET_K", "HEAD_DIM", "NUM_EXTRA", "INPUT_PRECISION"],
+            prune_configs_by={"early_config_prune": _prune_configs},
+        )(_attn_fwd)
+    return _autotuned
+
+
+def _strides(t: torch.Tensor, batch: int) -> list[int]:
+    s = list(t.stride())
+    if t.shape[0] == 1 and batch != 1:
+        s[0] = 0  # broadcast over the batch
+    return s
+
+
+def _launch(q, segments, scale, out, lse, input_precision):
+    B, H, Nq, D = q.shape
+    num_extra = len(segments) - 1
+    block_d = max(16, next_pow2(D))
+    pad = segments + [segments[0]] * (MAX_EXTRA + 1 - len(segments))
+    ptrs, strides, lens, biases = [], [], [], []
+    for i, (k, v, bias) in enumerate(pad):
+        ptrs += [k, v]
+        strides += _strides(k, B) + _strides(v, B)
+        lens.append(k.shape[2] if i <= num_extra else 0)
+        biases.append(float(bias) * LOG2E if i <= num_extra else 0.0)
+    n_keys = sum(lens)
+    args = (
+        q, *ptrs, out, lse,
+        *q.stride(), *out.stride(), *strides, *lens, *biases,
+        H, Nq, scale * LOG2E, next_pow2(Nq), next_pow2(n_keys),
+    )
+    meta = dict(HEAD_DIM=D, BLOCK_D=block_d, NUM_EXTRA=num_extra, INPUT_PRECISION=input_precision)
+    tuned = _kernel_for(q.device)
+    if tuned is not None:
+        grid = lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * H)  # noqa: E731
+        tuned[grid](*args, **meta)
+        return
+    if q.device.type == "cuda":  # autotuning switched off: a config that fits every head dim
+        bm, bn, warps, stages = (128, 64, 8, 3) if block_d <= 128 else (64, 32, 4, 2)
+        extra = dict(num_warps=warps, num_stages=stages)
+    else:  # interpreter: cost grows with the number of tiles, so take them large
+        bm = min(128, max(16, next_pow2(Nq)))
+        bn = min(128, max(16, next_pow2(max(lens[: num_extra + 1]))))
+        extra = {}
+    _attn_fwd[(triton.cdiv(Nq, bm), B * H)](*args, BLOCK_M=bm, BLOCK_N=bn, **meta, **extra)
+
+
+def attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    extra_k: Sequence[torch.Tensor] = (),
+    extra_v: Sequence[torch.Tensor] = (),
+    extra_bias: Sequence[float] = (),
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton attention forward over segments. Inputs must already be validated.
+
+    q (B, H, Nq, D); k/v and each extra pair (B or 1, H, N_i, D), one dtype (fp16, bf16, fp32),
+    any strides; D in [16, 256]. extra_bias: one float per extra segment (finite or -inf).
+    Returns ``(out, lse)``: out like q (same dtype, same memory layout when q is dense),
+    lse (B, H, Nq) float32, natural log.
+    """
+    B, H, Nq, D = q.shape
+    scale = D ** -0.5 if scale is None else float(scale)
+    out = torch.empty_like(q)
+    lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    if Nq == 0:
+        return out, lse
+
+    # A -inf bias removes its segment: exp(-inf) = 0 weight, so skip the reads altogether.
+    segments = [(k, v, 0.0)] + [
+        (ki, vi, bi) for ki, vi, bi in zip(extra_k, extra_v, extra_bias, strict=True)
+        if ki.shape[2] > 0 and bi != -math.inf
+    ]
+    if q.dtype == torch.float32:
+        # Honour PyTorch's TF32 switch, as SDPA does; IEEE by default.
+        precision = "tf32" if (q.is_cuda and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+    else:
+        precision = None
+
+    if INTERPRET and q.dtype == torch.bfloat16:
+        # The interpreter stores bf16 as uint16 and computes garbage: run it in fp32 there.
+        o32, lse = attention_fwd(
+            q.float(), k.float(), v.float(), [t.float() for t in extra_k],
+            [t.float() for t in extra_v], list(extra_bias), scale,
+        )
+        out.copy_(o32)
+        return out, lse
+
+    chunks = [segments[: MAX_EXTRA + 1]]
+    rest = segments[MAX_EXTRA + 1 :]
+    while rest:
+        chunks.append(rest[: MAX_EXTRA + 1])
+        rest = rest[MAX_EXTRA + 1 :]
+    if len(chunks) == 1:
+        _launch(q, chunks[0], scale, out, lse, precision)
+        return out, lse
+    outs, lses = [], []
+    for chunk in chunks:
+        o = torch.empty_like(q, dtype=torch.float32) if q.dtype != torch.float32 else torch.empty_like(q)
+        l = torch.empty_like(lse)
+        _launch(q, chunk, scale, o, l, precision)
+        outs.append(o)
+        lses.append(l)
+    merged, lse_all = merge_partials(outs, lses)
+    out.copy_(merged)
+    lse.copy_(lse_all)
+    return out, lse

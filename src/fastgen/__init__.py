@@ -1,0 +1,22 @@
+"""fastgen: fast kernels and one-line patches for diffusion image and video generation.
+
+    import fastgen
+    out = fastgen.ops.attention(q, k, v, extra_kv=[(k_cond, v_cond)], extra_bias=[0.0])
+
+See README.md for what is available now and ``fastgen info`` for what this machine can run.
+"""
+
+import importlib
+
+from fastgen._version import __version__
+from fastgen._warnings import FastgenFallbackWarning
+
+__all__ = ["FastgenFallbackWarning", "__version__", "benchmarks", "ops"]
+
+
+def __getattr__(name: str):
+    # Submodules load on first use: importing fastgen stays cheap, and TRITON_INTERPRET (read when
+    # the kernels are defined) can still be set after ``import fastgen``.
+    if name in ("ops", "benchmarks"):
+        return importlib.import_module(f"fastgen.{name}")
+    raise AttributeError(f"module 'fastgen' has no attribute {name!r}")

@@ -1,0 +1,423 @@
+"""Benchmark cases, providers, timing and tables, shared by ``bench/`` (pytest-benchmark) and the
+``fastgen bench`` command, so both measure the same thing the same way.
+
+Rules kept here: baseline and fastgen are timed in the same run on the same device; medians;
+analytic FLOPs (attention: 4 * B * H * Nq * Nk * D); every result carries the environment
+(device name, torch/triton/CUDA versions, commit).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import fastgen
+from fastgen.kernels._common import HAVE_TRITON, INTERPRET
+
+# --------------------------------------------------------------------------------------------
+# Environment
+# --------------------------------------------------------------------------------------------
+
+
+def _commit() -> str:
+    if os.environ.get("FASTGEN_COMMIT"):
+        return os.environ["FASTGEN_COMMIT"]
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+        if out.returncode == 0:
+            return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+def environment(device: torch.device | str) -> dict:
+    """Where a measurement was taken: device name, versions, commit, date."""
+    device = torch.device(device)
+    triton_version = None
+    if HAVE_TRITON:
+        import triton
+
+        triton_version = triton.__version__
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
+    else:
+        name = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        cap = None
+    return {
+        "device": name,
+        "compute_capability": cap,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "triton_interpreter": INTERPRET,
+        "python": platform.python_version(),
+        "fastgen": fastgen.__version__,
+        "commit": _commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+
+
+def synced(fn: Callable, device: torch.device) -> Callable:
+    """``fn`` followed by a device sync, so host timers measure the work, not the launch."""
+    if device.type != "cuda":
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return run
+
+
+def time_ms(fn: Callable, device: torch.device, budget_s: float = 1.0) -> float:
+    """Median milliseconds of ``fn``: CUDA events via triton's do_bench on a GPU, a host clock on CPU."""
+    if device.type == "cuda" and HAVE_TRITON:
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=int(budget_s * 1000), return_mode="median"))
+    fn()  # warm-up (compilation, caches)
+    times = []
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < budget_s and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class AttentionCase:
+    B: int
+    H: int
+    Nq: int
+    Nk: int
+    D: int
+    segments: tuple[int, ...] = ()  # lengths of cached extra segments after the Nk fresh keys
+    dtype: str = "bfloat16"
+
+    @property
+    def keys(self) -> int:
+        return self.Nk + sum(self.segments)
+
+    @property
+    def name(self) -> str:
+        seg = "+" + "+".join(map(str, self.segments)) + "cached" if self.segments else ""
+        return f"B{self.B} H{self.H} Nq{self.Nq} Nk{self.Nk}{seg} D{self.D} {self.dtype}"
+
+    @property
+    def flops(self) -> int:
+        return 4 * self.B * self.H * self.Nq * self.keys * self.D
+
+    def inputs(self, device, seed: int = 0):
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        dt = _DTYPES[self.dtype]
+
+        def r(*shape):
+            return torch.randn(*shape, generator=g).to(device=device, dtype=dt)
+
+        q = r(self.B, self.H, self.Nq, self.D)
+        k, v = r(self.B, self.H, self.Nk, self.D), r(self.B, self.H, self.Nk, self.D)
+        extra = [(r(1, self.H, n, self.D), r(1, self.H, n, self.D)) for n in self.segments]
+        return q, k, v, extra
+
+
+def attention_cases(device: torch.device | str) -> list[AttentionCase]:
+    """Flux-sized cases on a GPU (issue #2); small ones elsewhere so the suite runs as a test."""
+    if torch.device(device).type == "cuda":
+        cases = [AttentionCase(1, 24, n, n, 128) for n in (1024, 4096, 8192, 16384)]
+        # Segment path vs plain path at equal total keys: 4608 fresh + 4096 cached = 8704 keys.
+        cases += [AttentionCase(1, 24, 4608, 4608, 128, (4096,)), AttentionCase(1, 24, 4608, 8704, 128)]
+        return cases
+    return [
+        AttentionCase(1, 2, 256, 256, 64, dtype="float32"),
+        AttentionCase(1, 2, 160, 160, 64, (96,), dtype="float32"),
+        AttentionCase(1, 2, 160, 256, 64, dtype="float32"),
+    ]
+
+
+def _sdpa_backends() -> dict[str, object]:
+    from torch.nn.attention import SDPBackend
+
+    names = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
+    return {k: getattr(SDPBackend, v) for k, v in names.items() if hasattr(SDPBackend, v)}
+
+
+def _sdpa_provider(backend):
+    def make(q, k, v, extra):
+        from torch.nn.attention import sdpa_kernel
+
+        def run():
+            # The baseline a user has without fastgen: concatenate the cached segments, then SDPA.
+            kk = torch.cat([k] + [e[0].expand(q.shape[0], -1, -1, -1) for e in extra], dim=2) if extra else k
+            vv = torch.cat([v] + [e[1].expand(q.shape[0], -1, -1, -1) for e in extra], dim=2) if extra else v
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, kk, vv)
+
+        return run
+
+    return make
+
+
+def _fastgen_provider(backend: str):
+    def make(q, k, v, extra):
+        return lambda: fastgen.ops.attention(q, k, v, extra_kv=extra, backend=backend)
+
+    return make
+
+
+def _all_attention_providers(device: torch.device) -> dict[str, Callable]:
+    out: dict[str, Callable] = {}
+    reasons = fastgen.ops.available_backends(device)
+    for name in ("triton", "cuda", "xformers"):
+        if reasons[name] is None:
+            out[f"fastgen-{name}" if name != "xformers" else "xformers"] = _fastgen_provider(name)
+    for name, backend in _sdpa_backends().items():
+        out[f"sdpa-{name}"] = _sdpa_provider(backend)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _runs(provider: str, device: str, dtype: str) -> bool:
+    # Whether a provider takes this dtype on this device at all (e.g. SDPA's flash has no fp32).
+    make = _all_attention_providers(torch.device(device))[provider]
+    try:
+        make(*AttentionCase(1, 1, 64, 64, 64, (16,), dtype=dtype).inputs(device))()
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def attention_providers(device: torch.device | str, dtype: str = "bfloat16") -> dict[str, Callable]:
+    """{provider: make(q, k, v, extra) -> run()} for the providers that run here in ``dtype``."""
+    device = torch.device(device)
+    return {n: m for n, m in _all_attention_providers(device).items() if _runs(n, str(device), dtype)}
+
+
+def is_sdpa(provider: str) -> bool:
+    return provider.startswith("sdpa-")
+
+
+# --------------------------------------------------------------------------------------------
+# Prologue
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrologueCase:
+    B: int
+    S: int
+    H: int
+    D: int
+    norm: str | None = "head"
+    rope: str | None = "interleaved"
+    dtype: str = "bfloat16"
+
+    @property
+    def name(self) -> str:
+        return f"B{self.B} S{self.S} H{self.H} D{self.D} norm={self.norm} rope={self.rope} {self.dtype}"
+
+    @property
+    def bytes(self) -> int:
+        # The fewest bytes: read q and k once, write them once (tables and weights are tiny).
+        return 4 * self.B * self.S * self.H * self.D * _DTYPES[self.dtype].itemsize
+
+    def inputs(self, device, seed: int = 0):
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        dt = _DTYPES[self.dtype]
+        # The (B, S, H, D) projection output seen as (B, H, S, D): the layout models produce.
+        q = torch.randn(self.B, self.S, self.H, self.D, generator=g).to(device, dt).transpose(1, 2)
+        k = torch.randn(self.B, self.S, self.H, self.D, generator=g).to(device, dt).transpose(1, 2)
+        wd = self.D if self.norm == "head" else self.H * self.D
+        w = [torch.rand(wd, generator=g).to(device, dt) + 0.5 for _ in range(2)] if self.norm else [None, None]
+        ang = torch.rand(self.S, self.D // 2, generator=g) * 6.28
+        cos, sin = ang.cos().to(device), ang.sin().to(device)
+        return dict(q=q, k=k, q_weight=w[0], k_weight=w[1], cos=cos, sin=sin, norm=self.norm, rope=self.rope)
+
+
+def prologue_cases(device: torch.device | str) -> list[PrologueCase]:
+    if torch.device(device).type == "cuda":
+        return [
+            PrologueCase(1, 4096 + 512, 24, 128),  # Flux-dev 1024^2: image + text tokens
+            PrologueCase(2, 4096 + 512, 24, 128),  # CFG batch
+            PrologueCase(1, 32760, 12, 128, norm="all"),  # Wan 1.3B 480p, 33 frames
+        ]
+    return [PrologueCase(1, 64, 2, 64, dtype="float32"), PrologueCase(1, 32, 2, 32, norm="all", dtype="float32")]
+
+
+def prologue_providers(device: torch.device | str) -> dict[str, Callable]:
+    device = torch.device(device)
+    from fastgen._cuda import cuda_ext_can_run_on
+    from fastgen.kernels._common import triton_can_run_on
+
+    out = {"torch-unfused": "torch"}
+    if triton_can_run_on(device) is None:
+        out["fastgen-triton"] = "triton"
+    if cuda_ext_can_run_on(device) is None:
+        out["fastgen-cuda"] = "cuda"
+
+    def maker(backend):
+        return lambda kw: (lambda: fastgen.ops.qk_norm_rope(**kw, backend=backend))
+
+    return {name: maker(b) for name, b in out.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Results and tables
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    suite: str
+    case: str
+    provider: str
+    ms: float
+    tflops: float | None = None
+    gbps: float | None = None
+    speedup: float | None = None  # over the best baseline of the same case
+    max_diff: float | None = None  # max |out - reference| (see ``extra["reference"]``)
+    peak_mb: float | None = None  # peak device memory above what was allocated before (CUDA only)
+    extra: dict = field(default_factory=dict)
+
+
+def add_speedups(results: list[Result], baseline: Callable[[str], bool]) -> None:
+    """Fill ``speedup`` of every row: best baseline ms of its case / its ms."""
+    by_case: dict[tuple[str, str], list[Result]] = {}
+    for r in results:
+        by_case.setdefault((r.suite, r.case), []).append(r)
+    for rows in by_case.values():
+        base = [r.ms for r in rows if baseline(r.provider)]
+        if base:
+            for r in rows:
+                r.speedup = min(base) / r.ms
+
+
+def _fmt(x, spec: str, suffix: str = "") -> str:
+    return "" if x is None else f"{x:{spec}}{suffix}"
+
+
+def markdown_table(results: list[Result], env: dict) -> str:
+    lines = [
+        f"Device: {env['device']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} "
+        f"| fastgen {env['fastgen']} commit {env['commit']} | {env['date']}",
+        "",
+    ]
+    if env.get("triton_interpreter"):
+        lines += ["Triton ran under its CPU interpreter: its times show correctness, not kernel speed.", ""]
+    lines += [
+        "| suite | case | provider | median ms | TFLOP/s | GB/s | speed-up vs best baseline | max abs diff | peak MB |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.suite} | {r.case} | {r.provider} | {r.ms:.3f} | {_fmt(r.tflops, '.1f')} | {_fmt(r.gbps, '.0f')} "
+            f"| {_fmt(r.speedup, '.3g', 'x')} | {_fmt(r.max_diff, '.2e')} | {_fmt(r.peak_mb, '.1f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def save(results: list[Result], env: dict, out_dir: str | Path, stem: str) -> tuple[Path, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    j, m = out / f"{stem}.json", out / f"{stem}.md"
+    j.write_text(json.dumps({"environment": env, "results": [asdict(r) for r in results]}, indent=2))
+    m.write_text(markdown_table(results, env))
+    return j, m
+
+
+def measure(make_run: Callable[[], Callable], device: torch.device, budget_s: float):
+    """(median ms, one output, peak MB above the baseline allocation or None off CUDA)."""
+    run = make_run()
+    peak = None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = run()
+        torch.cuda.synchronize(device)
+        peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    else:
+        out = run()
+    return time_ms(synced(run, device), device, budget_s), out, peak
+
+
+def _max_diff(out, ref) -> float:
+    out = out[0] if isinstance(out, tuple) else out
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    return float((out.double() - ref.double()).abs().max())
+
+
+def attention_reference_for(case: AttentionCase, q, k, v, extra) -> tuple[torch.Tensor, str]:
+    """float64 reference where the logits fit in ~0.5 GB; PyTorch's default SDPA above that."""
+    from fastgen.kernels.attention import attention_reference
+
+    if case.B * case.H * case.Nq * case.keys <= 1 << 26:
+        return attention_reference(q, k, v, extra, [0.0] * len(extra))[0], "float64"
+    return fastgen.ops.attention(q, k, v, extra_kv=extra, backend="sdpa"), "sdpa (default dispatch)"
+
+
+def run_attention(device: torch.device, budget_s: float = 1.0, progress=None) -> list[Result]:
+    results = []
+    for case in attention_cases(device):
+        q, k, v, extra = case.inputs(device)
+        ref, ref_kind = attention_reference_for(case, q, k, v, extra)
+        for name, make in attention_providers(device, case.dtype).items():
+            ms, out, peak = measure(lambda: make(q, k, v, extra), device, budget_s)
+            results.append(Result("attention", case.name, name, ms, tflops=case.flops / ms / 1e9,
+                                  max_diff=_max_diff(out, ref), peak_mb=peak, extra={"reference": ref_kind}))
+            if progress:
+                progress()
+        del ref
+    add_speedups(results, is_sdpa)
+    return results
+
+
+def run_prologue(device: torch.device, budget_s: float = 1.0, progress=None) -> list[Result]:
+    from fastgen.kernels.qk_norm_rope import qk_norm_rope_reference
+
+    results = []
+    for case in prologue_cases(device):
+        kw = case.inputs(device)
+        ref = qk_norm_rope_reference(kw["q"], kw["q_weight"], kw["cos"], kw["sin"], 1e-6, case.norm, case.rope)
+        for name, make in prologue_providers(device).items():
+            ms, out, peak = measure(lambda: make(kw), device, budget_s)
+            results.append(Result("prologue", case.name, name, ms, gbps=case.bytes / ms / 1e6,
+                                  max_diff=_max_diff(out, ref), peak_mb=peak, extra={"reference": "float64"}))
+            if progress:
+                progress()
+    add_speedups(results, lambda p: p == "torch-unfused")
+    return results
+
+
+SUITES = {"attention": run_attention, "prologue": run_prologue}

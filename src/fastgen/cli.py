@@ -1,0 +1,107 @@
+"""The ``fastgen`` command: ``fastgen info`` and ``fastgen bench``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+
+
+def _device_arg(value: str | None):
+    import torch
+
+    if value:
+        return torch.device(value)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _prepare_interpreter(device, interpret: bool | None) -> None:
+    # On a machine without a GPU the Triton kernels can still run, slowly, under the interpreter.
+    if device.type == "cpu" and interpret is not False and "fastgen.kernels._common" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    device = _device_arg(args.device)
+    _prepare_interpreter(device, args.interpret)
+    import fastgen
+    from fastgen._cuda import CUDA_EXT_ERROR, HAVE_CUDA_EXT
+    from fastgen.kernels._common import HAVE_TRITON, INTERPRET, TRITON_IMPORT_ERROR
+
+    print(f"fastgen {fastgen.__version__}")
+    print(f"python {platform.python_version()} | torch {torch.__version__} (CUDA {torch.version.cuda})")
+    if HAVE_TRITON:
+        import triton
+
+        print(f"triton {triton.__version__}" + (" (interpreter: TRITON_INTERPRET=1)" if INTERPRET else ""))
+    else:
+        print(f"triton: missing ({TRITON_IMPORT_ERROR})")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            cap = ".".join(map(str, torch.cuda.get_device_capability(i)))
+            print(f"cuda:{i} {torch.cuda.get_device_name(i)} (sm {cap})")
+    else:
+        print("no CUDA device")
+    print("compiled kernels (fastgen._C): " + ("built (qk_norm_rope)" if HAVE_CUDA_EXT else f"not available: {CUDA_EXT_ERROR}"))
+    print(f"attention backends on {device}:")
+    for name, reason in fastgen.ops.available_backends(device).items():
+        print(f"  {name:9s} " + ("available" if reason is None else f"unavailable: {reason}"))
+    try:
+        import diffusers
+
+        print(f"diffusers {diffusers.__version__}")
+    except ImportError:
+        print("diffusers: missing")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    device = _device_arg(args.device)
+    _prepare_interpreter(device, args.interpret)
+    from tqdm import tqdm
+
+    from fastgen import benchmarks as B
+
+    suites = list(B.SUITES) if args.suite == "all" else [args.suite]
+    env = B.environment(device)
+    results = []
+    for suite in suites:
+        with tqdm(desc=f"bench {suite}", unit="run", leave=False, disable=args.quiet) as bar:
+            results += B.SUITES[suite](device, budget_s=args.budget, progress=bar.update)
+    print(B.markdown_table(results, env))
+    if args.out:
+        j, m = B.save(results, env, args.out, f"bench-{device.type}")
+        print(f"wrote {j} and {m}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fastgen", description="fast kernels for diffusion pipelines")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda if present)")
+        sp.add_argument("--interpret", action=argparse.BooleanOptionalAction, default=None,
+                        help="run Triton kernels under the interpreter on CPU (default: on where there is no GPU)")
+
+    info = sub.add_parser("info", help="versions, devices, and which backends and compiled kernels are available")
+    common(info)
+    info.set_defaults(func=cmd_info)
+
+    bench = sub.add_parser("bench", help="run the benchmark suites and print baseline-vs-fastgen tables")
+    common(bench)
+    bench.add_argument("--suite", choices=["all", "attention", "prologue"], default="all")
+    bench.add_argument("--budget", type=float, default=1.0, help="seconds of timing per row (default 1)")
+    bench.add_argument("--out", help="write JSON and markdown results to this folder")
+    bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench.set_defaults(func=cmd_bench)
+
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,11 @@
+"""fastgen's ops: public tensor functions backed by Triton and CUDA kernels.
+
+Each op validates its inputs, picks a backend (warning once when it must fall back) and calls a
+``torch.library`` custom op, so ``torch.compile`` and ``torch.export`` trace through it.
+"""
+
+from fastgen.kernels.attention import merge_partials
+from fastgen.ops.attention import attention, available_backends
+from fastgen.ops.prologue import qk_norm_rope
+
+__all__ = ["attention", "available_backends", "merge_partials", "qk_norm_rope"]

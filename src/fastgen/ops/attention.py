@@ -1,0 +1,288 @@
+"""``fastgen.ops.attention``: scaled dot-product attention over cached K/V segments."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fastgen._cuda import cuda_ext_can_run_on
+from fastgen._warnings import warn_once
+from fastgen.kernels import attention as _k
+from fastgen.kernels._common import triton_can_run_on
+
+BACKENDS = ("auto", "triton", "cuda", "sdpa", "xformers")
+
+try:
+    import xformers.ops as _xops
+except ImportError as exc:
+    _xops = None
+    _XFORMERS_ERROR = f"xformers is not importable ({exc})"
+else:
+    _XFORMERS_ERROR = None
+
+
+# --------------------------------------------------------------------------------------------
+# The Triton kernel as a custom op: torch.compile and torch.export trace through it.
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastgen::attention_triton", mutates_args=())
+def _attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    extra_k: list[torch.Tensor],
+    extra_v: list[torch.Tensor],
+    extra_bias: list[float],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _k.attention_fwd(q, k, v, extra_k, extra_v, extra_bias, scale)
+
+
+@_attention_triton.register_fake
+def _(q, k, v, extra_k, extra_v, extra_bias, scale):
+    B, H, Nq, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, H, Nq), dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def _check_kv(name: str, k, v, q: torch.Tensor) -> None:
+    for n, t in ((f"{name} keys", k), (f"{name} values", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{n} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{n} must be 4-D (B, H, N, D) like q, got shape {_shape(t)}")
+        if t.device != q.device:
+            raise ValueError(f"{n} are on {t.device} but q is on {q.device}: move them to one device")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{n} are {t.dtype} but q is {q.dtype}: use one dtype")
+    B, H, _, D = q.shape
+    if k.shape[0] not in (1, B) or k.shape[1] != H or k.shape[3] != D:
+        raise ValueError(
+            f"{name} keys have shape {_shape(k)}; expected ({B} or 1, {H}, N, {D}) to match q {_shape(q)}"
+        )
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"{name} values have shape {_shape(v)}, which does not match keys {_shape(k)} in (B, H, N)")
+
+
+def _check_inputs(q, k, v, extra_kv, extra_bias, scale, backend):
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        got = _shape(q) if isinstance(q, torch.Tensor) else type(q).__name__
+        raise ValueError(f"q must be a 4-D tensor (B, H, Nq, D), got {got}")
+    if not q.is_floating_point():
+        raise ValueError(f"q must be a floating-point tensor, got {q.dtype}")
+    _check_kv("main", k, v, q)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+    if extra_kv is None:
+        extra_kv = []
+    if isinstance(extra_kv, tuple) and len(extra_kv) == 2 and isinstance(extra_kv[0], torch.Tensor):
+        raise ValueError("extra_kv must be a list of (k_i, v_i) pairs; wrap a single pair in a list: [(k_i, v_i)]")
+    extra_kv = list(extra_kv)
+    for i, pair in enumerate(extra_kv):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"extra_kv[{i}] must be a (k, v) pair")
+        _check_kv(f"extra_kv[{i}]", pair[0], pair[1], q)
+
+    n = len(extra_kv)
+    if extra_bias is None:
+        biases = [0.0] * n
+    elif isinstance(extra_bias, (int, float)):
+        biases = [float(extra_bias)] * n
+    else:
+        biases = [float(b) for b in extra_bias]
+        if len(biases) != n:
+            raise ValueError(f"extra_bias has {len(biases)} entries but extra_kv has {n} segments")
+    for b in biases:
+        if math.isnan(b) or b == math.inf:
+            raise ValueError(f"extra_bias entries must be finite or -inf (which drops the segment), got {b}")
+
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    elif not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be a finite float, got {scale}")
+    if k.shape[2] + sum(p[0].shape[2] for p in extra_kv) == 0:
+        raise ValueError("attention needs at least one key: k and every extra segment are empty")
+    return extra_kv, biases, float(scale)
+
+
+# --------------------------------------------------------------------------------------------
+# Backend choice
+# --------------------------------------------------------------------------------------------
+
+
+def _why_not_triton(q: torch.Tensor, tensors: Sequence[torch.Tensor]) -> str | None:
+    reason = triton_can_run_on(q.device)
+    if reason:
+        return reason
+    if q.dtype not in _k.SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} is not supported (fp16, bf16, fp32 are)"
+    D = q.shape[-1]
+    if not _k.MIN_HEAD_DIM <= D <= _k.MAX_HEAD_DIM:
+        return f"head dim {D} is outside [{_k.MIN_HEAD_DIM}, {_k.MAX_HEAD_DIM}]"
+    if any(t.shape[-1] != D for t in tensors):
+        return "values have a head dim other than the queries'"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return "the kernel is forward-only and an input requires grad"
+    return None
+
+
+def _why_not_xformers(q: torch.Tensor, biases: Sequence[float], return_lse: bool) -> str | None:
+    if _xops is None:
+        return _XFORMERS_ERROR
+    if q.device.type != "cuda":
+        return "xformers has no CPU kernels"
+    if any(b != 0.0 for b in biases):
+        return "segment biases are not supported on the xformers path"
+    if return_lse:
+        return "the xformers path does not return the log-sum-exp"
+    return None
+
+
+def _auto(q, tensors) -> str:
+    if q.device.type == "cuda" and _why_not_triton(q, tensors) is None:
+        return "triton"
+    return "sdpa"
+
+
+def resolve_backend(
+    backend: str, q: torch.Tensor, tensors: Sequence[torch.Tensor], biases: Sequence[float] = (), return_lse: bool = False
+) -> str:
+    """The backend that will run: the one asked for, or a correct fallback (warned once)."""
+    if backend == "auto":
+        return _auto(q, tensors)
+    if backend == "sdpa":
+        return "sdpa"
+    if backend == "triton":
+        reason = _why_not_triton(q, tensors)
+    elif backend == "cuda":
+        reason = cuda_ext_can_run_on(q.device) or "the CUDA extension has no attention kernel yet (only the prologue)"
+    else:
+        reason = _why_not_xformers(q, biases, return_lse)
+    if reason is None:
+        return backend
+    chosen = _auto(q, tensors)
+    warn_once(f"attention:{backend}:{reason}", f"fastgen.ops.attention: backend {backend!r} unavailable ({reason}); using {chosen!r}")
+    return chosen
+
+
+def available_backends(device: torch.device | str) -> dict[str, str | None]:
+    """{backend: None where it can run fp16 inputs on ``device``, else the reason it cannot}."""
+    device = torch.device(device)
+    return {
+        "sdpa": None,
+        "triton": triton_can_run_on(device),
+        "cuda": cuda_ext_can_run_on(device) or "the CUDA extension has no attention kernel yet (only the prologue)",
+        "xformers": _XFORMERS_ERROR or (None if device.type == "cuda" else "xformers has no CPU kernels"),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Backends other than the custom op
+# --------------------------------------------------------------------------------------------
+
+
+def _concat(q, k, v, extra_kv, biases):
+    B = q.shape[0]
+    ks = [k.expand(B, -1, -1, -1)] + [ki.expand(B, -1, -1, -1) for ki, _ in extra_kv]
+    vs = [v.expand(B, -1, -1, -1)] + [vi.expand(B, -1, -1, -1) for _, vi in extra_kv]
+    mask = None
+    if any(b != 0.0 for b in biases):
+        cols = [torch.zeros(k.shape[2], dtype=torch.float32, device=q.device)]
+        cols += [torch.full((ki.shape[2],), b, dtype=torch.float32, device=q.device) for (ki, _), b in zip(extra_kv, biases)]
+        mask = torch.cat(cols).to(q.dtype)
+    return torch.cat(ks, dim=2), torch.cat(vs, dim=2), mask
+
+
+def _lse_chunked(q, k_all, mask, scale) -> torch.Tensor:
+    # Log-sum-exp of the logits in fp32, a few rows at a time so (Nq, Nk) is never whole.
+    Nk = k_all.shape[2]
+    rows = max(1, (1 << 24) // max(1, Nk * q.shape[0] * q.shape[1]))
+    parts = []
+    for s in range(0, q.shape[2], rows):
+        logits = q[:, :, s : s + rows].float() @ k_all.float().transpose(-1, -2) * scale
+        if mask is not None:
+            logits = logits + mask.float()
+        parts.append(torch.logsumexp(logits, dim=-1))
+    return torch.cat(parts, dim=-1)
+
+
+def _sdpa(q, k, v, extra_kv, biases, scale, return_lse):
+    kk, vv, mask = _concat(q, k, v, extra_kv, biases)
+    out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scale)
+    lse = _lse_chunked(q, kk, mask, scale) if return_lse else None
+    return out, lse
+
+
+def _xformers(q, k, v, extra_kv, biases, scale):
+    kk, vv, _ = _concat(q, k, v, extra_kv, biases)
+    # xformers takes (B, N, H, D): these transposes are views
+    out = _xops.memory_efficient_attention(q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# Public op
+# --------------------------------------------------------------------------------------------
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    extra_kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    extra_bias: float | Sequence[float] | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+):
+    """Scaled dot-product attention whose keys come in segments read in place.
+
+    Args:
+        q: (B, H, Nq, D) queries, the layout of ``F.scaled_dot_product_attention``; any strides.
+        k, v: (B or 1, H, Nk, D) fresh keys and values. A batch of 1 broadcasts.
+        extra_kv: list of (k_i, v_i), each (B or 1, H, N_i, D): cached segments attended after
+            ``k, v`` as if concatenated, without concatenating them. Same dtype and device as q.
+        extra_bias: a float, or one float per segment, added to the logits of that segment's keys
+            (OminiControl's ``log(condition_scale)``, KV-Edit's ``attn_scale``). ``-inf`` drops
+            a segment. Default 0.
+        scale: logit scale, default ``D ** -0.5``.
+        backend: ``"auto"`` (Triton on a GPU, SDPA on a CPU), ``"triton"``, ``"cuda"``,
+            ``"sdpa"`` (concatenate, then PyTorch; the reference), or ``"xformers"``. A backend
+            that cannot take these inputs falls back to a correct one with one warning.
+        return_lse: also return the natural-log log-sum-exp of each query row's logits,
+            (B, H, Nq) float32, to merge partial attention over disjoint keys
+            (``fastgen.ops.merge_partials``).
+
+    Returns:
+        (B, H, Nq, D) in q's dtype; with ``return_lse``, ``(out, lse)``.
+
+    Raises:
+        ValueError: on mismatched shapes, wrong ranks, mixed devices or dtypes, bad biases.
+    """
+    extra_kv, biases, scale = _check_inputs(q, k, v, extra_kv, extra_bias, scale, backend)
+    tensors = [q, k, v] + [t for pair in extra_kv for t in pair]
+    name = resolve_backend(backend, q, tensors, biases, return_lse)
+    if name == "triton":
+        out, lse = torch.ops.fastgen.attention_triton(
+            q, k, v, [p[0] for p in extra_kv], [p[1] for p in extra_kv], biases, scale
+        )
+    elif name == "xformers":
+        out, lse = _xformers(q, k, v, extra_kv, biases, scale), None
+    else:
+        kept = [(p, b) for p, b in zip(extra_kv, biases) if b != -math.inf]
+        out, lse = _sdpa(q, k, v, [p for p, _ in kept], [b for _, b in kept], scale, return_lse)
+    return (out, lse) if return_lse else out

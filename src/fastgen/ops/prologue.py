@@ -1,0 +1,172 @@
+"""``fastgen.ops.qk_norm_rope``: the fused attention prologue (RMS-norm of q and k, then RoPE)."""
+
+from __future__ import annotations
+
+import torch
+
+from fastgen._cuda import cuda_ext_can_run_on
+from fastgen._warnings import warn_once
+from fastgen.kernels import qk_norm_rope as _k
+from fastgen.kernels._common import triton_can_run_on
+
+BACKENDS = ("auto", "triton", "cuda", "torch")
+_NORM_CODE = {None: 0, "head": 1, "all": 2}
+_ROPE_CODE = {None: 0, "interleaved": 1, "half": 2}
+
+
+@torch.library.custom_op("fastgen::qk_norm_rope_triton", mutates_args=())
+def _qk_norm_rope_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    eps: float,
+    norm: str | None,
+    rope: str | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _k.qk_norm_rope_fwd(q, k, q_weight, k_weight, cos, sin, eps, norm, rope)
+
+
+@_qk_norm_rope_triton.register_fake
+def _(q, k, q_weight, k_weight, cos, sin, eps, norm, rope):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+def qk_norm_rope_torch(q, k, q_weight, k_weight, cos, sin, eps, norm, rope):
+    """The unfused PyTorch sequence diffusers runs (norm, round, rotate, round): the baseline."""
+
+    def one(x, w):
+        B, H, S, D = x.shape
+        if norm is not None:
+            t = x if norm == "head" else x.transpose(1, 2).reshape(B, S, H * D)
+            t = t * torch.rsqrt(t.float().pow(2).mean(-1, keepdim=True) + eps)
+            t = t.to(x.dtype) * w if w is not None else t.to(x.dtype)
+            x = t if norm == "head" else t.reshape(B, S, H, D).transpose(1, 2)
+        if rope is not None:
+            n = cos.shape[0]
+            head = x[:, :, :n]
+            if rope == "interleaved":
+                a, b = head.unflatten(-1, (-1, 2)).unbind(-1)
+                rot = torch.stack([-b, a], dim=-1).flatten(3)
+                c, s = cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)
+            else:
+                a, b = head.chunk(2, dim=-1)
+                rot = torch.cat([-b, a], dim=-1)
+                c, s = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+            head = (head.float() * c + rot.float() * s).to(x.dtype)
+            x = torch.cat([head, x[:, :, n:]], dim=2)
+        return x.contiguous()
+
+    return one(q, q_weight), one(k, k_weight)
+
+
+def _check(q, k, q_weight, k_weight, cos, sin, eps, norm, rope, backend):
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor (B, H, S, D)")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {t.dtype}")
+    if q.shape != k.shape or q.dtype != k.dtype or q.device != k.device:
+        raise ValueError(
+            f"q and k must share shape, dtype and device; got {tuple(q.shape)} {q.dtype} {q.device} "
+            f"and {tuple(k.shape)} {k.dtype} {k.device}"
+        )
+    if norm not in _NORM_CODE:
+        raise ValueError(f"norm must be one of {tuple(_NORM_CODE)}, got {norm!r}")
+    if rope not in _ROPE_CODE:
+        raise ValueError(f"rope must be one of {tuple(_ROPE_CODE)}, got {rope!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    B, H, S, D = q.shape
+    if (q_weight is None) != (k_weight is None):
+        raise ValueError("give both q_weight and k_weight, or neither")
+    if q_weight is not None:
+        if norm is None:
+            raise ValueError("norm weights were given but norm is None")
+        want = D if norm == "head" else H * D
+        for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
+            if w.shape != (want,):
+                raise ValueError(f"{name} must have shape ({want},) for norm={norm!r}, got {tuple(w.shape)}")
+            if w.device != q.device:
+                raise ValueError(f"{name} is on {w.device} but q is on {q.device}")
+    if rope is None:
+        return None, None
+    if cos is None or sin is None:
+        raise ValueError(f"rope={rope!r} needs cos and sin")
+    if D % 2:
+        raise ValueError(f"rotary embedding needs an even head dim, got {D}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos and sin must have one shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    while cos.dim() > 2 and cos.shape[0] == 1:  # diffusers sometimes adds leading unit dims
+        cos, sin = cos[0], sin[0]
+    if cos.dim() != 2 or cos.shape[1] not in (D, D // 2) or cos.shape[0] > S:
+        raise ValueError(f"cos/sin must be (S_rope, {D}) or (S_rope, {D // 2}) with S_rope <= {S}, got {tuple(cos.shape)}")
+    if cos.device != q.device:
+        raise ValueError(f"cos/sin are on {cos.device} but q is on {q.device}")
+    if cos.shape[1] == D:
+        # Full tables repeat each frequency for both members of its pair: keep one per pair (a view).
+        sl = slice(0, D, 2) if rope == "interleaved" else slice(0, D // 2)
+        cos, sin = cos[:, sl], sin[:, sl]
+    return cos.float(), sin.float()
+
+
+def _choose(backend: str, q: torch.Tensor) -> str:
+    auto = "cuda" if cuda_ext_can_run_on(q.device) is None else "triton" if (
+        q.device.type == "cuda" and triton_can_run_on(q.device) is None
+    ) else "torch"
+    if backend == "auto" or backend == "torch":
+        return auto if backend == "auto" else "torch"
+    reason = triton_can_run_on(q.device) if backend == "triton" else cuda_ext_can_run_on(q.device)
+    if reason is None and q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reason = f"dtype {q.dtype} is not supported (fp16, bf16, fp32 are)"
+    if reason is None:
+        return backend
+    warn_once(f"prologue:{backend}:{reason}", f"fastgen.ops.qk_norm_rope: backend {backend!r} unavailable ({reason}); using {auto!r}")
+    return auto
+
+
+def qk_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    q_weight: torch.Tensor | None = None,
+    k_weight: torch.Tensor | None = None,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    norm: str | None = "head",
+    rope: str | None = "interleaved",
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMS-norm q and k, then apply rotary embedding; one pass, both tensors, one launch.
+
+    Args:
+        q, k: (B, H, S, D), same shape and dtype, any strides (e.g. a transposed (B, S, H, D)
+            projection output, read in place).
+        q_weight, k_weight: RMS-norm weights, (D,) for ``norm="head"`` (Flux, SD3, HunyuanVideo)
+            or (H*D,) for ``norm="all"`` (Wan); both or neither.
+        cos, sin: RoPE tables, (S_rope, D) as diffusers builds them (each frequency repeated
+            for its pair) or (S_rope, D/2); the first S_rope <= S tokens are rotated.
+        eps: RMS-norm epsilon (default 1e-6).
+        norm: ``"head"``, ``"all"`` or ``None``.
+        rope: ``"interleaved"`` (pairs 2i, 2i+1; Flux/Wan/HunyuanVideo), ``"half"`` (i, i+D/2)
+            or ``None``.
+        backend: ``"auto"`` (CUDA extension, else Triton on a GPU; PyTorch on a CPU),
+            ``"cuda"``, ``"triton"`` or ``"torch"`` (the unfused sequence).
+
+    Returns:
+        (q_out, k_out): each (B, H, S, D) contiguous, in q's dtype, ready for attention.
+    """
+    cos, sin = _check(q, k, q_weight, k_weight, cos, sin, eps, norm, rope, backend)
+    name = _choose(backend, q)
+    if name == "triton":
+        return torch.ops.fastgen.qk_norm_rope_triton(q, k, q_weight, k_weight, cos, sin, float(eps), norm, rope)
+    if name == "cuda":
+        return torch.ops.fastgen_C.qk_norm_rope(
+            q, k, q_weight, k_weight, cos, sin, float(eps), _NORM_CODE[norm], _ROPE_CODE[rope]
+        )
+    return qk_norm_rope_torch(q, k, q_weight, k_weight, cos, sin, eps, norm, rope)
