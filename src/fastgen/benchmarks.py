@@ -356,23 +356,23 @@ def save(results: list[Result], env: dict, out_dir: str | Path, stem: str) -> tu
     return j, m
 
 
-def measure(make_run: Callable[[], Callable], device: torch.device, budget_s: float):
-    """(median ms, one output, peak MB above the baseline allocation or None off CUDA)."""
-    run = make_run()
-    peak = None
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        out = run()
-        torch.cuda.synchronize(device)
-        peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    else:
-        out = run()
-    return time_ms(synced(run, device), device, budget_s), out, peak
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _max_diff(out, ref) -> float:
+def run_once(run: Callable, device: torch.device):
+    """(output, peak MB allocated above what was live before, or None off CUDA) of one call."""
+    if device.type != "cuda":
+        return run(), None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = run()
+    torch.cuda.synchronize(device)
+    return out, (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def max_diff(out, ref) -> float:
     out = out[0] if isinstance(out, tuple) else out
     ref = ref[0] if isinstance(ref, tuple) else ref
     return float((out.double() - ref.double()).abs().max())
@@ -393,9 +393,11 @@ def run_attention(device: torch.device, budget_s: float = 1.0, progress=None) ->
         q, k, v, extra = case.inputs(device)
         ref, ref_kind = attention_reference_for(case, q, k, v, extra)
         for name, make in attention_providers(device, case.dtype).items():
-            ms, out, peak = measure(lambda: make(q, k, v, extra), device, budget_s)
+            run = make(q, k, v, extra)
+            out, peak = run_once(run, device)
+            ms = time_ms(synced(run, device), device, budget_s)
             results.append(Result("attention", case.name, name, ms, tflops=case.flops / ms / 1e9,
-                                  max_diff=_max_diff(out, ref), peak_mb=peak, extra={"reference": ref_kind}))
+                                  max_diff=max_diff(out, ref), peak_mb=peak, extra={"reference": ref_kind}))
             if progress:
                 progress()
         del ref
@@ -411,9 +413,11 @@ def run_prologue(device: torch.device, budget_s: float = 1.0, progress=None) -> 
         kw = case.inputs(device)
         ref = qk_norm_rope_reference(kw["q"], kw["q_weight"], kw["cos"], kw["sin"], 1e-6, case.norm, case.rope)
         for name, make in prologue_providers(device).items():
-            ms, out, peak = measure(lambda: make(kw), device, budget_s)
+            run = make(kw)
+            out, peak = run_once(run, device)
+            ms = time_ms(synced(run, device), device, budget_s)
             results.append(Result("prologue", case.name, name, ms, gbps=case.bytes / ms / 1e6,
-                                  max_diff=_max_diff(out, ref), peak_mb=peak, extra={"reference": "float64"}))
+                                  max_diff=max_diff(out, ref), peak_mb=peak, extra={"reference": "float64"}))
             if progress:
                 progress()
     add_speedups(results, lambda p: p == "torch-unfused")

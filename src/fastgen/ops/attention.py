@@ -202,7 +202,7 @@ def _concat(q, k, v, extra_kv, biases):
     if any(b != 0.0 for b in biases):
         cols = [torch.zeros(k.shape[2], dtype=torch.float32, device=q.device)]
         cols += [torch.full((ki.shape[2],), b, dtype=torch.float32, device=q.device) for (ki, _), b in zip(extra_kv, biases)]
-        mask = torch.cat(cols).to(q.dtype)
+        mask = torch.cat(cols).to(q.dtype).view(1, 1, 1, -1)
     return torch.cat(ks, dim=2), torch.cat(vs, dim=2), mask
 
 
@@ -214,7 +214,7 @@ def _lse_chunked(q, k_all, mask, scale) -> torch.Tensor:
     for s in range(0, q.shape[2], rows):
         logits = q[:, :, s : s + rows].float() @ k_all.float().transpose(-1, -2) * scale
         if mask is not None:
-            logits = logits + mask.float()
+            logits = logits + mask.float()  # (1, 1, 1, Nk) broadcasts
         parts.append(torch.logsumexp(logits, dim=-1))
     return torch.cat(parts, dim=-1)
 

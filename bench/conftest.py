@@ -1,0 +1,51 @@
+"""pytest-benchmark glue: environment stamped into the JSON, and fastgen's baseline-vs-fastgen
+table (median ms, TFLOP/s or GB/s, speed-up over the best baseline) printed at the end."""
+
+from __future__ import annotations
+
+from fastgen import benchmarks as B
+
+DEVICE = B.default_device()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fastgen-out", default=None, help="write fastgen's table (bench-<device>.md/.json) into this folder")
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["fastgen"] = B.environment(DEVICE)
+
+
+def _results(config) -> list[B.Result]:
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or session.disabled:
+        return []
+    rows = []
+    for bench in session.benchmarks:
+        info = bench.extra_info
+        if "suite" not in info or bench.stats is None:
+            continue
+        ms = bench.stats.median * 1e3
+        rows.append(B.Result(
+            info["suite"], info["case"], info["provider"], ms,
+            tflops=info["flops"] / ms / 1e9 if "flops" in info else None,
+            gbps=info["bytes"] / ms / 1e6 if "bytes" in info else None,
+            max_diff=info.get("max_diff"), peak_mb=info.get("peak_mb"),
+            extra={"reference": info.get("reference")},
+        ))
+    for suite, baseline in (("attention", B.is_sdpa), ("prologue", lambda p: p == "torch-unfused")):
+        B.add_speedups([r for r in rows if r.suite == suite], baseline)
+    return rows
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    rows = _results(config)
+    if not rows:
+        return
+    env = B.environment(DEVICE)
+    terminalreporter.write_sep("=", "fastgen: baseline vs fastgen (same run, same device)")
+    terminalreporter.write_line(B.markdown_table(rows, env))
+    out = config.getoption("--fastgen-out")
+    if out:
+        j, m = B.save(rows, env, out, f"bench-{DEVICE.type}")
+        terminalreporter.write_line(f"fastgen: wrote {j} and {m}")

@@ -1,0 +1,235 @@
+"""fastgen.ops.qk_norm_rope (fused RMS-norm + RoPE) against a float64 reference and against
+diffusers' own modules, with tolerance relative to the unfused PyTorch sequence's error."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastgen
+from fastgen import FastgenFallbackWarning
+from fastgen._cuda import HAVE_CUDA_EXT
+from fastgen.kernels.qk_norm_rope import qk_norm_rope_reference
+from helpers import DEVICE, assert_within_pytorch_error, max_err
+
+ROOT = Path(__file__).resolve().parents[1]
+# bf16 runs under the interpreter too: fastgen computes it in fp32 there (bf16 loads are wrong in it).
+DTYPES = [torch.float16, torch.float32, torch.bfloat16]
+KERNEL_BACKENDS = ["triton", "cuda"] if HAVE_CUDA_EXT and DEVICE.type == "cuda" else ["triton"]
+
+
+def inputs(B, S, H, D, dtype, norm, rope, s_rope=None, seed=0, table="half"):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, S, H, D, generator=g).to(DEVICE, dtype).transpose(1, 2)
+    k = (torch.randn(B, S, H, D, generator=g) * 3).to(DEVICE, dtype).transpose(1, 2)
+    wd = D if norm == "head" else H * D
+    w = [(torch.rand(wd, generator=g) + 0.5).to(DEVICE, dtype) for _ in range(2)] if norm else [None, None]
+    s_rope = S if s_rope is None else s_rope
+    ang = torch.rand(s_rope, D // 2, generator=g) * 6.28
+    cos, sin = ang.cos().to(DEVICE), ang.sin().to(DEVICE)
+    if table == "full":  # diffusers' (S, D) tables: each frequency repeated for its pair
+        if rope == "interleaved":
+            cos, sin = cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)
+        else:
+            cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+    return dict(q=q, k=k, q_weight=w[0], k_weight=w[1], cos=cos if rope else None, sin=sin if rope else None,
+                norm=norm, rope=rope)
+
+
+def refs(kw, eps=1e-6):
+    cos, sin = kw["cos"], kw["sin"]
+    D = kw["q"].shape[-1]
+    if cos is not None and cos.shape[-1] == D:
+        sl = slice(0, D, 2) if kw["rope"] == "interleaved" else slice(0, D // 2)
+        cos, sin = cos[:, sl], sin[:, sl]
+    return (qk_norm_rope_reference(kw["q"], kw["q_weight"], cos, sin, eps, kw["norm"], kw["rope"]),
+            qk_norm_rope_reference(kw["k"], kw["k_weight"], cos, sin, eps, kw["norm"], kw["rope"]))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("norm", ["head", "all", None])
+@pytest.mark.parametrize("rope", ["interleaved", "half", None])
+def test_matches_reference(rope, norm, dtype, backend):
+    kw = inputs(2, 13, 3, 80, dtype, norm, rope, seed=hash((rope, norm)) % 1000)
+    oq, ok = fastgen.ops.qk_norm_rope(**kw, backend=backend)
+    tq, tk = fastgen.ops.qk_norm_rope(**kw, backend="torch")
+    rq, rk = refs(kw)
+    assert oq.is_contiguous() and oq.shape == kw["q"].shape and oq.dtype == dtype
+    assert_within_pytorch_error(oq, rq, tq, what="q")
+    assert_within_pytorch_error(ok, rk, tk, what="k")
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_head_dims_and_partial_rope(D):
+    # HunyuanVideo rotates only the leading image tokens; trailing text tokens are only normalised.
+    kw = inputs(1, 19, 2, D, torch.float16, "head", "interleaved", s_rope=11, seed=D)
+    oq, ok = fastgen.ops.qk_norm_rope(**kw, backend="triton")
+    rq, rk = refs(kw)
+    tq, tk = fastgen.ops.qk_norm_rope(**kw, backend="torch")
+    assert_within_pytorch_error(oq, rq, tq)
+    assert_within_pytorch_error(ok, rk, tk)
+
+
+@pytest.mark.parametrize("rope", ["interleaved", "half"])
+def test_full_tables_equal_half_tables(rope):
+    full = inputs(1, 9, 2, 64, torch.float32, "head", rope, seed=3, table="full")
+    half = inputs(1, 9, 2, 64, torch.float32, "head", rope, seed=3, table="half")
+    a = fastgen.ops.qk_norm_rope(**full, backend="triton")
+    b = fastgen.ops.qk_norm_rope(**half, backend="triton")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_strided_inputs_equal_contiguous():
+    kw = inputs(2, 11, 3, 64, torch.float16, "all", "half", seed=5)
+    assert not kw["q"].is_contiguous()
+    dense = dict(kw, q=kw["q"].contiguous(), k=kw["k"].contiguous())
+    a = fastgen.ops.qk_norm_rope(**kw, backend="triton")
+    b = fastgen.ops.qk_norm_rope(**dense, backend="triton")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_poisoned_outputs_are_overwritten(monkeypatch):
+    kw = inputs(1, 7, 3, 64, torch.float16, "head", "interleaved", seed=7)
+    clean = fastgen.ops.qk_norm_rope(**kw, backend="triton")
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: real_empty_like(*a, **k).fill_(float("nan")))
+    out = fastgen.ops.qk_norm_rope(**kw, backend="triton")
+    assert torch.equal(out[0], clean[0]) and torch.equal(out[1], clean[1])
+
+
+# --------------------------------------------------------------------------------------------
+# Same conventions as diffusers' own modules
+# --------------------------------------------------------------------------------------------
+
+
+def test_torch_path_equals_diffusers_flux_sequence():
+    from diffusers.models.embeddings import apply_rotary_emb
+    from diffusers.models.normalization import RMSNorm
+
+    B, S, H, D = 2, 10, 3, 64
+    kw = inputs(B, S, H, D, torch.float16, "head", "interleaved", seed=11, table="full")
+    out = fastgen.ops.qk_norm_rope(**kw, backend="torch")
+    for x, w, o in ((kw["q"], kw["q_weight"], out[0]), (kw["k"], kw["k_weight"], out[1])):
+        norm = RMSNorm(D, eps=1e-6).to(DEVICE, torch.float16)
+        norm.weight.data.copy_(w)
+        y = norm(x.transpose(1, 2))  # diffusers works on (B, S, H, D)
+        y = apply_rotary_emb(y, (kw["cos"], kw["sin"]), sequence_dim=1)
+        assert torch.equal(o, y.transpose(1, 2).contiguous())
+
+
+def test_torch_path_equals_diffusers_half_rope():
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    kw = inputs(1, 8, 2, 32, torch.float32, None, "half", seed=13, table="full")
+    out = fastgen.ops.qk_norm_rope(**kw, backend="torch")
+    ref = apply_rotary_emb(kw["q"], (kw["cos"], kw["sin"]), use_real_unbind_dim=-2, sequence_dim=2)
+    assert torch.equal(out[0], ref.contiguous())
+
+
+def test_kernel_matches_wan_attention_prologue():
+    # Wan: torch.nn.RMSNorm over all heads, then its own interleaved RoPE from (S, D) tables.
+    B, S, H, D = 1, 12, 2, 32
+    g = torch.Generator().manual_seed(17)
+    xq = torch.randn(B, S, H * D, generator=g).to(DEVICE)
+    norm = torch.nn.RMSNorm(H * D, eps=1e-6).to(DEVICE)
+    norm.weight.data.copy_(torch.rand(H * D, generator=g) + 0.5)
+    freqs = torch.rand(S, D // 2, generator=g) * 6.28
+    fcos = freqs.cos().repeat_interleave(2, -1).to(DEVICE)
+    fsin = freqs.sin().repeat_interleave(2, -1).to(DEVICE)
+
+    y = norm(xq).unflatten(2, (H, -1))  # (B, S, H, D)
+    x1, x2 = y.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = fcos[None, :, None, 0::2], fsin[None, :, None, 1::2]
+    wan = torch.empty_like(y)
+    wan[..., 0::2] = x1 * c - x2 * s
+    wan[..., 1::2] = x1 * s + x2 * c
+
+    q = xq.unflatten(2, (H, D)).transpose(1, 2)
+    out, _ = fastgen.ops.qk_norm_rope(q, q, q_weight=norm.weight.detach(), k_weight=norm.weight.detach(),
+                                      cos=fcos[:, 0::2], sin=fsin[:, 1::2], norm="all", rope="interleaved", backend="triton")
+    torch.testing.assert_close(out, wan.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation, fallbacks, custom op
+# --------------------------------------------------------------------------------------------
+
+
+def _bad():
+    kw = inputs(1, 6, 2, 16, torch.float32, "head", "interleaved", seed=1)
+    return [
+        ("rank", dict(kw, q=kw["q"][0]), "4-D"),
+        ("shape", dict(kw, k=kw["k"][:, :, :3]), "share shape"),
+        ("norm", dict(kw, norm="layer"), "norm must be one of"),
+        ("rope", dict(kw, rope="complex"), "rope must be one of"),
+        ("weight size", dict(kw, q_weight=kw["q_weight"][:8], k_weight=kw["k_weight"][:8]), "q_weight must have shape (16,)"),
+        ("one weight", dict(kw, k_weight=None), "both"),
+        ("no tables", dict(kw, cos=None), "needs cos and sin"),
+        ("table shape", dict(kw, cos=kw["cos"][:, :3], sin=kw["sin"][:, :3]), "cos/sin must be"),
+        ("table length", dict(kw, cos=kw["cos"].repeat(2, 1), sin=kw["sin"].repeat(2, 1)), "S_rope <= 6"),
+        ("odd head dim", dict(kw, q=kw["q"][..., :15], k=kw["k"][..., :15], q_weight=None, k_weight=None), "even head dim"),
+        ("backend", dict(kw, backend="metal"), "backend must be one of"),
+        ("eps", dict(kw, eps=0.0), "eps must be positive"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad())), ids=[c[0] for c in _bad()])
+def test_bad_input_raises_clear_error(case):
+    _, kw, match = _bad()[case]
+    with pytest.raises(ValueError, match=re.escape(match)):
+        fastgen.ops.qk_norm_rope(**kw)
+
+
+@pytest.mark.skipif(HAVE_CUDA_EXT and DEVICE.type == "cuda", reason="checks the fallback where the extension is missing")
+def test_cuda_backend_falls_back_with_one_warning():
+    kw = inputs(1, 6, 2, 16, torch.float32, "head", "interleaved", seed=19)
+    with pytest.warns(FastgenFallbackWarning, match="CUDA extension") as rec:
+        a = fastgen.ops.qk_norm_rope(**kw, backend="cuda")
+        fastgen.ops.qk_norm_rope(**kw, backend="cuda")
+    assert len([w for w in rec if issubclass(w.category, FastgenFallbackWarning)]) == 1
+    rq, _ = refs(kw)
+    assert max_err(a[0], rq) < 1e-5
+
+
+def test_opcheck():
+    kw = inputs(2, 5, 2, 16, torch.float32, "head", "interleaved", seed=23)
+    op = torch.ops.fastgen.qk_norm_rope_triton.default
+    torch.library.opcheck(op, (kw["q"], kw["k"], kw["q_weight"], kw["k_weight"], kw["cos"], kw["sin"], 1e-6, "head", "interleaved"))
+    torch.library.opcheck(op, (kw["q"], kw["k"], None, None, None, None, 1e-6, None, None))
+
+
+# --------------------------------------------------------------------------------------------
+# csrc/: compile-only check here, real runs on a GPU
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed on this machine")
+def test_csrc_kernels_compile_for_sm80_and_sm90(tmp_path):
+    # The kernel and its launcher are torch-free, so they compile wherever nvcc is, GPU or not.
+    cmd = ["nvcc", "-c", str(ROOT / "csrc" / "qk_norm_rope.cu"), "-o", str(tmp_path / "k.o"), "-std=c++17", "-O3",
+           "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90", "-Xptxas", "-warn-spills"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "spill" not in res.stderr.lower(), res.stderr
+    assert (tmp_path / "k.o").stat().st_size > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_CUDA_EXT, reason="fastgen._C is not built; bench/run_gpu.sh builds it")
+@pytest.mark.parametrize("norm", ["head", "all"])
+def test_cuda_kernel_matches_triton_on_gpu(norm):
+    kw = inputs(2, 4608, 24, 128, torch.bfloat16, norm, "interleaved", seed=29)
+    a = fastgen.ops.qk_norm_rope(**kw, backend="cuda")
+    b = fastgen.ops.qk_norm_rope(**kw, backend="triton")
+    rq, rk = refs(kw)
+    t = fastgen.ops.qk_norm_rope(**kw, backend="torch")
+    assert_within_pytorch_error(a[0], rq, t[0])
+    assert_within_pytorch_error(a[1], rk, t[1])
+    assert max_err(a[0], b[0]) <= 2 * max_err(t[0], rq)
