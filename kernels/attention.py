@@ -89,32 +89,58 @@ def merge_partials(
 if HAVE_TRITON:
 
     @triton.jit
+    def _attend_block(
+        acc, m_i, l_i, q, k_ptrs, v_ptrs, start, n_keys, bias, qk_scale, offs_n, d_mask,
+        MASK_N: tl.constexpr, MASK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ):
+        # One BLOCK_N tile of keys: online softmax in the log2 domain, running max m_i and sum l_i
+        # (fp32). Full tiles skip the key mask, and power-of-two head dims the channel mask: masks
+        # in the inner loop cost ALU time and keep loads from vectorising.
+        col_ok = (start + offs_n) < n_keys
+        if MASK_N and MASK_D:
+            k = tl.load(k_ptrs, mask=col_ok[None, :] & d_mask[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=col_ok[:, None] & d_mask[None, :], other=0.0)
+        elif MASK_N:
+            k = tl.load(k_ptrs, mask=col_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+        elif MASK_D:
+            k = tl.load(k_ptrs, mask=d_mask[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        qk = tl.dot(q, k, input_precision=INPUT_PRECISION)
+        qk = qk * qk_scale + bias
+        if MASK_N:
+            qk = tl.where(col_ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        return acc, m_new, l_i
+
+    @triton.jit
     def _attend_segment(
         acc, m_i, l_i, q,
         K, V, k_off, v_off, s_kn, s_kd, s_vn, s_vd,
         n_keys, bias, qk_scale,
         offs_d, d_mask,
-        BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, MASK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ):
-        # One key segment: online softmax in the log2 domain, running max m_i and sum l_i (fp32).
+        # One key segment, read in place: full tiles unmasked, then the tail tile masked.
         offs_n = tl.arange(0, BLOCK_N)
         k_ptrs = K + k_off + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd
         v_ptrs = V + v_off + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd
-        for start in range(0, n_keys, BLOCK_N):
-            col_ok = (start + offs_n) < n_keys
-            k = tl.load(k_ptrs, mask=col_ok[None, :] & d_mask[:, None], other=0.0)
-            qk = tl.dot(q, k, input_precision=INPUT_PRECISION)
-            qk = qk * qk_scale + bias
-            qk = tl.where(col_ok[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            p = tl.math.exp2(qk - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptrs, mask=col_ok[:, None] & d_mask[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
-            m_i = m_new
+        n_full = (n_keys // BLOCK_N) * BLOCK_N
+        for start in range(0, n_full, BLOCK_N):
+            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, n_keys, bias, qk_scale,
+                                          offs_n, d_mask, False, MASK_D, INPUT_PRECISION)
             k_ptrs += BLOCK_N * s_kn
             v_ptrs += BLOCK_N * s_vn
+        if n_full < n_keys:
+            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_full, n_keys, bias, qk_scale,
+                                          offs_n, d_mask, True, MASK_D, INPUT_PRECISION)
         return acc, m_i, l_i
 
     @triton.jit
@@ -156,23 +182,23 @@ if HAVE_TRITON:
 
         acc, m_i, l_i = _attend_segment(
             acc, m_i, l_i, q, K0, V0, b * sk0_b + h * sk0_h, b * sv0_b + h * sv0_h,
-            sk0_n, sk0_d, sv0_n, sv0_d, N0, bias0, qk_scale, offs_d, d_mask, BLOCK_N, INPUT_PRECISION)
+            sk0_n, sk0_d, sv0_n, sv0_d, N0, bias0, qk_scale, offs_d, d_mask, BLOCK_N, HEAD_DIM != BLOCK_D, INPUT_PRECISION)
         if NUM_EXTRA >= 1:
             acc, m_i, l_i = _attend_segment(
                 acc, m_i, l_i, q, K1, V1, b * sk1_b + h * sk1_h, b * sv1_b + h * sv1_h,
-                sk1_n, sk1_d, sv1_n, sv1_d, N1, bias1, qk_scale, offs_d, d_mask, BLOCK_N, INPUT_PRECISION)
+                sk1_n, sk1_d, sv1_n, sv1_d, N1, bias1, qk_scale, offs_d, d_mask, BLOCK_N, HEAD_DIM != BLOCK_D, INPUT_PRECISION)
         if NUM_EXTRA >= 2:
             acc, m_i, l_i = _attend_segment(
                 acc, m_i, l_i, q, K2, V2, b * sk2_b + h * sk2_h, b * sv2_b + h * sv2_h,
-                sk2_n, sk2_d, sv2_n, sv2_d, N2, bias2, qk_scale, offs_d, d_mask, BLOCK_N, INPUT_PRECISION)
+                sk2_n, sk2_d, sv2_n, sv2_d, N2, bias2, qk_scale, offs_d, d_mask, BLOCK_N, HEAD_DIM != BLOCK_D, INPUT_PRECISION)
         if NUM_EXTRA >= 3:
             acc, m_i, l_i = _attend_segment(
                 acc, m_i, l_i, q, K3, V3, b * sk3_b + h * sk3_h, b * sv3_b + h * sv3_h,
-                sk3_n, sk3_d, sv3_n, sv3_d, N3, bias3, qk_scale, offs_d, d_mask, BLOCK_N, INPUT_PRECISION)
+                sk3_n, sk3_d, sv3_n, sv3_d, N3, bias3, qk_scale, offs_d, d_mask, BLOCK_N, HEAD_DIM != BLOCK_D, INPUT_PRECISION)
         if NUM_EXTRA >= 4:
             acc, m_i, l_i = _attend_segment(
                 acc, m_i, l_i, q, K4, V4, b * sk4_b + h * sk4_h, b * sv4_b + h * sv4_h,
-                sk4_n, sk4_d, sv4_n, sv4_d, N4, bias4, qk_scale, offs_d, d_mask, BLOCK_N, INPUT_PRECISION)
+                sk4_n, sk4_d, sv4_n, sv4_d, N4, bias4, qk_scale, offs_d, d_mask, BLOCK_N, HEAD_DIM != BLOCK_D, INPUT_PRECISION)
 
         out = acc / l_i[:, None]
         o_ptrs = Out + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :] * so_d
