@@ -6,7 +6,7 @@ VENV ?= .venv
 CONSTRAINTS ?= constraints/cpu.txt
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench wheels clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,11 @@ test: setup
 # Timed benchmarks on this machine; tables and JSON into bench/results/local.
 bench: setup
 	$(BIN)/python -m pytest bench -p no:cacheprovider --fastgen-out bench/results/local
+
+# The pure-Python wheels a lent GPU machine lacks (it has no network); bench/run_gpu.sh installs
+# them from .whl/ (kept out of git by .git/info/exclude), which the device call carries.
+wheels: setup
+	$(BIN)/python -m pip download --quiet --no-deps -d .whl diffusers==0.42.1 tomesd==0.1.3 importlib_metadata "setuptools>=77"
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info src/fastgen/_C*.so

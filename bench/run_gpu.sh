@@ -14,9 +14,15 @@ status=0
 
 { nvidia-smi || true; } > "$OUT/nvidia-smi.txt" 2>&1
 
+# 0. Wheels brought along in .whl/ (`make wheels`): diffusers, tomesd, a new setuptools.
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl > "$OUT/build.log" 2>&1 \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
 # 1. Build the CUDA extension against the machine's own torch (hence no build isolation).
 start=$(date +%s)
-FASTGEN_BUILD_CUDA=${FASTGEN_BUILD_CUDA:-1} "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
+FASTGEN_BUILD_CUDA=${FASTGEN_BUILD_CUDA:-1} "$PY" -m pip install --no-build-isolation --no-deps -e . >> "$OUT/build.log" 2>&1 \
   || { echo "build failed (see build.log); continuing without the CUDA extension"; status=1;
        FASTGEN_SKIP_CUDA_BUILD=1 "$PY" -m pip install --no-build-isolation --no-deps -e . >> "$OUT/build.log" 2>&1; }
 echo "build: $(( $(date +%s) - start )) s" | tee -a "$OUT/build.log"
