@@ -335,6 +335,8 @@ def markdown_table(results: list[Result], env: dict) -> str:
     ]
     if env.get("triton_interpreter"):
         lines += ["Triton ran under its CPU interpreter: its times show correctness, not kernel speed.", ""]
+    if env.get("compute_capability") is None:
+        lines += ["Peak memory is measured on CUDA devices only.", ""]
     lines += [
         "| suite | case | provider | median ms | TFLOP/s | GB/s | speed-up vs best baseline | max abs diff | peak MB |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
