@@ -140,7 +140,7 @@ def record_prologue(B=1, S=4608, H=24, D=128, norm="head", rope="interleaved", d
     rec = _Recorder(P._qk_norm_rope_fwd)
     real, P._qk_norm_rope_fwd = P._qk_norm_rope_fwd, rec
     try:
-        P.qk_norm_rope_fwd(q, q, w, w, cos, cos, 1e-6, norm, rope)
+        P.qk_norm_rope_fwd(q, q, w, w, cos, cos, 1e-6, norm, rope, P.empty_like_bshd(q), P.empty_like_bshd(q))
     finally:
         P._qk_norm_rope_fwd = real
     return rec

@@ -1,5 +1,5 @@
 // Thin torch binding of the csrc/ kernels: checks inputs, fills the params struct, launches on
-// the current stream. Registers the ops as fastgen_C::*; their fake (meta) implementations are
+// the current stream, writing into caller-given outputs (any strides). Registers the ops as fastgen_C::*; their fake (meta) implementations are
 // registered from Python (src/fastgen/_cuda.py). Needs torch's CUDA headers: GPU machines only.
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -25,17 +25,20 @@ fastgen::DType dtype_of(const at::Tensor& t) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> qk_norm_rope(
+void qk_norm_rope(
     const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& q_weight,
     const std::optional<at::Tensor>& k_weight, const std::optional<at::Tensor>& cos,
-    const std::optional<at::Tensor>& sin, double eps, int64_t norm_mode, int64_t rope_mode) {
+    const std::optional<at::Tensor>& sin, double eps, int64_t norm_mode, int64_t rope_mode,
+    at::Tensor& out_q, at::Tensor& out_k) {
   TORCH_CHECK(q.is_cuda() && k.is_cuda(), "fastgen qk_norm_rope: q and k must be CUDA tensors");
   TORCH_CHECK(q.dim() == 4 && q.sizes() == k.sizes(), "fastgen qk_norm_rope: q and k must be (B, H, S, D), one shape");
   TORCH_CHECK(q.scalar_type() == k.scalar_type(), "fastgen qk_norm_rope: q and k must share a dtype");
   TORCH_CHECK(norm_mode >= 0 && norm_mode <= 2 && rope_mode >= 0 && rope_mode <= 2, "fastgen qk_norm_rope: bad mode");
+  for (const at::Tensor* o : {&out_q, &out_k}) {
+    TORCH_CHECK(o->is_cuda() && o->sizes() == q.sizes() && o->scalar_type() == q.scalar_type(),
+                "fastgen qk_norm_rope: outputs must be CUDA tensors of q's shape and dtype");
+  }
   c10::cuda::CUDAGuard guard(q.device());
-  auto out_q = at::empty(q.sizes(), q.options());
-  auto out_k = at::empty(k.sizes(), k.options());
 
   fastgen::QKNormRopeParams p{};
   p.in[0] = view4(q);
@@ -72,14 +75,13 @@ std::tuple<at::Tensor, at::Tensor> qk_norm_rope(
   }
   const cudaError_t err = fastgen::launch_qk_norm_rope(p, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "fastgen qk_norm_rope launch failed: ", cudaGetErrorString(err));
-  return {out_q, out_k};
 }
 
 }  // namespace
 
 TORCH_LIBRARY(fastgen_C, m) {
   m.def("qk_norm_rope(Tensor q, Tensor k, Tensor? q_weight, Tensor? k_weight, Tensor? cos, Tensor? sin, "
-        "float eps, int norm_mode, int rope_mode) -> (Tensor, Tensor)");
+        "float eps, int norm_mode, int rope_mode, Tensor(a!) out_q, Tensor(b!) out_k) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastgen_C, CUDA, m) { m.impl("qk_norm_rope", &qk_norm_rope); }

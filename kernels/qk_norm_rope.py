@@ -14,7 +14,9 @@ Conventions (those of diffusers):
   rotated, the rest (e.g. HunyuanVideo's trailing text tokens) are only normalised.
 
 The kernel computes in fp32 and rounds once at the end; diffusers rounds after the norm too, so
-the two differ by at most one rounding of the output dtype.
+the two differ by at most one rounding of the output dtype. Outputs are written where the caller
+says (any strides): e.g. text and image tokens, normalised with different weights, straight into
+the slices of one joint buffer.
 """
 
 from __future__ import annotations
@@ -38,6 +40,13 @@ def _rope_partner(d: int, rope: str) -> tuple[torch.Tensor, torch.Tensor, torch.
         return idx ^ 1, idx // 2, torch.where(idx % 2 == 0, -1.0, 1.0)
     half = d // 2
     return (idx + half) % d, idx % half, torch.where(idx < half, -1.0, 1.0)
+
+
+def empty_like_bshd(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised (B, H, S, D) tensor laid out as (B, S, H, D): attention reads it in place
+    and its output flattens to (B, S, H*D) for the out-projection without a copy."""
+    B, H, S, D = x.shape
+    return torch.empty((B, S, H, D), dtype=dtype or x.dtype, device=x.device).transpose(1, 2)
 
 
 def qk_norm_rope_reference(
@@ -173,21 +182,25 @@ def qk_norm_rope_fwd(
     eps: float,
     norm: str | None,
     rope: str | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton prologue of q and k in one launch. Inputs must already be validated.
+    out_q: torch.Tensor,
+    out_k: torch.Tensor,
+) -> None:
+    """Triton prologue of q and k in one launch, written into ``out_q``/``out_k``. Inputs must
+    already be validated.
 
-    q, k: (B, H, S, D), same shape and dtype, any strides. q_weight/k_weight: both None or both
-    given, (D,) or (H*D,) per ``norm``. cos/sin: (S_rope, D/2) float32, S_rope <= S, or None.
-    Returns (q_out, k_out), each (B, H, S, D) contiguous in q's dtype.
+    q, k, out_q, out_k: (B, H, S, D), one shape and dtype, any strides (outputs may be slices of a
+    larger buffer). q_weight/k_weight: both None or both given, (D,) or (H*D,) per ``norm``.
+    cos/sin: (S_rope, D/2) float32, S_rope <= S, or None.
     """
     B, H, S, D = q.shape
-    oq = torch.empty((B, H, S, D), dtype=q.dtype, device=q.device)
-    ok = torch.empty_like(oq)
-    if oq.numel() == 0:
-        return oq, ok
+    if q.numel() == 0:
+        return
     if INTERPRET and q.dtype == torch.bfloat16:  # bf16 is wrong in the interpreter: compute in fp32
-        oq32, ok32 = qk_norm_rope_fwd(q.float(), k.float(), q_weight, k_weight, cos, sin, eps, norm, rope)
-        return oq.copy_(oq32), ok.copy_(ok32)
+        oq32, ok32 = torch.empty(q.shape, dtype=torch.float32), torch.empty(k.shape, dtype=torch.float32)
+        qk_norm_rope_fwd(q.float(), k.float(), q_weight, k_weight, cos, sin, eps, norm, rope, oq32, ok32)
+        out_q.copy_(oq32)
+        out_k.copy_(ok32)
+        return
     has_w = q_weight is not None
     if INTERPRET and has_w:  # bf16 weights would be misread there too
         q_weight, k_weight = q_weight.float(), k_weight.float()
@@ -199,11 +212,10 @@ def qk_norm_rope_fwd(
     warps = 4 if block_h * block_d <= 2048 else 8 if block_h * block_d <= 8192 else 16
     extra = {} if INTERPRET else {"num_warps": warps}
     _qk_norm_rope_fwd[(B * S, 2)](
-        q, k, wq, wk, cos, sin, oq, ok,
-        *q.stride(), *k.stride(), *oq.stride(), *ok.stride(),
+        q, k, wq, wk, cos, sin, out_q, out_k,
+        *q.stride(), *k.stride(), *out_q.stride(), *out_k.stride(),
         *cos.stride(), *sin.stride(),
         H, S, cos.shape[0] if rope is not None else 0, float(eps),
         HEAD_DIM=D, BLOCK_H=block_h, BLOCK_D=block_d,
         NORM=_NORM_CODE[norm], HAS_WEIGHT=has_w, ROPE=_ROPE_CODE[rope], **extra,
     )
-    return oq, ok

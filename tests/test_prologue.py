@@ -60,7 +60,8 @@ def test_matches_reference(rope, norm, dtype, backend):
     oq, ok = fastgen.ops.qk_norm_rope(**kw, backend=backend)
     tq, tk = fastgen.ops.qk_norm_rope(**kw, backend="torch")
     rq, rk = refs(kw)
-    assert oq.is_contiguous() and oq.shape == kw["q"].shape and oq.dtype == dtype
+    assert oq.shape == kw["q"].shape and oq.dtype == dtype
+    assert oq.transpose(1, 2).is_contiguous(), "outputs are laid out (B, S, H, D), viewed as (B, H, S, D)"
     assert_within_pytorch_error(oq, rq, tq, what="q")
     assert_within_pytorch_error(ok, rk, tk, what="k")
 
@@ -92,6 +93,22 @@ def test_strided_inputs_equal_contiguous():
     a = fastgen.ops.qk_norm_rope(**kw, backend="triton")
     b = fastgen.ops.qk_norm_rope(**dense, backend="triton")
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_out_writes_into_slices_of_a_joint_buffer():
+    # Flux: text and image tokens are normalised with different weights into one joint query buffer.
+    txt = inputs(2, 5, 3, 64, torch.float16, "head", "interleaved", seed=31)
+    img = inputs(2, 9, 3, 64, torch.float16, "head", "interleaved", seed=32)
+    joint_q = torch.full((2, 14, 3, 64), float("nan"), dtype=torch.float16, device=DEVICE).transpose(1, 2)
+    joint_k = torch.full_like(joint_q, float("nan"))
+    for part, sl in ((txt, slice(0, 5)), (img, slice(5, 14))):
+        got = fastgen.ops.qk_norm_rope(**part, backend="triton", out=(joint_q[:, :, sl], joint_k[:, :, sl]))
+        assert got[0].data_ptr() == joint_q[:, :, sl].data_ptr()
+    for part, sl in ((txt, slice(0, 5)), (img, slice(5, 14))):
+        alone = fastgen.ops.qk_norm_rope(**part, backend="triton")
+        assert torch.equal(joint_q[:, :, sl], alone[0]) and torch.equal(joint_k[:, :, sl], alone[1])
+    with pytest.raises(ValueError, match="out_q must be"):
+        fastgen.ops.qk_norm_rope(**txt, out=(joint_q, joint_k))
 
 
 def test_poisoned_outputs_are_overwritten(monkeypatch):
@@ -201,8 +218,10 @@ def test_cuda_backend_falls_back_with_one_warning():
 def test_opcheck():
     kw = inputs(2, 5, 2, 16, torch.float32, "head", "interleaved", seed=23)
     op = torch.ops.fastgen.qk_norm_rope_triton.default
-    torch.library.opcheck(op, (kw["q"], kw["k"], kw["q_weight"], kw["k_weight"], kw["cos"], kw["sin"], 1e-6, "head", "interleaved"))
-    torch.library.opcheck(op, (kw["q"], kw["k"], None, None, None, None, 1e-6, None, None))
+    outs = lambda: (torch.empty_like(kw["q"]), torch.empty_like(kw["k"]))  # noqa: E731
+    torch.library.opcheck(op, (kw["q"], kw["k"], kw["q_weight"], kw["k_weight"], kw["cos"], kw["sin"], 1e-6, "head",
+                               "interleaved", *outs()))
+    torch.library.opcheck(op, (kw["q"], kw["k"], None, None, None, None, 1e-6, None, None, *outs()))
 
 
 # --------------------------------------------------------------------------------------------

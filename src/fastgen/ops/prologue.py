@@ -14,7 +14,7 @@ _NORM_CODE = {None: 0, "head": 1, "all": 2}
 _ROPE_CODE = {None: 0, "interleaved": 1, "half": 2}
 
 
-@torch.library.custom_op("fastgen::qk_norm_rope_triton", mutates_args=())
+@torch.library.custom_op("fastgen::qk_norm_rope_triton", mutates_args=("out_q", "out_k"))
 def _qk_norm_rope_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -25,13 +25,15 @@ def _qk_norm_rope_triton(
     eps: float,
     norm: str | None,
     rope: str | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _k.qk_norm_rope_fwd(q, k, q_weight, k_weight, cos, sin, eps, norm, rope)
+    out_q: torch.Tensor,
+    out_k: torch.Tensor,
+) -> None:
+    _k.qk_norm_rope_fwd(q, k, q_weight, k_weight, cos, sin, eps, norm, rope, out_q, out_k)
 
 
 @_qk_norm_rope_triton.register_fake
-def _(q, k, q_weight, k_weight, cos, sin, eps, norm, rope):
-    return q.new_empty(q.shape), k.new_empty(k.shape)
+def _(q, k, q_weight, k_weight, cos, sin, eps, norm, rope, out_q, out_k):
+    return None
 
 
 def qk_norm_rope_torch(q, k, q_weight, k_weight, cos, sin, eps, norm, rope):
@@ -60,6 +62,17 @@ def qk_norm_rope_torch(q, k, q_weight, k_weight, cos, sin, eps, norm, rope):
         return x.contiguous()
 
     return one(q, q_weight), one(k, k_weight)
+
+
+def _check_out(out, q):
+    if out is None:
+        return None
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise ValueError("out must be a pair (out_q, out_k)")
+    for name, t in zip(("out_q", "out_k"), out):
+        if not isinstance(t, torch.Tensor) or t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} must be a tensor of q's shape {tuple(q.shape)}, dtype and device")
+    return tuple(out)
 
 
 def _check(q, k, q_weight, k_weight, cos, sin, eps, norm, rope, backend):
@@ -141,6 +154,7 @@ def qk_norm_rope(
     norm: str | None = "head",
     rope: str | None = "interleaved",
     backend: str = "auto",
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RMS-norm q and k, then apply rotary embedding; one pass, both tensors, one launch.
 
@@ -157,16 +171,24 @@ def qk_norm_rope(
             or ``None``.
         backend: ``"auto"`` (CUDA extension, else Triton on a GPU; PyTorch on a CPU),
             ``"cuda"``, ``"triton"`` or ``"torch"`` (the unfused sequence).
+        out: optional (out_q, out_k) to write into, each of q's shape and dtype, any strides
+            (e.g. the text and image slices of one joint query buffer).
 
     Returns:
-        (q_out, k_out): each (B, H, S, D) contiguous, in q's dtype, ready for attention.
+        (q_out, k_out): each (B, H, S, D) in q's dtype, ready for attention; unless ``out`` is
+        given, laid out as (B, S, H, D) in memory so attention output flattens without a copy.
     """
     cos, sin = _check(q, k, q_weight, k_weight, cos, sin, eps, norm, rope, backend)
+    out = _check_out(out, q)
     name = _choose(backend, q)
+    if name == "torch":
+        a, b = qk_norm_rope_torch(q, k, q_weight, k_weight, cos, sin, eps, norm, rope)
+        return (out[0].copy_(a), out[1].copy_(b)) if out is not None else (a, b)
+    out_q, out_k = out if out is not None else (_k.empty_like_bshd(q), _k.empty_like_bshd(k))
     if name == "triton":
-        return torch.ops.fastgen.qk_norm_rope_triton(q, k, q_weight, k_weight, cos, sin, float(eps), norm, rope)
-    if name == "cuda":
-        return torch.ops.fastgen_C.qk_norm_rope(
-            q, k, q_weight, k_weight, cos, sin, float(eps), _NORM_CODE[norm], _ROPE_CODE[rope]
+        torch.ops.fastgen.qk_norm_rope_triton(q, k, q_weight, k_weight, cos, sin, float(eps), norm, rope, out_q, out_k)
+    else:
+        torch.ops.fastgen_C.qk_norm_rope(
+            q, k, q_weight, k_weight, cos, sin, float(eps), _NORM_CODE[norm], _ROPE_CODE[rope], out_q, out_k
         )
-    return qk_norm_rope_torch(q, k, q_weight, k_weight, cos, sin, eps, norm, rope)
+    return out_q, out_k
