@@ -11,7 +11,10 @@ import importlib
 from fastgen._version import __version__
 from fastgen._warnings import FastgenFallbackWarning
 
-__all__ = ["FastgenFallbackWarning", "__version__", "benchmarks", "ops"]
+__all__ = [
+    "FastgenFallbackWarning", "PatchConfig", "__version__", "benchmarks", "is_patched", "ops", "patch", "unpatch",
+]
+_PATCH_API = ("patch", "unpatch", "is_patched", "PatchConfig", "PatchHandle")
 
 
 def __getattr__(name: str):
@@ -19,4 +22,6 @@ def __getattr__(name: str):
     # the kernels are defined) can still be set after ``import fastgen``.
     if name in ("ops", "benchmarks"):
         return importlib.import_module(f"fastgen.{name}")
+    if name in _PATCH_API:
+        return getattr(importlib.import_module("fastgen.patching"), name)
     raise AttributeError(f"module 'fastgen' has no attribute {name!r}")

@@ -1,0 +1,53 @@
+"""``PatchConfig``: every option of ``fastgen.patch``, documented and validated."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+
+from fastgen.ops.attention import BACKENDS as ATTENTION_BACKENDS
+from fastgen.ops.prologue import BACKENDS as PROLOGUE_BACKENDS
+
+
+@dataclass(frozen=True)
+class PatchConfig:
+    """What ``fastgen.patch`` does. The defaults apply only exact optimizations.
+
+    Attributes:
+        attention_backend: backend of ``fastgen.ops.attention`` for every patched attention:
+            ``"auto"`` (Triton on a GPU for fp16/bf16, PyTorch SDPA otherwise), ``"triton"``,
+            ``"cuda"``, ``"sdpa"`` or ``"xformers"``.
+        fuse_prologue: fuse RMS-norm of q/k and RoPE into one kernel (``fastgen.ops.qk_norm_rope``)
+            where the model has them (Flux, SD3.5, Wan, HunyuanVideo). Exact to rounding.
+        prologue_backend: ``"auto"``, ``"cuda"``, ``"triton"`` or ``"torch"``.
+        cache_cross_attention_kv: compute the K/V of cross-attention over the text embeddings once
+            per generation and reuse them at every step (UNet, Wan). Exact: keyed on the very
+            embeddings tensor, its in-place version and the projection weights.
+        include_vae: also patch the VAE's attention (off: the VAE is left alone by default).
+    """
+
+    attention_backend: str = "auto"
+    fuse_prologue: bool = True
+    prologue_backend: str = "auto"
+    cache_cross_attention_kv: bool = True
+    include_vae: bool = False
+
+    def __post_init__(self):
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.prologue_backend not in PROLOGUE_BACKENDS:
+            raise ValueError(f"prologue_backend must be one of {PROLOGUE_BACKENDS}, got {self.prologue_backend!r}")
+        for name in ("fuse_prologue", "cache_cross_attention_kv", "include_vae"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    @classmethod
+    def build(cls, config: PatchConfig | None = None, **overrides) -> PatchConfig:
+        """``config`` with ``overrides`` applied; unknown keys raise ``ValueError`` naming the known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown PatchConfig option(s) {unknown}; the options are {sorted(known)}")
+        if config is not None and not isinstance(config, cls):
+            raise ValueError(f"config must be a fastgen.PatchConfig, got {type(config).__name__}")
+        return dataclasses.replace(config or cls(), **overrides)

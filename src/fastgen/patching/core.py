@@ -1,0 +1,138 @@
+"""The attention every patched processor runs: token groups in, per-group outputs out.
+
+A *token group* is a set of tokens with its own q/k/v projections, norms and RoPE table: Flux's
+text and image streams, SD3's context and sample, HunyuanVideo's video and text. Upstream
+concatenates the groups (``torch.cat`` of q, k and v), normalises, rotates and calls SDPA. Here
+each group's fused prologue writes its queries straight into its slice of one joint query buffer,
+keys and values are attended as in-place segments (no concatenation), and the joint output splits
+back into groups as views.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import fastgen.ops as ops
+from fastgen.kernels.qk_norm_rope import empty_like_bshd
+from fastgen.patching.config import PatchConfig
+
+
+@dataclass
+class Norm:
+    """An RMS-norm the prologue kernel can fuse: mode "head" (over D) or "all" (over H*D)."""
+
+    mode: str
+    weight: torch.Tensor | None
+    eps: float
+
+
+def fusable_norm(module, heads: int, head_dim: int, dtype: torch.dtype) -> Norm | None | bool:
+    """Norm for ``module``; None if there is no module; False if it cannot be fused."""
+    if module is None:
+        return None
+    from diffusers.models.normalization import RMSNorm
+
+    if isinstance(module, RMSNorm):
+        if getattr(module, "bias", None) is not None:
+            return False
+        shape, weight, eps = tuple(module.dim), module.weight, module.eps
+    elif isinstance(module, torch.nn.RMSNorm):
+        shape, weight = tuple(module.normalized_shape), module.weight
+        eps = module.eps if module.eps is not None else torch.finfo(dtype).eps
+    else:
+        return False
+    if shape == (head_dim,):
+        return Norm("head", weight, eps)
+    if shape == (heads * head_dim,):
+        return Norm("all", weight, eps)
+    return False
+
+
+def _apply_norm(x: torch.Tensor, module, over_heads: bool) -> torch.Tensor:
+    # Unfused: the module itself, on (B, S, H*D) when it normalises over all heads.
+    if module is None:
+        return x
+    if over_heads:
+        B, H, S, D = x.shape
+        return module(x.transpose(1, 2).flatten(2)).unflatten(-1, (H, D)).transpose(1, 2)
+    return module(x)
+
+
+def prologue(q, k, norm_q, norm_k, rope, out_q, config: PatchConfig):
+    """Normalise and rotate q and k (each (B, H, S, D)); q into ``out_q`` if given.
+
+    rope: None or (cos, sin, mode) for these tokens. Returns (q, k) ready for attention.
+    """
+    B, H, S, D = q.shape
+    if norm_q is None and norm_k is None and rope is None:
+        if out_q is not None:
+            out_q.copy_(q)
+            return out_q, k
+        return q, k
+    out_q = out_q if out_q is not None else empty_like_bshd(q)
+    out_k = empty_like_bshd(k)
+    cos, sin, mode = rope if rope is not None else (None, None, None)
+    nq, nk = fusable_norm(norm_q, H, D, q.dtype), fusable_norm(norm_k, H, D, k.dtype)
+    same = (nq is None and nk is None) or (
+        isinstance(nq, Norm) and isinstance(nk, Norm) and nq.mode == nk.mode and nq.eps == nk.eps
+        and (nq.weight is None) == (nk.weight is None)
+    )
+    if config.fuse_prologue and same:
+        return ops.qk_norm_rope(
+            q, k, q_weight=nq.weight if nq else None, k_weight=nk.weight if nk else None, cos=cos, sin=sin,
+            eps=nq.eps if nq else 1e-6, norm=nq.mode if nq else None, rope=mode,
+            backend=config.prologue_backend, out=(out_q, out_k),
+        )
+    # The modules as upstream runs them, then RoPE (the unfused PyTorch sequence) into the buffers.
+    q = _apply_norm(q, norm_q, isinstance(nq, Norm) and nq.mode == "all")
+    k = _apply_norm(k, norm_k, isinstance(nk, Norm) and nk.mode == "all")
+    if rope is None:
+        return out_q.copy_(q), out_k.copy_(k)
+    return ops.qk_norm_rope(q, k, cos=cos, sin=sin, norm=None, rope=mode, backend="torch", out=(out_q, out_k))
+
+
+@dataclass
+class TokenGroup:
+    """One group's projections (B, S, H*D each), norms and RoPE (cos, sin, mode) or None."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    norm_q: torch.nn.Module | None = None
+    norm_k: torch.nn.Module | None = None
+    rope: tuple | None = None
+
+
+def heads_view(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(B, S, H*D) -> (B, H, S, D), a view."""
+    return x.unflatten(-1, (-1, head_dim)).transpose(1, 2)
+
+
+def joint_attention(groups: list[TokenGroup], head_dim: int, config: PatchConfig) -> list[torch.Tensor]:
+    """Attention of every group's queries over all groups' keys, in group order.
+
+    Equivalent to concatenating the groups along the sequence, normalising, rotating and calling
+    SDPA, then splitting. Returns one (B, S_i, H*D) tensor per group.
+    """
+    sizes = [g.query.shape[1] for g in groups]
+    first = heads_view(groups[0].query, head_dim)
+    B, H, _, D = first.shape
+    q_joint = None
+    if len(groups) > 1:
+        q_joint = torch.empty((B, sum(sizes), H, D), dtype=first.dtype, device=first.device).transpose(1, 2)
+    keys, values, start = [], [], 0
+    for g, n in zip(groups, sizes):
+        q, k = heads_view(g.query, head_dim), heads_view(g.key, head_dim)
+        out_q = q_joint[:, :, start : start + n] if q_joint is not None else None
+        q, k = prologue(q, k, g.norm_q, g.norm_k, g.rope, out_q, config)
+        if q_joint is None:
+            q_joint = q
+        keys.append(k)
+        values.append(heads_view(g.value, head_dim))
+        start += n
+    out = ops.attention(q_joint, keys[0], values[0], extra_kv=list(zip(keys[1:], values[1:])) or None,
+                        backend=config.attention_backend)
+    flat = out.transpose(1, 2).flatten(2)
+    return list(flat.split(sizes, dim=1)) if len(groups) > 1 else [flat]

@@ -1,0 +1,60 @@
+"""Flux (and every model built of FluxAttention): double-stream blocks attend text + image jointly,
+single-stream blocks attend one concatenated stream; QK RMS-norm and RoPE on all tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from fastgen.patching.core import TokenGroup, joint_attention
+from fastgen.patching.processors.base import FastgenProcessor
+
+try:  # the upstream projection helper (plain or fused QKV); its absence means a different diffusers
+    from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+except ImportError:  # pragma: no cover - the processor then always defers to upstream
+    _get_qkv_projections = None
+
+
+def split_rope(image_rotary_emb, start: int, stop: int, mode: str = "interleaved"):
+    """RoPE tables (cos, sin) of the joint sequence, restricted to tokens [start, stop)."""
+    if image_rotary_emb is None:
+        return None
+    cos, sin = image_rotary_emb
+    return cos[start:stop], sin[start:stop], mode
+
+
+class FastgenFluxAttnProcessor(FastgenProcessor):
+    technique = "fused qk-norm+rope into a joint query buffer, text/image K/V as in-place segments"
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if attention_mask is not None or _get_qkv_projections is None or self.unsupported():
+            return self.upstream(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        joint_text = encoder_hidden_states is not None
+        if (image_rotary_emb is not None and not isinstance(image_rotary_emb, (tuple, list))) or (
+            joint_text != (attn.added_kv_proj_dim is not None)
+        ):  # complex RoPE tables, or text without its own projections: not a layout fastgen knows
+            return self.upstream(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        query, key, value, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        groups = []
+        n_txt = 0
+        if joint_text:
+            n_txt = eq.shape[1]
+            groups.append(TokenGroup(eq, ek, ev, attn.norm_added_q, attn.norm_added_k,
+                                     split_rope(image_rotary_emb, 0, n_txt)))
+        n_all = n_txt + query.shape[1]
+        groups.append(TokenGroup(query, key, value, attn.norm_q, attn.norm_k, split_rope(image_rotary_emb, n_txt, n_all)))
+        outs = joint_attention(groups, attn.head_dim, self.config)
+
+        if joint_text:
+            txt, img = outs
+            img = attn.to_out[0](img.contiguous())
+            img = attn.to_out[1](img)
+            txt = attn.to_add_out(txt.contiguous())
+            return img, txt
+        return outs[0]

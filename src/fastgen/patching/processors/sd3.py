@@ -1,0 +1,42 @@
+"""SD3 / SD3.5 ``JointAttnProcessor2_0``: sample and context tokens attend jointly (sample first);
+SD3.5 adds QK RMS-norm; dual-attention layers run a second, sample-only attention."""
+
+from __future__ import annotations
+
+import torch
+
+from fastgen.patching.core import TokenGroup, joint_attention
+from fastgen.patching.processors.base import FastgenProcessor
+
+
+class FastgenJointAttnProcessor(FastgenProcessor):
+    technique = "fused qk-norm into a joint query buffer, sample/context K/V as in-place segments"
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.FloatTensor,
+        encoder_hidden_states: torch.FloatTensor = None,
+        attention_mask: torch.FloatTensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.FloatTensor:
+        if attention_mask is not None or args or kwargs or self.unsupported():
+            return self.upstream(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        key = attn.to_k(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        groups = [TokenGroup(attn.to_q(hidden_states), key, attn.to_v(hidden_states), attn.norm_q, attn.norm_k)]
+        if encoder_hidden_states is not None:
+            groups.append(TokenGroup(attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
+                                     attn.add_v_proj(encoder_hidden_states), attn.norm_added_q, attn.norm_added_k))
+        outs = joint_attention(groups, head_dim, self.config)
+        hidden_states = outs[0]
+        if encoder_hidden_states is not None:
+            encoder_hidden_states = outs[1]
+            if not attn.context_pre_only:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if encoder_hidden_states is not None:
+            return hidden_states, encoder_hidden_states
+        return hidden_states

@@ -1,0 +1,50 @@
+"""Per-architecture facts, in one place: which denoiser classes fastgen patches, where a pipeline
+keeps them, and which upstream attention processors it replaces with which fastgen processor.
+Classes are matched by name within diffusers (as tomesd does), so nothing here imports a model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fastgen.patching.processors.flux import FastgenFluxAttnProcessor
+from fastgen.patching.processors.sd3 import FastgenJointAttnProcessor
+from fastgen.patching.processors.unet import FastgenAttnProcessor
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str  # short name, e.g. for the demo's --model-family
+    model_classes: tuple[str, ...]  # denoiser classes (diffusers names)
+    processors: dict[str, type] = field(default_factory=dict)  # upstream processor name -> fastgen's
+    pipeline_attr: str = "transformer"  # where a pipeline keeps this denoiser
+
+
+ARCHITECTURES: tuple[Architecture, ...] = (
+    Architecture("sd15/sdxl", ("UNet2DConditionModel",), {"AttnProcessor2_0": FastgenAttnProcessor}, "unet"),
+    Architecture("sd3", ("SD3Transformer2DModel",),
+                 {"JointAttnProcessor2_0": FastgenJointAttnProcessor, "AttnProcessor2_0": FastgenAttnProcessor}),
+    Architecture("flux", ("FluxTransformer2DModel",), {"FluxAttnProcessor": FastgenFluxAttnProcessor}),
+)
+
+# The VAE is patched only on request (PatchConfig.include_vae).
+VAE = Architecture("vae", ("AutoencoderKL",), {"AttnProcessor2_0": FastgenAttnProcessor}, "vae")
+
+
+def architecture_of(model) -> Architecture | None:
+    name = type(model).__name__
+    for arch in ARCHITECTURES + (VAE,):
+        if name in arch.model_classes:
+            return arch
+    return None
+
+
+def supported_models() -> list[str]:
+    return [c for arch in ARCHITECTURES for c in arch.model_classes]
+
+
+def replacement_for(arch: Architecture, processor) -> type | None:
+    """fastgen's processor for this upstream processor, or None (left alone)."""
+    cls = type(processor)
+    if not cls.__module__.startswith("diffusers."):
+        return None
+    return arch.processors.get(cls.__name__)
