@@ -1,0 +1,254 @@
+"""fastgen.patch over every supported denoiser (one shared tester, tiny configs): patched ==
+unpatched within attention tolerance, unpatch bit-exact, idempotent, per-instance, reversible,
+composes with LoRA and torch.compile; cross-attention K/V cache hits and misses; bad input."""
+
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+
+import pytest
+import torch
+
+import fastgen
+from fastgen import FastgenFallbackWarning
+from helpers import DEVICE
+from tiny_models import BUILDERS, run
+
+# Patched outputs may differ from upstream only by attention/prologue rounding (fp32 here).
+TOL = 2e-5
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def _built(request):
+    model, inputs = BUILDERS[request.param]()
+    return request.param, model, inputs, run(model, inputs)
+
+
+@pytest.fixture
+def tiny(_built):
+    """(name, model, inputs, unpatched output) of each supported denoiser; unpatched after the test."""
+    yield _built
+    fastgen.unpatch(_built[1])
+
+
+@pytest.mark.parametrize("backends", [{}, {"attention_backend": "triton", "prologue_backend": "triton"},
+                                      {"attention_backend": "triton", "fuse_prologue": False}],
+                         ids=["auto", "triton", "triton-unfused"])
+def test_patched_matches_unpatched(tiny, backends):
+    name, model, inputs, ref = tiny
+    handle = fastgen.patch(model, **backends)
+    assert handle.state.replaced, f"{name}: nothing was patched"
+    out = run(model, inputs)
+    assert out.shape == ref.shape
+    err = (out - ref).abs().max().item()
+    assert err <= TOL, f"{name} {backends}: max difference {err:.3e}"
+
+
+def test_unpatch_restores_bit_identical_outputs(tiny):
+    name, model, inputs, ref = tiny
+    originals = {path: module.processor for path, module in model.named_modules() if hasattr(module, "set_processor")}
+    fastgen.patch(model, attention_backend="triton")
+    run(model, inputs)
+    fastgen.unpatch(model)
+    assert not fastgen.is_patched(model)
+    now = {path: module.processor for path, module in model.named_modules() if hasattr(module, "set_processor")}
+    assert all(now[p] is originals[p] for p in originals), "the original processor objects are back"
+    assert not any("Fastgen" in type(m).__name__ for m in model.modules())
+    assert torch.equal(run(model, inputs), ref)
+
+
+def test_patch_is_idempotent_and_tells_the_truth(tiny):
+    name, model, inputs, ref = tiny
+    assert not fastgen.is_patched(model)
+    h1 = fastgen.patch(model)
+    n = len(h1.state.replaced)
+    h2 = fastgen.patch(model)
+    assert h2.state is h1.state and len(h2.state.replaced) == n, "same config: same patch"
+    assert fastgen.is_patched(model)
+    assert "Fastgen" in str(model) and "wraps=" in str(model), "print(model) shows what was patched"
+    h3 = fastgen.patch(model, fuse_prologue=False)  # another config re-patches from the originals
+    assert h3.state is not h1.state and len(h3.state.replaced) == n
+    assert all(not type(old).__name__.startswith("Fastgen") for _, old, _, _ in h3.state.replaced)
+    h3.remove()
+    assert not fastgen.is_patched(model)
+    assert torch.equal(run(model, inputs), ref)
+
+
+def test_context_manager_restores(tiny):
+    name, model, inputs, ref = tiny
+    with fastgen.patch(model) as h:
+        assert fastgen.is_patched(model) and h.config.fuse_prologue
+        run(model, inputs)
+    assert not fastgen.is_patched(model)
+    assert torch.equal(run(model, inputs), ref)
+
+
+def test_other_instances_are_untouched(tiny):
+    name, model, inputs, ref = tiny
+    other = copy.deepcopy(model)
+    before = {p: type(m.processor) for p, m in other.named_modules() if hasattr(m, "set_processor")}
+    fastgen.patch(model, attention_backend="triton")
+    after = {p: type(m.processor) for p, m in other.named_modules() if hasattr(m, "set_processor")}
+    assert before == after and not fastgen.is_patched(other)
+    assert torch.equal(run(other, inputs), ref), "an unpatched twin computes exactly as before"
+
+
+def test_user_processor_is_left_alone_with_one_warning():
+    # e.g. an IP-Adapter processor: fastgen does not accelerate it, says so once, leaves it running
+    from diffusers.models.attention_processor import AttnProcessor
+
+    model, inputs = BUILDERS["unet"]()
+    ref = run(model, inputs)
+    target = next(m for p, m in model.named_modules() if p.endswith("attn2"))
+    keep = target.processor
+    target.set_processor(AttnProcessor())
+    with pytest.warns(FastgenFallbackWarning, match="AttnProcessor alone") as rec:
+        h = fastgen.patch(model)
+    assert len([w for w in rec if "alone" in str(w.message)]) == 1
+    assert type(target.processor) is AttnProcessor and fastgen.is_patched(model)
+    assert (run(model, inputs) - ref).abs().max().item() <= TOL
+    h.remove()
+    assert type(target.processor) is AttnProcessor
+    target.set_processor(keep)
+    assert torch.equal(run(model, inputs), ref)
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA (through diffusers/PEFT), before and after patching
+# --------------------------------------------------------------------------------------------
+
+
+def _add_lora(model, seed=0):
+    from peft import LoraConfig
+
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False),
+                      adapter_name="style")
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_lora_changes_output_exactly_as_unpatched(tiny, when):
+    name, _, inputs, ref = tiny
+    model, _ = BUILDERS[name]()
+    torch.manual_seed(1)
+    _add_lora(model)
+    with_lora = run(model, inputs)
+    assert (with_lora - ref).abs().max().item() > 1e-3, "the LoRA must change the output"
+    if when == "after":
+        model, _ = BUILDERS[name]()
+        fastgen.patch(model, attention_backend="triton")
+        torch.manual_seed(1)
+        _add_lora(model)
+    else:
+        fastgen.patch(model, attention_backend="triton")
+    assert fastgen.is_patched(model)
+    err = (run(model, inputs) - with_lora).abs().max().item()
+    assert err <= TOL, f"{name}: LoRA {when} patching differs by {err:.3e}"
+    fastgen.unpatch(model)
+    assert torch.equal(run(model, inputs), with_lora)
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-attention K/V cache (UNet)
+# --------------------------------------------------------------------------------------------
+
+
+def _unet_cache_run():
+    model, inputs = BUILDERS["unet"]()
+    ref = run(model, inputs)
+    handle = fastgen.patch(model)
+    return model, inputs, ref, handle.state.kv_cache
+
+
+def test_cross_attention_kv_hits_on_later_steps():
+    model, inputs, ref, cache = _unet_cache_run()
+    n_cross = sum(1 for p, _ in model.named_modules() if p.endswith("attn2"))
+    out1 = run(model, inputs)
+    assert (cache.hits, cache.misses) == (0, n_cross), "step 1 computes every cross-attention K/V"
+    for step in range(2, 4):
+        out = run(model, inputs)
+        assert (cache.hits, cache.misses) == ((step - 1) * n_cross, n_cross), f"step {step} reuses all"
+        assert torch.equal(out, out1), "a cached K/V gives the very same output"
+    assert (out1 - ref).abs().max().item() <= TOL
+    assert cache.nbytes() > 0
+
+
+@pytest.mark.parametrize("change", ["new prompt", "new batch", "in-place edit", "new lora scale"])
+def test_cross_attention_kv_misses_when_anything_changes(change):
+    model, inputs, ref, cache = _unet_cache_run()
+    n_cross = sum(1 for p, _ in model.named_modules() if p.endswith("attn2"))
+    run(model, inputs)
+    misses = cache.misses
+    inputs = dict(inputs)
+    if change == "new prompt":
+        inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"].clone() * -1
+    elif change == "new batch":
+        inputs = {k: torch.cat([v, v[:1]]) if torch.is_tensor(v) and v.dim() else v for k, v in inputs.items()}
+    elif change == "in-place edit":
+        inputs["encoder_hidden_states"].mul_(0.5)
+    else:
+        from peft import LoraConfig
+
+        model.add_adapter(LoraConfig(r=2, target_modules=["to_k"], init_lora_weights=False), adapter_name="a")
+    out = run(model, inputs)
+    assert cache.misses == misses + n_cross, f"{change}: every cross-attention must recompute"
+    fastgen.unpatch(model)
+    assert torch.equal(out, run(model, inputs)), f"{change}: the patched output equals the unpatched one"
+
+
+def test_cache_is_freed_on_unpatch_and_when_the_prompt_dies():
+    model, inputs, ref, cache = _unet_cache_run()
+    ctx = inputs.pop("encoder_hidden_states").clone()
+    run(model, dict(inputs, encoder_hidden_states=ctx))
+    assert len(cache) > 0
+    del ctx
+    assert len(cache) == 0, "entries die with their embeddings"
+    run(model, dict(inputs, encoder_hidden_states=torch.randn(2, 7, 32, device=DEVICE)))
+    fastgen.unpatch(model)
+    assert len(cache) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile, bad input
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_torch_compile_of_a_patched_model():
+    model, inputs = BUILDERS["flux"]()
+    ref = run(model, inputs)
+    fastgen.patch(model, attention_backend="triton", prologue_backend="triton")
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        out = compiled(**inputs, return_dict=False)[0]
+    assert (out - ref).abs().max().item() <= TOL
+
+
+def test_unsupported_targets_name_the_supported_ones():
+    with pytest.raises(ValueError, match="FluxTransformer2DModel"):
+        fastgen.patch(torch.nn.Linear(2, 2))
+
+    class FakePipeline:
+        components = {"transformer": torch.nn.Linear(2, 2)}
+        transformer = torch.nn.Linear(2, 2)
+
+    with pytest.raises(ValueError, match=re.escape("does not support FakePipeline")):
+        fastgen.patch(FakePipeline())
+
+
+def test_bad_options_say_what_is_allowed(tiny):
+    _, model, _, _ = tiny
+    with pytest.raises(ValueError, match="unknown PatchConfig option.*the options are"):
+        fastgen.patch(model, tome_ratio=0.5)
+    with pytest.raises(ValueError, match="attention_backend must be one of"):
+        fastgen.patch(model, attention_backend="flash9")
+    with pytest.raises(ValueError, match="must be True or False"):
+        fastgen.patch(model, fuse_prologue="yes")
+    with pytest.raises(ValueError, match="config must be a fastgen.PatchConfig"):
+        fastgen.patch(model, config={"fuse_prologue": True})
+    assert not fastgen.is_patched(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastgen.patch(model, fastgen.PatchConfig(fuse_prologue=False), attention_backend="sdpa")
+    assert fastgen.is_patched(model)
