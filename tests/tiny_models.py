@@ -67,7 +67,22 @@ def unet():
     return m, inputs
 
 
-BUILDERS = {"flux": flux, "sd3": sd3, "sd35": sd35, "unet": unet}
+def wan():
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                              out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2,
+                              rope_max_seq_len=32).to(DEVICE).eval()
+    B = 2
+    inputs = dict(hidden_states=_r(B, 4, 2, 4, 4, seed=1), encoder_hidden_states=_r(B, 9, 16, seed=2),
+                  timestep=torch.full((B,), 500.0, device=DEVICE))
+    return m, inputs
+
+
+BUILDERS = {"flux": flux, "sd3": sd3, "sd35": sd35, "unet": unet, "wan": wan}
+# Models with cross-attention over the text, whose K/V fastgen caches: (builder, context key)
+CROSS = {"unet": "encoder_hidden_states", "wan": "encoder_hidden_states"}
 
 
 def run(model, inputs) -> torch.Tensor:

@@ -17,6 +17,7 @@ from fastgen.patching.processors.base import FastgenProcessor
 from fastgen.patching.registry import ARCHITECTURES, VAE, architecture_of, replacement_for, supported_models
 
 _STATE = "_fastgen_state"
+_HOOK_NAME = "fastgen_step_invariant"
 _HOOK = "maybe_free_model_hooks"  # every diffusers pipeline calls it when a generation ends
 
 
@@ -28,6 +29,7 @@ class PatchState:
         self.kv_cache = CrossKVCache()
         self.replaced: list[tuple[torch.nn.Module, object, FastgenProcessor, str]] = []
         self.models: list[torch.nn.Module] = []
+        self.hooked: list[tuple[torch.nn.Module, bool]] = []  # (module, had a diffusers hook registry)
         self.pipeline = None
 
     def summary(self) -> dict[str, int]:
@@ -59,6 +61,48 @@ class PatchHandle:
 
     def __repr__(self) -> str:
         return f"PatchHandle({type(self.target).__name__}, {self.state.summary()}, {self.config})"
+
+
+def _step_invariant_hook(cache: CrossKVCache):
+    from diffusers.hooks import ModelHook
+
+    class StepInvariantOutput(ModelHook):
+        """Returns the cached output while the module's input is the very same tensor (exact)."""
+
+        def new_forward(self, module, *args, **kwargs):
+            forward = self.fn_ref.original_forward
+            if len(args) != 1 or kwargs or not torch.is_tensor(args[0]):
+                return forward(*args, **kwargs)
+            x = args[0]
+            return cache.get(module, x, lambda: (forward(x), None), (module,), slot="output")[0]
+
+    return StepInvariantOutput()
+
+
+def _hook_step_invariant(model, arch, state: PatchState) -> None:
+    from diffusers.hooks import HookRegistry
+
+    for path in arch.step_invariant:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if module is None:
+            continue
+        had = hasattr(module, "_diffusers_hook")
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(_step_invariant_hook(state.kv_cache), _HOOK_NAME)
+        state.hooked.append((module, had))
+
+
+def _unhook(state: PatchState) -> None:
+    for module, had in state.hooked:
+        registry = module._diffusers_hook
+        registry.remove_hook(_HOOK_NAME, recurse=False)
+        if not registry.hooks:  # leave no trace: diffusers re-binds forward as an instance attribute
+            module.__dict__.pop("forward", None)
+            if not had:
+                del module._diffusers_hook
+    state.hooked.clear()
 
 
 def _is_pipeline(obj) -> bool:
@@ -143,6 +187,8 @@ def patch(target, config: PatchConfig | None = None, **options) -> PatchHandle:
             warn_once(f"patch:{type(model).__name__}:{name}",
                       f"fastgen.patch leaves {n} attention module(s) of {type(model).__name__} with processor "
                       f"{name} alone: fastgen does not accelerate it (they run as before)")
+        if config.cache_cross_attention_kv:
+            _hook_step_invariant(model, arch, state)
         model.__dict__[_STATE] = state
         state.models.append(model)
     if _is_pipeline(target):
@@ -168,6 +214,7 @@ def unpatch(target) -> None:
         if module.processor is new:  # a processor the user set since then stays theirs
             module.set_processor(old)
     state.replaced.clear()
+    _unhook(state)
     state.kv_cache.clear()
     for model in state.models:
         model.__dict__.pop(_STATE, None)

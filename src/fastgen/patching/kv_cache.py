@@ -41,7 +41,7 @@ class CrossKVCache:
     """K/V of cross-attention per attention module, for one generation at a time."""
 
     def __init__(self):
-        self._entries: dict[int, _Entry] = {}
+        self._entries: dict[tuple[int, str, int], _Entry] = {}
         self.hits = 0
         self.misses = 0
 
@@ -54,8 +54,11 @@ class CrossKVCache:
         context: torch.Tensor,
         compute: Callable[[], tuple[torch.Tensor, torch.Tensor]],
         projections: tuple[torch.nn.Module, ...],
+        slot: str = "",
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``compute()`` or its cached result for this module and this very ``context`` tensor."""
+        """``compute()`` or its cached result for this module (and ``slot``, when one module caches
+        several K/V pairs) and this very ``context`` tensor. ``projections``: the modules whose
+        parameters and LoRA state ``compute`` depends on."""
         if torch.compiler.is_compiling() or context.requires_grad:
             # Under torch.compile the cache would be traced as Python state; with grad it would keep
             # graphs alive. Both compute afresh, which is what the unpatched model does.
@@ -64,7 +67,9 @@ class CrossKVCache:
             context._version, tuple(context.shape), context.stride(), context.dtype, context.device,
             torch.is_autocast_enabled(), tuple(_module_state(p) for p in projections),
         )
-        mid = id(module)
+        # One entry per (module, slot, context): pipelines that run CFG as two calls (Wan) alternate
+        # between two embeddings tensors, and both stay cached.
+        mid = (id(module), slot, id(context))
         entry = self._entries.get(mid)
         if entry is not None and entry.ref() is context and entry.key == key:
             self.hits += 1
@@ -85,4 +90,4 @@ class CrossKVCache:
         self._entries.clear()
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for e in self._entries.values() for t in (e.k, e.v))
+        return sum(t.numel() * t.element_size() for e in self._entries.values() for t in (e.k, e.v) if t is not None)

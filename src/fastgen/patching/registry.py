@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from fastgen.patching.processors.flux import FastgenFluxAttnProcessor
 from fastgen.patching.processors.sd3 import FastgenJointAttnProcessor
 from fastgen.patching.processors.unet import FastgenAttnProcessor
+from fastgen.patching.processors.wan import FastgenWanAttnProcessor
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,9 @@ class Architecture:
     model_classes: tuple[str, ...]  # denoiser classes (diffusers names)
     processors: dict[str, type] = field(default_factory=dict)  # upstream processor name -> fastgen's
     pipeline_attr: str = "transformer"  # where a pipeline keeps this denoiser
+    # submodules whose output depends only on the prompt (not the step): reused while the very same
+    # embeddings tensor comes in, so cross-attention downstream sees one context tensor all along
+    step_invariant: tuple[str, ...] = ()
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (
@@ -24,6 +28,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("sd3", ("SD3Transformer2DModel",),
                  {"JointAttnProcessor2_0": FastgenJointAttnProcessor, "AttnProcessor2_0": FastgenAttnProcessor}),
     Architecture("flux", ("FluxTransformer2DModel",), {"FluxAttnProcessor": FastgenFluxAttnProcessor}),
+    Architecture("wan", ("WanTransformer3DModel",), {"WanAttnProcessor": FastgenWanAttnProcessor},
+                 step_invariant=("condition_embedder.text_embedder", "condition_embedder.image_embedder")),
 )
 
 # The VAE is patched only on request (PatchConfig.include_vae).
