@@ -78,6 +78,37 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from fastgen import benchmarks as B
+    from fastgen import demo
+    from fastgen.patching.config import PatchConfig
+
+    device = _device_arg(args.device)
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
+        args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    if args.model:
+        pipe, call = demo.load_pipeline(args.model)
+        what = f"{type(pipe).__name__} from {args.model}"
+    else:
+        size = args.size or ("large" if device.type == "cuda" else "small")
+        pipe, call = demo.build_pipeline(args.family, size)
+        what = f"built-in {args.family} pipeline ({size}, random weights), {call['height']}x{call['width']}"
+    if args.height:
+        call.update(height=args.height, width=args.width or args.height)
+    pipe.to(device, dtype)
+    call = {k: v.to(device, dtype) if torch.is_tensor(v) else v for k, v in call.items()}
+    config = PatchConfig(attention_backend=args.attention_backend, fuse_prologue=not args.no_fuse_prologue)
+    what += f", {args.steps} steps, {dtype}"
+    with tqdm(total=2 * args.repeats + 1, desc="demo runs", unit="run", disable=args.quiet) as bar:
+        result = demo.compare(pipe, call, steps=args.steps, repeats=args.repeats, device=device, config=config,
+                              progress=bar.update)
+    print(demo.report(result, B.environment(device), what))
+    return 0 if result["unpatch_bit_exact"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fastgen", description="fast kernels for diffusion pipelines")
     sub = p.add_subparsers(dest="command", required=True)
@@ -90,6 +121,23 @@ def main(argv: list[str] | None = None) -> int:
     info = sub.add_parser("info", help="versions, devices, and which backends and compiled kernels are available")
     common(info)
     info.set_defaults(func=cmd_info)
+
+    d = sub.add_parser("demo", help="run a pipeline unpatched and patched; print time, speed-up, difference, memory")
+    d.add_argument("--device", help="cuda or cpu (default: cuda if present)")
+    d.add_argument("--family", choices=["flux", "sd3", "sd15", "sdxl"], default="flux",
+                   help="architecture of the built-in pipeline (default flux)")
+    d.add_argument("--size", choices=["tiny", "small", "medium", "large"],
+                   help="built-in pipeline size (default: large on a GPU, small on a CPU)")
+    d.add_argument("--model", help="a local diffusers checkpoint folder instead of the built-in pipeline")
+    d.add_argument("--steps", type=int, default=4)
+    d.add_argument("--repeats", type=int, default=3, help="timed runs of each (median)")
+    d.add_argument("--height", type=int)
+    d.add_argument("--width", type=int)
+    d.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default bf16 on GPU, fp32 on CPU")
+    d.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "cuda", "sdpa", "xformers"])
+    d.add_argument("--no-fuse-prologue", action="store_true")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="run the benchmark suites and print baseline-vs-fastgen tables")
     common(bench)

@@ -198,6 +198,8 @@ def available_backends(device: torch.device | str) -> dict[str, str | None]:
 
 def _concat(q, k, v, extra_kv, biases):
     B = q.shape[0]
+    if not extra_kv:  # nothing to concatenate: no copy (expand is a view)
+        return k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1), None
     ks = [k.expand(B, -1, -1, -1)] + [ki.expand(B, -1, -1, -1) for ki, _ in extra_kv]
     vs = [v.expand(B, -1, -1, -1)] + [vi.expand(B, -1, -1, -1) for _, vi in extra_kv]
     mask = None

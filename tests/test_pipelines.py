@@ -1,0 +1,77 @@
+"""Whole tiny pipelines (built in code, random weights) for 2 steps: fastgen.patch == unpatched
+within attention tolerance, through fastgen's Triton kernels; unpatch bit-exact; and the demo."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastgen
+from fastgen import demo
+from helpers import DEVICE
+
+
+def _latents(pipe, call, steps=2):
+    return pipe(**call, num_inference_steps=steps, output_type="latent",
+                generator=torch.Generator("cpu").manual_seed(0)).images
+
+
+@pytest.mark.parametrize("family", demo.FAMILIES)
+def test_tiny_pipeline_patched_matches_unpatched(family):
+    pipe, call = demo.build_pipeline(family, "tiny")
+    pipe.to(DEVICE)
+    pipe.set_progress_bar_config(disable=True)
+    call = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in call.items()}
+    ref = _latents(pipe, call)
+    with fastgen.patch(pipe, attention_backend="triton", prologue_backend="triton") as handle:
+        assert handle.state.replaced and fastgen.is_patched(pipe)
+        assert fastgen.is_patched(pipe.transformer if hasattr(pipe, "transformer") else pipe.unet)
+        out = _latents(pipe, call)
+        if family in ("sd15", "sdxl"):
+            assert handle.state.kv_cache.hits > 0, "step 2 reuses the cross-attention K/V"
+    assert not fastgen.is_patched(pipe)
+    err = (out - ref).abs().max().item()
+    assert err <= 1e-4 * max(1.0, ref.abs().max().item()), f"{family}: {err:.3e}"
+    assert torch.equal(_latents(pipe, call), ref)
+
+
+def test_generation_end_frees_the_kv_cache():
+    pipe, call = demo.build_pipeline("sd15", "tiny")
+    pipe.set_progress_bar_config(disable=True)
+    handle = fastgen.patch(pipe)
+    _latents(pipe, call)
+    assert handle.state.kv_cache.hits > 0
+    assert len(handle.state.kv_cache) == 0, "the pipeline's end-of-generation hook empties the cache"
+    handle.remove()
+    assert "maybe_free_model_hooks" not in pipe.__dict__
+
+
+def test_patching_one_pipeline_leaves_another_alone():
+    a, call = demo.build_pipeline("flux", "tiny")
+    b, _ = demo.build_pipeline("flux", "tiny")
+    for p in (a, b):
+        p.set_progress_bar_config(disable=True)
+    ref = _latents(b, call)
+    with fastgen.patch(a, attention_backend="triton"):
+        assert not fastgen.is_patched(b)
+        assert torch.equal(_latents(b, call), ref)
+        assert not any("Fastgen" in type(m).__name__ for m in b.transformer.modules())
+
+
+def test_demo_compare_reports_speed_difference_and_reversibility():
+    pipe, call = demo.build_pipeline("flux", "tiny")
+    result = demo.compare(pipe, call, steps=2, repeats=1, device=DEVICE,
+                          config=fastgen.PatchConfig(attention_backend="triton"))
+    assert result["baseline"].ms_per_step > 0 and result["fastgen"].ms_per_step > 0
+    assert result["speedup"] == pytest.approx(result["baseline"].ms_per_step / result["fastgen"].ms_per_step)
+    assert result["max_diff"] < 1e-4 and result["unpatch_bit_exact"]
+    text = demo.report(result, fastgen.benchmarks.environment(DEVICE), "tiny flux")
+    for needle in ("ms / step", "speed-up", "max", "mean", "peak memory", "device:"):
+        assert needle in text
+
+
+def test_demo_rejects_unknown_family_and_size():
+    with pytest.raises(ValueError, match="family must be one of"):
+        demo.build_pipeline("dalle")
+    with pytest.raises(ValueError, match="size must be one of"):
+        demo.build_pipeline("flux", "huge")
