@@ -33,7 +33,8 @@ def _results(config) -> list[B.Result]:
             max_diff=info.get("max_diff"), peak_mb=info.get("peak_mb"),
             extra={"reference": info.get("reference")},
         ))
-    for suite, baseline in (("attention", B.is_sdpa), ("prologue", lambda p: p == "torch-unfused")):
+    for suite, baseline in (("attention", B.is_sdpa), ("prologue", lambda p: p == "torch-unfused"),
+                            ("denoiser", lambda p: p == "diffusers")):
         B.add_speedups([r for r in rows if r.suite == suite], baseline)
     return rows
 

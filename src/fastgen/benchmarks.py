@@ -427,3 +427,140 @@ def run_prologue(device: torch.device, budget_s: float = 1.0, progress=None) -> 
 
 
 SUITES = {"attention": run_attention, "prologue": run_prologue}
+
+
+# --------------------------------------------------------------------------------------------
+# Denoisers: time per denoising step, diffusers vs fastgen.patch
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DenoiserCase:
+    """One denoiser at one size: its diffusers class, config, inputs, and forwards per step."""
+
+    name: str
+    cls: str
+    config: dict
+    inputs: Callable  # (device, dtype) -> kwargs of one forward
+    forwards_per_step: int = 1  # Wan runs CFG as two calls
+
+    def build(self, device, dtype) -> torch.nn.Module:
+        import diffusers
+
+        # Built on the device in the target dtype: a 12B Flux initialises there, with no fp32 copy.
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                model = getattr(diffusers, self.cls)(**self.config)
+        finally:
+            torch.set_default_dtype(previous)
+        return model.to(device, dtype).eval()
+
+
+def _randn(device, dtype, *shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(len(shape))).to(device, dtype)
+
+
+def _flux_inputs(B, tokens, txt, ch, joint, pooled, guidance):
+    side = int(tokens**0.5)
+
+    def make(device, dtype):
+        ids = torch.zeros(tokens, 3, device=device)
+        ids[:, 1], ids[:, 2] = torch.arange(tokens) // side, torch.arange(tokens) % side
+        kw = dict(hidden_states=_randn(device, dtype, B, tokens, ch), encoder_hidden_states=_randn(device, dtype, B, txt, joint),
+                  pooled_projections=_randn(device, dtype, B, pooled), timestep=torch.full((B,), 0.5, device=device, dtype=dtype),
+                  img_ids=ids, txt_ids=torch.zeros(txt, 3, device=device))
+        if guidance:
+            kw["guidance"] = torch.full((B,), 3.5, device=device, dtype=dtype)
+        return kw
+
+    return make
+
+
+def _unet_inputs(B, side, ch, txt, ctx, xl):
+    def make(device, dtype):
+        kw = dict(sample=_randn(device, dtype, B, ch, side, side), timestep=torch.full((B,), 500.0, device=device),
+                  encoder_hidden_states=_randn(device, dtype, B, txt, ctx))
+        if xl:
+            kw["added_cond_kwargs"] = dict(text_embeds=_randn(device, dtype, B, 1280),
+                                           time_ids=torch.tensor([[1024, 1024, 0, 0, 1024, 1024]] * B, device=device, dtype=dtype))
+        return kw
+
+    return make
+
+
+def _sd3_inputs(B, side, ch, txt, joint, pooled):
+    def make(device, dtype):
+        return dict(hidden_states=_randn(device, dtype, B, ch, side, side), encoder_hidden_states=_randn(device, dtype, B, txt, joint),
+                    pooled_projections=_randn(device, dtype, B, pooled), timestep=torch.full((B,), 500.0, device=device))
+
+    return make
+
+
+def _wan_inputs(B, frames, h, w, ch, txt, text_dim):
+    def make(device, dtype):
+        return dict(hidden_states=_randn(device, dtype, B, ch, frames, h, w), encoder_hidden_states=_randn(device, dtype, B, txt, text_dim),
+                    timestep=torch.full((B,), 500.0, device=device))
+
+    return make
+
+
+def denoiser_cases(device: torch.device | str) -> list[DenoiserCase]:
+    """Real configs on a GPU (issue #3: Flux-dev, SDXL, SD3.5-medium at 1024^2, Wan 1.3B 480p 33
+    frames); small ones on a CPU, where the suite shows only that patching costs nothing."""
+    if torch.device(device).type == "cuda":
+        sdxl_unet = dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                         transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+                         addition_embed_type="text_time", addition_time_embed_dim=256,
+                         projection_class_embeddings_input_dim=2816, use_linear_projection=True)
+        return [
+            DenoiserCase("flux-dev 1024^2", "FluxTransformer2DModel",
+                         dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                              num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                              guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+                         _flux_inputs(1, 4096, 512, 64, 4096, 768, True)),
+            DenoiserCase("sdxl 1024^2 cfg", "UNet2DConditionModel", sdxl_unet, _unet_inputs(2, 128, 4, 77, 2048, True)),
+            DenoiserCase("sd3.5-medium 1024^2 cfg", "SD3Transformer2DModel",
+                         dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                              num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                              pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384, qk_norm="rms_norm",
+                              dual_attention_layers=tuple(range(13))),
+                         _sd3_inputs(2, 128, 16, 333, 4096, 2048)),
+            DenoiserCase("wan2.1-1.3b 480p 33f cfg", "WanTransformer3DModel",
+                         dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                              out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
+                              cross_attn_norm=True, eps=1e-6, rope_max_seq_len=1024),
+                         _wan_inputs(1, 9, 60, 104, 16, 512, 4096), forwards_per_step=2),
+        ]
+    return [
+        DenoiserCase("flux small 256^2", "FluxTransformer2DModel",
+                     dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=32,
+                          num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=(8, 12, 12)),
+                     _flux_inputs(1, 256, 32, 16, 64, 32, False)),
+        DenoiserCase("sd15 small 256^2 cfg", "UNet2DConditionModel",
+                     dict(sample_size=32, block_out_channels=(32, 64), layers_per_block=1,
+                          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                          up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+                          attention_head_dim=(1, 2), norm_num_groups=8),
+                     _unet_inputs(2, 32, 4, 77, 64, False)),
+        DenoiserCase("wan small cfg", "WanTransformer3DModel",
+                     dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4,
+                          out_channels=4, text_dim=32, freq_dim=256, ffn_dim=64, num_layers=2, rope_max_seq_len=64),
+                     _wan_inputs(1, 3, 16, 16, 4, 32, 32), forwards_per_step=2),
+    ]
+
+
+def denoiser_step(model, inputs: dict, forwards: int) -> Callable:
+    """One denoising step: ``forwards`` calls of the model (CFG as separate calls when 2)."""
+
+    def step():
+        with torch.no_grad():
+            out = None
+            for _ in range(forwards):
+                out = model(**inputs, return_dict=False)[0]
+            return out
+
+    return step

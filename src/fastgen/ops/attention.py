@@ -180,6 +180,18 @@ def resolve_backend(
     return chosen
 
 
+def uses_kernel(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``backend`` would run one of fastgen's kernels (not PyTorch SDPA) for inputs of this
+    device and dtype. No warnings: for planning, e.g. whether a patched path is worth taking."""
+    if backend in ("auto", "triton"):
+        if triton_can_run_on(device) is not None or dtype not in _k.SUPPORTED_DTYPES:
+            return False
+        return backend == "triton" or (device.type == "cuda" and dtype != torch.float32)
+    if backend == "xformers":
+        return _xops is not None and device.type == "cuda"
+    return False  # "sdpa"; "cuda" has no attention kernel yet
+
+
 def available_backends(device: torch.device | str) -> dict[str, str | None]:
     """{backend: None where it can run fp16 inputs on ``device``, else the reason it cannot}."""
     device = torch.device(device)

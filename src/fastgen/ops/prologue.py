@@ -36,8 +36,20 @@ def _(q, k, q_weight, k_weight, cos, sin, eps, norm, rope, out_q, out_k):
     return None
 
 
-def qk_norm_rope_torch(q, k, q_weight, k_weight, cos, sin, eps, norm, rope):
-    """The unfused PyTorch sequence diffusers runs (norm, round, rotate, round): the baseline."""
+def _full_tables(cos, sin, rope, D, full=None):
+    # (S, D) tables as diffusers applies them: each pair's frequency on both of its members.
+    if full is not None:
+        return full
+    if rope == "interleaved":
+        return cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)
+    return torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+
+
+def qk_norm_rope_torch(q, k, q_weight, k_weight, cos, sin, eps, norm, rope, full_tables=None):
+    """The unfused PyTorch sequence diffusers runs (norm, round, rotate, round): the baseline and
+    the CPU path. ``full_tables``: the caller's (S, D) tables, if it had them (saves expanding)."""
+    if rope is not None:
+        c, s = _full_tables(cos, sin, rope, q.shape[-1], full_tables)
 
     def one(x, w):
         B, H, S, D = x.shape
@@ -47,19 +59,17 @@ def qk_norm_rope_torch(q, k, q_weight, k_weight, cos, sin, eps, norm, rope):
             t = t.to(x.dtype) * w if w is not None else t.to(x.dtype)
             x = t if norm == "head" else t.reshape(B, S, H, D).transpose(1, 2)
         if rope is not None:
-            n = cos.shape[0]
-            head = x[:, :, :n]
+            n = c.shape[0]
+            head = x if n == S else x[:, :, :n]
             if rope == "interleaved":
                 a, b = head.unflatten(-1, (-1, 2)).unbind(-1)
                 rot = torch.stack([-b, a], dim=-1).flatten(3)
-                c, s = cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)
             else:
                 a, b = head.chunk(2, dim=-1)
                 rot = torch.cat([-b, a], dim=-1)
-                c, s = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
             head = (head.float() * c + rot.float() * s).to(x.dtype)
-            x = torch.cat([head, x[:, :, n:]], dim=2)
-        return x.contiguous()
+            x = head if n == S else torch.cat([head, x[:, :, n:]], dim=2)
+        return x
 
     return one(q, q_weight), one(k, k_weight)
 
@@ -107,7 +117,7 @@ def _check(q, k, q_weight, k_weight, cos, sin, eps, norm, rope, backend):
             if w.device != q.device:
                 raise ValueError(f"{name} is on {w.device} but q is on {q.device}")
     if rope is None:
-        return None, None
+        return None, None, None
     if cos is None or sin is None:
         raise ValueError(f"rope={rope!r} needs cos and sin")
     if D % 2:
@@ -120,11 +130,23 @@ def _check(q, k, q_weight, k_weight, cos, sin, eps, norm, rope, backend):
         raise ValueError(f"cos/sin must be (S_rope, {D}) or (S_rope, {D // 2}) with S_rope <= {S}, got {tuple(cos.shape)}")
     if cos.device != q.device:
         raise ValueError(f"cos/sin are on {cos.device} but q is on {q.device}")
+    full = None
     if cos.shape[1] == D:
-        # Full tables repeat each frequency for both members of its pair: keep one per pair (a view).
+        # Full tables repeat each frequency for both members of its pair: the kernels take one per
+        # pair (a view); the PyTorch path uses the full ones as they are.
+        full = (cos, sin)
         sl = slice(0, D, 2) if rope == "interleaved" else slice(0, D // 2)
         cos, sin = cos[:, sl], sin[:, sl]
-    return cos.float(), sin.float()
+    return cos.float(), sin.float(), full
+
+
+def uses_kernel(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``backend`` would run a fused kernel (not the PyTorch sequence) here. No warnings."""
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    if backend in ("auto", "cuda") and cuda_ext_can_run_on(device) is None:
+        return True
+    return triton_can_run_on(device) is None and (backend == "triton" or (backend == "auto" and device.type == "cuda"))
 
 
 def _choose(backend: str, q: torch.Tensor) -> str:
@@ -178,11 +200,11 @@ def qk_norm_rope(
         (q_out, k_out): each (B, H, S, D) in q's dtype, ready for attention; unless ``out`` is
         given, laid out as (B, S, H, D) in memory so attention output flattens without a copy.
     """
-    cos, sin = _check(q, k, q_weight, k_weight, cos, sin, eps, norm, rope, backend)
+    cos, sin, full = _check(q, k, q_weight, k_weight, cos, sin, eps, norm, rope, backend)
     out = _check_out(out, q)
     name = _choose(backend, q)
     if name == "torch":
-        a, b = qk_norm_rope_torch(q, k, q_weight, k_weight, cos, sin, eps, norm, rope)
+        a, b = qk_norm_rope_torch(q, k, q_weight, k_weight, cos, sin, eps, norm, rope, full)
         return (out[0].copy_(a), out[1].copy_(b)) if out is not None else (a, b)
     out_q, out_k = out if out is not None else (_k.empty_like_bshd(q), _k.empty_like_bshd(k))
     if name == "triton":

@@ -20,7 +20,24 @@ class FastgenProcessor(torch.nn.Module):
         # Plain attributes, never registered as submodules.
         self.__dict__["original"] = original
         self.__dict__["state"] = state
+        self.__dict__["_kernels"] = {}
         self.config = config
+
+    def kernels_here(self, x: torch.Tensor) -> bool:
+        """Whether fastgen's attention or prologue kernels run for tensors like ``x``. Where neither
+        does (a CPU, fp32 on auto), rewriting the attention gains nothing over upstream: processors
+        then run upstream's code (and keep only what pays off anywhere, like the K/V cache)."""
+        key = (x.device, x.dtype)
+        hit = self._kernels.get(key)
+        if hit is None:
+            from fastgen.ops.attention import uses_kernel as attn_kernel
+            from fastgen.ops.prologue import uses_kernel as prologue_kernel
+
+            c = self.config
+            hit = attn_kernel(c.attention_backend, x.device, x.dtype) or (
+                c.fuse_prologue and prologue_kernel(c.prologue_backend, x.device, x.dtype))
+            self._kernels[key] = hit
+        return hit
 
     def upstream(self, *args, **kwargs):
         """Run the wrapped upstream processor (for inputs fastgen does not accelerate)."""

@@ -33,7 +33,8 @@ class FastgenFluxAttnProcessor(FastgenProcessor):
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if attention_mask is not None or _get_qkv_projections is None or self.unsupported():
+        if (attention_mask is not None or _get_qkv_projections is None or self.unsupported()
+                or not self.kernels_here(hidden_states)):
             return self.upstream(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         joint_text = encoder_hidden_states is not None
         if (image_rotary_emb is not None and not isinstance(image_rotary_emb, (tuple, list))) or (

@@ -21,7 +21,7 @@ class FastgenJointAttnProcessor(FastgenProcessor):
         *args,
         **kwargs,
     ) -> torch.FloatTensor:
-        if attention_mask is not None or args or kwargs or self.unsupported():
+        if attention_mask is not None or args or kwargs or self.unsupported() or not self.kernels_here(hidden_states):
             return self.upstream(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         key = attn.to_k(hidden_states)
         head_dim = key.shape[-1] // attn.heads

@@ -24,7 +24,9 @@ class FastgenAttnProcessor(FastgenProcessor):
         *args,
         **kwargs,
     ) -> torch.Tensor:
-        if attention_mask is not None or args or kwargs or self.unsupported():
+        cached = encoder_hidden_states is not None and self.config.cache_cross_attention_kv
+        if (attention_mask is not None or args or kwargs or self.unsupported()
+                or not (cached or self.kernels_here(hidden_states))):
             return self.upstream(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         residual = hidden_states
         if attn.spatial_norm is not None:

@@ -39,8 +39,9 @@ class FastgenWanAttnProcessor(FastgenProcessor):
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         rope = wan_rope(rotary_emb) if rotary_emb is not None else None
+        cached = encoder_hidden_states is not None and self.config.cache_cross_attention_kv
         if (attention_mask is not None or _get_qkv_projections is None or self.unsupported()
-                or (rotary_emb is not None and rope is None)):
+                or (rotary_emb is not None and rope is None) or not (cached or self.kernels_here(hidden_states))):
             return self.upstream(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         if encoder_hidden_states is None:  # self-attention
             query, key, value = _get_qkv_projections(attn, hidden_states, None)
