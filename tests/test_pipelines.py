@@ -75,3 +75,42 @@ def test_demo_rejects_unknown_family_and_size():
         demo.build_pipeline("dalle")
     with pytest.raises(ValueError, match="size must be one of"):
         demo.build_pipeline("flux", "huge")
+
+
+def test_composes_with_diffusers_first_block_cache():
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    pipe, call = demo.build_pipeline("flux", "tiny")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    ref = _latents(pipe, call, steps=3)
+    with fastgen.patch(pipe, attention_backend="triton", prologue_backend="triton"):
+        out = _latents(pipe, call, steps=3)
+    assert (out - ref).abs().max().item() <= 1e-4
+    assert torch.equal(_latents(pipe, call, steps=3), ref)
+    pipe.transformer.disable_cache()
+
+
+@pytest.mark.parametrize("order", ["offload then patch", "patch then offload"])
+def test_composes_with_model_cpu_offload(order):
+    # accelerate's offload hooks wrap the models' forward; fastgen's processors sit inside them.
+    pipe, call = demo.build_pipeline("sd15", "tiny")
+    pipe.set_progress_bar_config(disable=True)
+    ref = _latents(pipe, call)
+    device = "cuda" if DEVICE.type == "cuda" else "cpu"
+    if order == "offload then patch":
+        pipe.enable_model_cpu_offload(device=device)
+        handle = fastgen.patch(pipe, attention_backend="triton")
+    else:
+        handle = fastgen.patch(pipe, attention_backend="triton")
+        pipe.enable_model_cpu_offload(device=device)
+    out = _latents(pipe, call)
+    if device == "cuda":
+        assert handle.state.kv_cache.hits > 0
+    else:
+        # offloading "to" cpu:0 makes accelerate copy every input at every step (cpu:0 != cpu), so the
+        # embeddings are a new tensor each step: the cache must (and does) recompute
+        assert handle.state.kv_cache.misses > 0
+    assert (out.cpu() - ref.cpu()).abs().max().item() <= 1e-4
+    handle.remove()
+    assert torch.equal(_latents(pipe, call).cpu(), ref.cpu())
