@@ -265,3 +265,42 @@ def test_bad_options_say_what_is_allowed(tiny):
         warnings.simplefilter("error")
         fastgen.patch(model, fastgen.PatchConfig(fuse_prologue=False), attention_backend="sdpa")
     assert fastgen.is_patched(model)
+
+
+# --------------------------------------------------------------------------------------------
+# HunyuanVideo: text padding as per-batch key lengths
+# --------------------------------------------------------------------------------------------
+
+
+def test_prefix_key_lengths_accepts_only_prefix_masks():
+    from fastgen.patching.core import prefix_key_lengths
+
+    lengths = torch.tensor([5, 3])
+    mask = (torch.arange(6)[None] < lengths[:, None]).view(2, 1, 1, 6)
+    assert prefix_key_lengths(mask, 2, 6) == [5, 3]
+    assert prefix_key_lengths(torch.ones(2, 1, 1, 6, dtype=torch.bool), 2, 6) is None, "all valid: no mask"
+    holes = mask.clone()
+    holes[0, 0, 0, 1] = False
+    assert prefix_key_lengths(holes, 2, 6) is False, "a hole is not a prefix: upstream handles it"
+    assert prefix_key_lengths(mask.float(), 2, 6) is False, "additive masks go upstream"
+    assert prefix_key_lengths(mask.expand(2, 1, 6, 6), 2, 6) is False, "square masks go upstream"
+    empty = torch.zeros(2, 1, 1, 6, dtype=torch.bool)
+    assert prefix_key_lengths(empty, 2, 6) is False
+
+
+@pytest.mark.parametrize("name", ["hunyuan", "framepack"])
+def test_hunyuan_padding_runs_fastgen_path(name, monkeypatch):
+    from fastgen.patching.processors.base import FastgenProcessor
+
+    model, inputs = BUILDERS[name]()
+    ref = run(model, inputs)
+    deferred = []
+    upstream = FastgenProcessor.upstream
+    monkeypatch.setattr(FastgenProcessor, "upstream",
+                        lambda self, *a, **k: deferred.append(type(self).__name__) or upstream(self, *a, **k))
+    fastgen.patch(model, attention_backend="triton", prologue_backend="triton")
+    out = run(model, inputs)
+    assert inputs["encoder_attention_mask"].min() == 0, "the case must have padding"
+    assert deferred == ["FastgenAttnProcessor"] * len(deferred) and len(deferred) == 1, \
+        f"only the token refiner (square mask) may defer to upstream, got {deferred}"
+    assert (out - ref).abs().max().item() <= TOL

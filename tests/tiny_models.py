@@ -80,7 +80,47 @@ def wan():
     return m, inputs
 
 
-BUILDERS = {"flux": flux, "sd3": sd3, "sd35": sd35, "unet": unet, "wan": wan}
+_HUNYUAN = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+                num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size_t=1, qk_norm="rms_norm",
+                guidance_embeds=True, text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(4, 4, 8))
+
+
+def _text_with_padding(B, T):
+    # HunyuanVideo pads the prompt and masks the padding: rows of different real lengths
+    mask = torch.ones(B, T, dtype=torch.long, device=DEVICE)
+    mask[0, T - 2 :] = 0
+    mask[-1, T - 4 :] = 0
+    return dict(encoder_hidden_states=_r(B, T, 16, seed=2), encoder_attention_mask=mask,
+                pooled_projections=_r(B, 8, seed=3), timestep=torch.full((B,), 500.0, device=DEVICE),
+                guidance=torch.full((B,), 3.5, device=DEVICE))
+
+
+def hunyuan():
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    m = HunyuanVideoTransformer3DModel(patch_size=1, **_HUNYUAN).to(DEVICE).eval()
+    return m, dict(hidden_states=_r(2, 4, 2, 4, 4, seed=1), **_text_with_padding(2, 7))
+
+
+def framepack():
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+    torch.manual_seed(0)
+    m = HunyuanVideoFramepackTransformer3DModel(patch_size=2, has_image_proj=True, image_proj_dim=16,
+                                                has_clean_x_embedder=True, **_HUNYUAN).to(DEVICE).eval()
+    B = 2
+    return m, dict(hidden_states=_r(B, 4, 2, 8, 8, seed=1), image_embeds=_r(B, 3, 16, seed=4),
+                   indices_latents=torch.arange(1, 3, device=DEVICE), latents_clean=_r(B, 4, 1, 8, 8, seed=5),
+                   indices_latents_clean=torch.tensor([0], device=DEVICE),
+                   # FramePack's compressed history: 2 frames at 2x, 4 frames at 4x (bigger patch kernels)
+                   latents_history_2x=_r(B, 4, 2, 8, 8, seed=6), indices_latents_history_2x=torch.tensor([3, 4], device=DEVICE),
+                   latents_history_4x=_r(B, 4, 4, 8, 8, seed=7),
+                   indices_latents_history_4x=torch.tensor([5, 6, 7, 8], device=DEVICE), **_text_with_padding(B, 7))
+
+
+BUILDERS = {"flux": flux, "sd3": sd3, "sd35": sd35, "unet": unet, "wan": wan, "hunyuan": hunyuan,
+            "framepack": framepack}
 # Models with cross-attention over the text, whose K/V fastgen caches: (builder, context key)
 CROSS = {"unet": "encoder_hidden_states", "wan": "encoder_hidden_states"}
 

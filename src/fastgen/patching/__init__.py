@@ -8,6 +8,8 @@ processor objects back: outputs are then bit-identical to a never-patched pipeli
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from fastgen._warnings import warn_once
@@ -31,6 +33,22 @@ class PatchState:
         self.models: list[torch.nn.Module] = []
         self.hooked: list[tuple[torch.nn.Module, bool]] = []  # (module, had a diffusers hook registry)
         self.pipeline = None
+        self._masks: dict[int, tuple] = {}  # id(mask) -> (weakref, key, lengths)
+
+    def key_lengths(self, mask, batch: int, n_keys: int):
+        """``prefix_key_lengths`` of ``mask``, read once per mask tensor (every layer shares it)."""
+        if mask is None:
+            return None
+        key = (mask._version, batch, n_keys)
+        hit = self._masks.get(id(mask))
+        if hit is not None and hit[0]() is mask and hit[1] == key:
+            return hit[2]
+        from fastgen.patching.core import prefix_key_lengths
+
+        lengths = prefix_key_lengths(mask, batch, n_keys)
+        masks, mid = self._masks, id(mask)
+        self._masks[mid] = (weakref.ref(mask, lambda r: masks.pop(mid, None)), key, lengths)
+        return lengths
 
     def summary(self) -> dict[str, int]:
         out: dict[str, int] = {}

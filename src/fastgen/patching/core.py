@@ -110,11 +110,33 @@ def heads_view(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.unflatten(-1, (-1, head_dim)).transpose(1, 2)
 
 
-def joint_attention(groups: list[TokenGroup], head_dim: int, config: PatchConfig) -> list[torch.Tensor]:
+def prefix_key_lengths(mask: torch.Tensor, batch: int, n_keys: int) -> list[int] | None | bool:
+    """Per-batch count of valid keys when ``mask`` is a key-padding mask whose valid keys are a
+    prefix of the sequence (HunyuanVideo: video tokens, then the prompt's real tokens).
+
+    Returns None when every key is valid, the lengths, or False for any other mask (upstream then
+    handles it). Reads the mask on the host once; callers cache the answer per mask tensor.
+    """
+    if mask.dtype != torch.bool or tuple(mask.shape) != (batch, 1, 1, n_keys):
+        return False
+    m = mask.view(batch, n_keys)
+    lengths = m.sum(-1)
+    if not torch.equal(m, torch.arange(n_keys, device=m.device)[None] < lengths[:, None]):
+        return False
+    out = lengths.tolist()
+    if min(out) == 0:
+        return False  # a row with no key at all: leave SDPA's NaN semantics to upstream
+    return None if min(out) == n_keys else out
+
+
+def joint_attention(groups: list[TokenGroup], head_dim: int, config: PatchConfig,
+                    key_lengths: list[int] | None = None) -> list[torch.Tensor]:
     """Attention of every group's queries over all groups' keys, in group order.
 
     Equivalent to concatenating the groups along the sequence, normalising, rotating and calling
-    SDPA, then splitting. Returns one (B, S_i, H*D) tensor per group.
+    SDPA, then splitting. ``key_lengths``: per batch element, how many leading keys of the joint
+    sequence are valid (a key-padding mask); the rest are excluded by truncating segments in place.
+    Returns one (B, S_i, H*D) tensor per group.
     """
     sizes = [g.query.shape[1] for g in groups]
     first = heads_view(groups[0].query, head_dim)
@@ -132,7 +154,20 @@ def joint_attention(groups: list[TokenGroup], head_dim: int, config: PatchConfig
         keys.append(k)
         values.append(heads_view(g.value, head_dim))
         start += n
-    out = ops.attention(q_joint, keys[0], values[0], extra_kv=list(zip(keys[1:], values[1:])) or None,
-                        backend=config.attention_backend)
+    if key_lengths is None:
+        out = ops.attention(q_joint, keys[0], values[0], extra_kv=list(zip(keys[1:], values[1:])) or None,
+                            backend=config.attention_backend)
+    else:
+        parts = []
+        for b, length in enumerate(key_lengths):
+            segs, start = [], 0
+            for k, v in zip(keys, values):
+                take = min(max(length - start, 0), k.shape[2])
+                if take:
+                    segs.append((k[b : b + 1, :, :take], v[b : b + 1, :, :take]))
+                start += k.shape[2]
+            parts.append(ops.attention(q_joint[b : b + 1], *segs[0], extra_kv=segs[1:] or None,
+                                       backend=config.attention_backend))
+        out = torch.cat(parts).transpose(1, 2).contiguous().transpose(1, 2)  # (B, S, H, D) memory
     flat = out.transpose(1, 2).flatten(2)
     return list(flat.split(sizes, dim=1)) if len(groups) > 1 else [flat]

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fastgen.patching.processors.flux import FastgenFluxAttnProcessor
+from fastgen.patching.processors.hunyuan import FastgenHunyuanVideoAttnProcessor
 from fastgen.patching.processors.sd3 import FastgenJointAttnProcessor
 from fastgen.patching.processors.unet import FastgenAttnProcessor
 from fastgen.patching.processors.wan import FastgenWanAttnProcessor
@@ -30,6 +31,10 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("flux", ("FluxTransformer2DModel",), {"FluxAttnProcessor": FastgenFluxAttnProcessor}),
     Architecture("wan", ("WanTransformer3DModel",), {"WanAttnProcessor": FastgenWanAttnProcessor},
                  step_invariant=("condition_embedder.text_embedder", "condition_embedder.image_embedder")),
+    # The token refiner's Attention (AttnProcessor2_0) runs with a square mask: left to upstream.
+    Architecture("hunyuanvideo", ("HunyuanVideoTransformer3DModel", "HunyuanVideoFramepackTransformer3DModel"),
+                 {"HunyuanVideoAttnProcessor2_0": FastgenHunyuanVideoAttnProcessor,
+                  "AttnProcessor2_0": FastgenAttnProcessor}),
 )
 
 # The VAE is patched only on request (PatchConfig.include_vae).
