@@ -506,9 +506,21 @@ def _wan_inputs(B, frames, h, w, ch, txt, text_dim):
     return make
 
 
+def _hunyuan_inputs(B, frames, h, w, ch, txt, real_txt, text_dim, pooled):
+    def make(device, dtype):
+        mask = torch.zeros(B, txt, dtype=torch.long, device=device)
+        mask[:, :real_txt] = 1  # the prompt's real tokens; the rest is padding, masked
+        return dict(hidden_states=_randn(device, dtype, B, ch, frames, h, w), timestep=torch.full((B,), 500.0, device=device),
+                    encoder_hidden_states=_randn(device, dtype, B, txt, text_dim), encoder_attention_mask=mask,
+                    pooled_projections=_randn(device, dtype, B, pooled), guidance=torch.full((B,), 6.0, device=device, dtype=dtype))
+
+    return make
+
+
 def denoiser_cases(device: torch.device | str) -> list[DenoiserCase]:
     """Real configs on a GPU (issue #3: Flux-dev, SDXL, SD3.5-medium at 1024^2, Wan 1.3B 480p 33
-    frames); small ones on a CPU, where the suite shows only that patching costs nothing."""
+    frames, HunyuanVideo 544x960 33 frames); small ones on a CPU, where the suite shows only that
+    patching costs nothing."""
     if torch.device(device).type == "cuda":
         sdxl_unet = dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
                          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -534,6 +546,13 @@ def denoiser_cases(device: torch.device | str) -> list[DenoiserCase]:
                               out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
                               cross_attn_norm=True, eps=1e-6, rope_max_seq_len=1024),
                          _wan_inputs(1, 9, 60, 104, 16, 512, 4096), forwards_per_step=2),
+            # 544x960, 33 frames: 9 latent frames x 34 x 60 patches = 18360 video tokens + 256 text
+            DenoiserCase("hunyuanvideo 544x960 33f", "HunyuanVideoTransformer3DModel",
+                         dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128,
+                              num_layers=20, num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2,
+                              patch_size_t=1, qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096,
+                              pooled_projection_dim=768, rope_axes_dim=(16, 56, 56)),
+                         _hunyuan_inputs(1, 9, 68, 120, 16, 256, 40, 4096, 768)),
         ]
     return [
         DenoiserCase("flux small 256^2", "FluxTransformer2DModel",
@@ -550,6 +569,12 @@ def denoiser_cases(device: torch.device | str) -> list[DenoiserCase]:
                      dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4,
                           out_channels=4, text_dim=32, freq_dim=256, ffn_dim=64, num_layers=2, rope_max_seq_len=64),
                      _wan_inputs(1, 3, 16, 16, 4, 32, 32), forwards_per_step=2),
+        DenoiserCase("hunyuanvideo small", "HunyuanVideoTransformer3DModel",
+                     dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=1,
+                          num_single_layers=2, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
+                          qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=32, pooled_projection_dim=16,
+                          rope_axes_dim=(8, 12, 12)),
+                     _hunyuan_inputs(1, 3, 16, 16, 4, 32, 20, 32, 16)),
     ]
 
 
