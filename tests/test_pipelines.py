@@ -12,8 +12,8 @@ from helpers import DEVICE
 
 
 def _latents(pipe, call, steps=2):
-    return pipe(**call, num_inference_steps=steps, output_type="latent",
-                generator=torch.Generator("cpu").manual_seed(0)).images
+    return demo._output(pipe(**call, num_inference_steps=steps, output_type="latent",
+                             generator=torch.Generator("cpu").manual_seed(0)))
 
 
 def _rel_err(out, ref) -> float:
@@ -32,7 +32,7 @@ def test_tiny_pipeline_patched_matches_unpatched(family):
         assert handle.state.replaced and fastgen.is_patched(pipe)
         assert fastgen.is_patched(pipe.transformer if hasattr(pipe, "transformer") else pipe.unet)
         out = _latents(pipe, call)
-        if family in ("sd15", "sdxl"):
+        if family in ("sd15", "sdxl", "wan"):
             assert handle.state.kv_cache.hits > 0, "step 2 reuses the cross-attention K/V"
     assert not fastgen.is_patched(pipe)
     assert _rel_err(out, ref) <= 1e-4, f"{family}: {_rel_err(out, ref):.3e}"

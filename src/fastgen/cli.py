@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
     d = sub.add_parser("demo", help="run a pipeline unpatched and patched; print time, speed-up, difference, memory")
     d.add_argument("--device", help="cuda or cpu (default: cuda if present)")
-    d.add_argument("--family", choices=["flux", "sd3", "sd15", "sdxl"], default="flux",
+    d.add_argument("--family", choices=["flux", "sd3", "sd15", "sdxl", "wan"], default="flux",
                    help="architecture of the built-in pipeline (default flux)")
     d.add_argument("--size", choices=["tiny", "small", "medium", "large"],
                    help="built-in pipeline size (default: large on a GPU, small on a CPU)")
