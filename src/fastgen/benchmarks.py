@@ -426,7 +426,35 @@ def run_prologue(device: torch.device, budget_s: float = 1.0, progress=None) -> 
     return results
 
 
-SUITES = {"attention": run_attention, "prologue": run_prologue}
+def run_denoisers(device: torch.device, budget_s: float = 1.0, progress=None) -> list[Result]:
+    """Per-step time and peak memory of each denoiser, diffusers vs fastgen.patch, same run."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    results = []
+    for case in denoiser_cases(device):
+        model = case.build(device, dtype)
+        inputs = case.inputs(device, dtype)
+        step = denoiser_step(model, inputs, case.forwards_per_step)
+        ref = None
+        for provider in ("diffusers", "fastgen"):
+            if provider == "fastgen":
+                fastgen.patch(model)
+            run_once(step, device)  # warm-up: compilation, autotuning, first K/V cache fill
+            out, peak = run_once(step, device)
+            ref = out if ref is None else ref
+            ms = time_ms(synced(step, device), device, budget_s)
+            results.append(Result("denoiser", f"{case.name} ({case.forwards_per_step} fwd/step)", provider, ms,
+                                  max_diff=max_diff(out, ref), peak_mb=peak, extra={"reference": "diffusers, same run"}))
+            if progress:
+                progress()
+        fastgen.unpatch(model)
+        del model, inputs, step, ref
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    add_speedups(results, lambda p: p == "diffusers")
+    return results
+
+
+SUITES = {"attention": run_attention, "prologue": run_prologue, "denoiser": run_denoisers}
 
 
 # --------------------------------------------------------------------------------------------
