@@ -147,8 +147,8 @@ def _targets(obj, config: PatchConfig):
         if config.include_vae and vae is not None and type(vae).__name__ in VAE.model_classes:
             models.append((vae, VAE))
         return models
-    arch = architecture_of(obj)
-    if arch is None or (arch is VAE and not isinstance(obj, torch.nn.Module)):
+    arch = architecture_of(obj)  # a denoiser, or a VAE patched on its own
+    if arch is None:
         raise ValueError(
             f"fastgen.patch takes a diffusers pipeline or a denoiser model ({', '.join(supported_models())}), "
             f"got {type(obj).__name__}"
