@@ -99,7 +99,8 @@ def cmd_demo(args) -> int:
     if args.height:
         call.update(height=args.height, width=args.width or args.height)
     pipe.to(device, dtype)
-    call = {k: v.to(device, dtype) if torch.is_tensor(v) else v for k, v in call.items()}
+    call = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
+            for k, v in call.items()}
     config = PatchConfig(attention_backend=args.attention_backend, fuse_prologue=not args.no_fuse_prologue)
     what += f", {args.steps} steps, {dtype}"
     with tqdm(total=2 * args.repeats + 1, desc="demo runs", unit="run", disable=args.quiet) as bar:
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     d = sub.add_parser("demo", help="run a pipeline unpatched and patched; print time, speed-up, difference, memory")
     d.add_argument("--device", help="cuda or cpu (default: cuda if present)")
-    d.add_argument("--family", choices=["flux", "sd3", "sd15", "sdxl", "wan"], default="flux",
+    d.add_argument("--family", choices=["flux", "sd3", "sd15", "sdxl", "wan", "hunyuan"], default="flux",
                    help="architecture of the built-in pipeline (default flux)")
     d.add_argument("--size", choices=["tiny", "small", "medium", "large"],
                    help="built-in pipeline size (default: large on a GPU, small on a CPU)")

@@ -19,7 +19,7 @@ import torch
 
 import fastgen
 
-FAMILIES = ("flux", "sd3", "sd15", "sdxl", "wan")
+FAMILIES = ("flux", "sd3", "sd15", "sdxl", "wan", "hunyuan")
 
 # Width knobs and image side per size. The VAE downsamples 8x like the real ones, so token counts
 # are real: Flux at 1024^2 attends over 4096 image tokens. "tiny" is for tests on a CPU, "small"
@@ -92,6 +92,29 @@ def build_pipeline(family: str = "flux", size: str = "small"):
         # Wan runs CFG as two calls with separate embeddings, each reused at every step
         call = dict(prompt_embeds=_rand(1, n_txt, 128, seed=1), negative_prompt_embeds=_rand(1, n_txt, 128, seed=3),
                     guidance_scale=5.0, num_frames=5 if size == "tiny" else 17)
+    elif family == "hunyuan":
+        from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
+                               HunyuanVideoTransformer3DModel)
+
+        vae = AutoencoderKLHunyuanVideo(in_channels=3, out_channels=3, latent_channels=4,
+                                        down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+                                        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8,) * 4,
+                                        layers_per_block=1, norm_num_groups=4, spatial_compression_ratio=8,
+                                        temporal_compression_ratio=4, mid_block_add_attention=False)
+        axes = (hd // 4, 3 * hd // 8, 3 * hd // 8) if hd >= 32 else (4, 4, 8)
+        tr = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=heads, attention_head_dim=hd,
+                                            num_layers=layers, num_single_layers=2 * layers, num_refiner_layers=1,
+                                            mlp_ratio=4.0, patch_size=1 if size == "tiny" else 2, patch_size_t=1,
+                                            qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=128,
+                                            pooled_projection_dim=64, rope_axes_dim=axes)
+        pipe = HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=tr, vae=vae, text_encoder_2=None,
+                                    tokenizer_2=None, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
+        mask = torch.ones(1, n_txt, dtype=torch.long)
+        mask[:, n_txt * 5 // 8 :] = 0  # a padded prompt, as the LLaMA encoder hands it over
+        call = dict(prompt_embeds=_rand(1, n_txt, 128, seed=1), pooled_prompt_embeds=_rand(1, 64, seed=2),
+                    prompt_attention_mask=mask, num_frames=5 if size == "tiny" else 17)
+        if size == "tiny":  # video multiplies tokens: keep the interpreter's per-token programs few in tests
+            side = 32
     else:
         from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
