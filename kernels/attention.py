@@ -355,7 +355,7 @@ def attention_fwd(
         return out, lse
     outs, lses = [], []
     for chunk in chunks:
-        o = torch.empty_like(q, dtype=torch.float32) if q.dtype != torch.float32 else torch.empty_like(q)
+        o = torch.empty_like(q, dtype=torch.float32)  # partials merge in fp32
         l = torch.empty_like(lse)
         _launch(q, chunk, scale, o, l, precision)
         outs.append(o)

@@ -252,3 +252,19 @@ def test_cuda_kernel_matches_triton_on_gpu(norm):
     assert_within_pytorch_error(a[0], rq, t[0])
     assert_within_pytorch_error(a[1], rk, t[1])
     assert max_err(a[0], b[0]) <= 2 * max_err(t[0], rq)
+
+
+def test_auto_sends_unsupported_dtypes_to_pytorch_even_where_kernels_exist(monkeypatch):
+    # "auto" must apply the same dtype rule as an explicit backend: fp64 never reaches a kernel.
+    import fastgen.ops.prologue as P
+
+    monkeypatch.setattr(P, "cuda_ext_can_run_on", lambda device: None)  # as if the extension were built
+    q = torch.randn(1, 2, 4, 16, dtype=torch.float64)
+    assert P._choose("auto", q) == "torch"
+    assert P._choose("auto", q.float()) == "cuda"
+    kw = inputs(1, 4, 2, 16, torch.float32, "head", "interleaved", seed=41)
+    kw64 = {k: (v.double() if torch.is_tensor(v) and k in ("q", "k", "q_weight", "k_weight") else v) for k, v in kw.items()}
+    out = fastgen.ops.qk_norm_rope(**kw64)  # would raise inside the CUDA binding if "auto" picked it
+    rq, _ = refs(kw64)
+    # the PyTorch sequence rotates in fp32, as diffusers does: fp32-level error
+    assert out[0].dtype == torch.float64 and max_err(out[0], rq) < 1e-5

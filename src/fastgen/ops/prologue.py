@@ -36,7 +36,7 @@ def _(q, k, q_weight, k_weight, cos, sin, eps, norm, rope, out_q, out_k):
     return None
 
 
-def _full_tables(cos, sin, rope, D, full=None):
+def _full_tables(cos, sin, rope, full=None):
     # (S, D) tables as diffusers applies them: each pair's frequency on both of its members.
     if full is not None:
         return full
@@ -49,7 +49,7 @@ def qk_norm_rope_torch(q, k, q_weight, k_weight, cos, sin, eps, norm, rope, full
     """The unfused PyTorch sequence diffusers runs (norm, round, rotate, round): the baseline and
     the CPU path. ``full_tables``: the caller's (S, D) tables, if it had them (saves expanding)."""
     if rope is not None:
-        c, s = _full_tables(cos, sin, rope, q.shape[-1], full_tables)
+        c, s = _full_tables(cos, sin, rope, full_tables)
 
     def one(x, w):
         B, H, S, D = x.shape
@@ -142,21 +142,31 @@ def _check(q, k, q_weight, k_weight, cos, sin, eps, norm, rope, backend):
 
 def uses_kernel(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``backend`` would run a fused kernel (not the PyTorch sequence) here. No warnings."""
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if dtype not in _KERNEL_DTYPES:
         return False
     if backend in ("auto", "cuda") and cuda_ext_can_run_on(device) is None:
         return True
     return triton_can_run_on(device) is None and (backend == "triton" or (backend == "auto" and device.type == "cuda"))
 
 
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def _choose(backend: str, q: torch.Tensor) -> str:
-    auto = "cuda" if cuda_ext_can_run_on(q.device) is None else "triton" if (
-        q.device.type == "cuda" and triton_can_run_on(q.device) is None
-    ) else "torch"
-    if backend == "auto" or backend == "torch":
+    # One rule for every choice: a dtype the kernels do not take goes to PyTorch, "auto" included.
+    supported = q.dtype in _KERNEL_DTYPES
+    if not supported:
+        auto = "torch"
+    elif cuda_ext_can_run_on(q.device) is None:
+        auto = "cuda"
+    elif q.device.type == "cuda" and triton_can_run_on(q.device) is None:
+        auto = "triton"
+    else:
+        auto = "torch"
+    if backend in ("auto", "torch"):
         return auto if backend == "auto" else "torch"
     reason = triton_can_run_on(q.device) if backend == "triton" else cuda_ext_can_run_on(q.device)
-    if reason is None and q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if reason is None and not supported:
         reason = f"dtype {q.dtype} is not supported (fp16, bf16, fp32 are)"
     if reason is None:
         return backend

@@ -168,6 +168,7 @@ def joint_attention(groups: list[TokenGroup], head_dim: int, config: PatchConfig
                 start += k.shape[2]
             parts.append(ops.attention(q_joint[b : b + 1], *segs[0], extra_kv=segs[1:] or None,
                                        backend=config.attention_backend))
-        out = torch.cat(parts).transpose(1, 2).contiguous().transpose(1, 2)  # (B, S, H, D) memory
+        # one copy, concatenated in (B, S, H, D) order so the flatten below is a view
+        out = torch.cat([p.transpose(1, 2) for p in parts]).transpose(1, 2)
     flat = out.transpose(1, 2).flatten(2)
     return list(flat.split(sizes, dim=1)) if len(groups) > 1 else [flat]
