@@ -45,7 +45,7 @@ def cuda_build() -> dict:
         pass
     ext = CUDAExtension(
         name="fastgen._C",
-        sources=["csrc/binding.cpp", "csrc/qk_norm_rope.cu"],
+        sources=["csrc/binding.cpp", "csrc/qk_norm_rope.cu", "csrc/quantize_fp8.cu"],
         include_dirs=[str(HERE / "csrc")],
         extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17"]},
     )

@@ -34,9 +34,10 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from fastgen.kernels import attention as A  # noqa: E402
+from fastgen.kernels import fp8 as Q  # noqa: E402
 from fastgen.kernels import qk_norm_rope as P  # noqa: E402
 
-_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float8_e4m3fn: "fp8e4nv"}
 
 
 @dataclass
@@ -116,18 +117,21 @@ def compile_recorded(name, variant, rec, cc, num_warps, num_stages, overrides) -
     return Report(name, variant, f"sm_{cc}", cfg, regs, stack, k.metadata.shared, "wgmma" in ptx, "mma.sync" in ptx)
 
 
-def record_attention(B=1, H=24, Nq=4608, Nk=4608, D=128, segments=(1024,), dtype=torch.bfloat16) -> _Recorder:
+def record_attention(B=1, H=24, Nq=4608, Nk=4608, D=128, segments=(1024,), dtype=torch.bfloat16,
+                     fp8=False) -> _Recorder:
     # (B, S, H, D) projections seen as (B, H, S, D), as the model patches will pass them
     q = torch.empty(B, Nq, H, D, dtype=dtype).transpose(1, 2)
     k = torch.empty(B, Nk, H, D, dtype=dtype).transpose(1, 2)
-    segs = [(torch.empty(1, H, n, D, dtype=dtype), torch.empty(1, H, n, D, dtype=dtype), 0.5) for n in segments]
+    kv = torch.float8_e4m3fn if fp8 else dtype
+    segs = [(torch.empty(1, H, n, D, dtype=kv), torch.empty(1, H, n, D, dtype=kv), 0.5,
+             torch.empty(1, H, n) if fp8 else None, torch.empty(1, H, n) if fp8 else None) for n in segments]
     rec = _Recorder(A._attn_fwd)
     real, A._attn_fwd = A._attn_fwd, rec
     try:
         out = torch.empty_like(q)
         lse = torch.empty(B, H, Nq, dtype=torch.float32)
         prec = "ieee" if dtype == torch.float32 else None
-        A._launch(q, [(k, k, 0.0)] + segs, D**-0.5, out, lse, prec)
+        A._launch(q, [(k, k, 0.0, None, None)] + segs, D**-0.5, out, lse, prec)
     finally:
         A._attn_fwd = real
     return rec
@@ -146,6 +150,17 @@ def record_prologue(B=1, S=4608, H=24, D=128, norm="head", rope="interleaved", d
     return rec
 
 
+def record_quantize(B=1, H=24, N=1024, D=128, dtype=torch.bfloat16) -> _Recorder:
+    x = torch.empty(B, N, H, D, dtype=dtype).transpose(1, 2)
+    rec = _Recorder(Q._quantize_fp8_rows)
+    real, Q._quantize_fp8_rows = Q._quantize_fp8_rows, rec
+    try:
+        Q.quantize_fp8_fwd(x, torch.empty(B, H, N, D, dtype=Q.FP8), torch.empty(B, H, N))
+    finally:
+        Q._quantize_fp8_rows = real
+    return rec
+
+
 def attention_configs() -> list[tuple[dict, int, int]]:
     return [({"BLOCK_M": c.kwargs["BLOCK_M"], "BLOCK_N": c.kwargs["BLOCK_N"]}, c.num_warps, c.num_stages)
             for c in A._gpu_configs()]
@@ -157,6 +172,7 @@ VARIANTS = {
     "bf16 D256 +1 seg": dict(D=256),
     "fp16 D80 +4 segs": dict(D=80, segments=(64, 64, 64, 64), dtype=torch.float16),
     "fp32 D64 ieee": dict(D=64, segments=(), dtype=torch.float32),
+    "bf16 D128 +1 fp8 seg": dict(D=128, fp8=True),
 }
 
 
@@ -165,10 +181,13 @@ def run(targets=(90, 80), fixed_only=False) -> list[Report]:
     reports = []
     for cc in targets:
         for vname, kw in VARIANTS.items():
+            if kw.get("fp8") and cc < 89:
+                continue  # e4m3 conversion needs sm_89+: the op dequantizes a copy there instead
             rec = record_attention(**kw)
             block_d = rec.kwargs["BLOCK_D"]
             if fixed_only:
-                bm, bn, w, st = A.fixed_config(block_d, kw.get("dtype", torch.bfloat16), (cc // 10, cc % 10))
+                bm, bn, w, st = A.fixed_config(block_d, kw.get("dtype", torch.bfloat16), (cc // 10, cc % 10),
+                                               kw.get("fp8", False))
                 configs = [({"BLOCK_M": bm, "BLOCK_N": bn}, w, st)]
             else:
                 configs = [c for c in attention_configs()
@@ -179,6 +198,8 @@ def run(targets=(90, 80), fixed_only=False) -> list[Report]:
             rec = record_prologue(norm=norm)
             w = rec.kwargs.get("num_warps", 4)
             reports.append(compile_recorded("qk_norm_rope", f"bf16 D128 H24 norm={norm}", rec, cc, w, 1, {}))
+        if cc >= 89:
+            reports.append(compile_recorded("quantize_fp8", "bf16 D128 H24", record_quantize(), cc, 4, 1, {}))
     return reports
 
 

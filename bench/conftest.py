@@ -26,6 +26,13 @@ def _results(config) -> list[B.Result]:
         if "suite" not in info or bench.stats is None:
             continue
         ms = bench.stats.median * 1e3
+        if info["suite"] == "condition":  # per image: the first forward, then (steps - 1) timed ones
+            steps = info["steps"]
+            rows.append(B.Result("condition", info["case"], info["provider"], info["first_forward_ms"] + (steps - 1) * ms,
+                                 peak_mb=info.get("peak_mb"),
+                                 extra={"first_forward_ms": info["first_forward_ms"], "later_forward_ms": ms,
+                                        "tokens_per_image": "", "cache_mb": info["cache_mb"]}))
+            continue
         rows.append(B.Result(
             info["suite"], info["case"], info["provider"], ms,
             tflops=info["flops"] / ms / 1e9 if "flops" in info else None,
@@ -34,7 +41,7 @@ def _results(config) -> list[B.Result]:
             extra={"reference": info.get("reference")},
         ))
     for suite, baseline in (("attention", B.is_sdpa), ("prologue", lambda p: p == "torch-unfused"),
-                            ("denoiser", lambda p: p == "diffusers")):
+                            ("denoiser", lambda p: p == "diffusers"), ("condition", lambda p: p.startswith("(a)"))):
         B.add_speedups([r for r in rows if r.suite == suite], baseline)
     return rows
 

@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "qk_norm_rope.h"
+#include "quantize_fp8.h"
 
 namespace {
 
@@ -21,7 +22,7 @@ fastgen::DType dtype_of(const at::Tensor& t) {
     case at::kFloat: return fastgen::DType::kFloat32;
     case at::kHalf: return fastgen::DType::kFloat16;
     case at::kBFloat16: return fastgen::DType::kBFloat16;
-    default: TORCH_CHECK(false, "fastgen qk_norm_rope: unsupported dtype ", t.scalar_type(), " (fp16, bf16, fp32 are)");
+    default: TORCH_CHECK(false, "fastgen: unsupported dtype ", t.scalar_type(), " (fp16, bf16, fp32 are)");
   }
 }
 
@@ -77,13 +78,35 @@ void qk_norm_rope(
   TORCH_CHECK(err == cudaSuccess, "fastgen qk_norm_rope launch failed: ", cudaGetErrorString(err));
 }
 
+void quantize_fp8(const at::Tensor& x, at::Tensor& out, at::Tensor& scale) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 4, "fastgen quantize_fp8: x must be a 4-D CUDA tensor (B, H, N, D)");
+  TORCH_CHECK(out.is_cuda() && out.scalar_type() == at::kFloat8_e4m3fn && out.sizes() == x.sizes() && out.is_contiguous(),
+              "fastgen quantize_fp8: out must be a contiguous float8_e4m3fn CUDA tensor of x's shape");
+  TORCH_CHECK(scale.is_cuda() && scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 3 &&
+                  scale.size(0) == x.size(0) && scale.size(1) == x.size(1) && scale.size(2) == x.size(2),
+              "fastgen quantize_fp8: scale must be a contiguous float32 CUDA tensor (B, H, N)");
+  c10::cuda::CUDAGuard guard(x.device());
+  fastgen::QuantizeFp8Params p{};
+  p.in = view4(x);
+  p.out = static_cast<uint8_t*>(out.data_ptr());
+  p.scale = scale.data_ptr<float>();
+  p.B = x.size(0); p.H = x.size(1); p.N = x.size(2); p.D = x.size(3);
+  p.dtype = dtype_of(x);
+  const cudaError_t err = fastgen::launch_quantize_fp8(p, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "fastgen quantize_fp8 launch failed: ", cudaGetErrorString(err));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fastgen_C, m) {
   m.def("qk_norm_rope(Tensor q, Tensor k, Tensor? q_weight, Tensor? k_weight, Tensor? cos, Tensor? sin, "
         "float eps, int norm_mode, int rope_mode, Tensor(a!) out_q, Tensor(b!) out_k) -> ()");
+  m.def("quantize_fp8(Tensor x, Tensor(a!) out, Tensor(b!) scale) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(fastgen_C, CUDA, m) { m.impl("qk_norm_rope", &qk_norm_rope); }
+TORCH_LIBRARY_IMPL(fastgen_C, CUDA, m) {
+  m.impl("qk_norm_rope", &qk_norm_rope);
+  m.impl("quantize_fp8", &quantize_fp8);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "fastgen CUDA kernels (ops under torch.ops.fastgen_C)"; }

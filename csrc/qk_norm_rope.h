@@ -5,14 +5,9 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "common.h"
+
 namespace fastgen {
-
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-
-struct View4 {  // a (B, H, S, D) tensor: data pointer and element strides
-  void* data;
-  int64_t stride[4];
-};
 
 struct QKNormRopeParams {
   View4 in[2];              // q, k

@@ -90,8 +90,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _attend_block(
-        acc, m_i, l_i, q, k_ptrs, v_ptrs, start, n_keys, bias, qk_scale, offs_n, d_mask,
-        MASK_N: tl.constexpr, MASK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        acc, m_i, l_i, q, k_ptrs, v_ptrs, ks_ptrs, vs_ptrs, start, n_keys, bias, qk_scale, offs_n, d_mask,
+        MASK_N: tl.constexpr, MASK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, QUANT: tl.constexpr,
     ):
         # One BLOCK_N tile of keys: online softmax in the log2 domain, running max m_i and sum l_i
         # (fp32). Full tiles skip the key mask, and power-of-two head dims the channel mask: masks
@@ -109,7 +109,20 @@ if HAVE_TRITON:
         else:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
+        if QUANT:
+            # fp8 keys/values with one scale per key: the products run on the fp8 values (exact in
+            # q's dtype); the key scale multiplies its logit column, the value scale its p column.
+            if MASK_N:
+                ks = tl.load(ks_ptrs, mask=col_ok, other=0.0)
+                vs = tl.load(vs_ptrs, mask=col_ok, other=0.0)
+            else:
+                ks = tl.load(ks_ptrs)
+                vs = tl.load(vs_ptrs)
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         qk = tl.dot(q, k, input_precision=INPUT_PRECISION)
+        if QUANT:
+            qk = qk * ks[None, :]
         qk = qk * qk_scale + bias
         if MASK_N:
             qk = tl.where(col_ok[None, :], qk, float("-inf"))
@@ -117,6 +130,8 @@ if HAVE_TRITON:
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if QUANT:
+            p = p * vs[None, :]  # after l_i: the value scale weighs values, not probabilities
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
         return acc, m_new, l_i
 
@@ -124,28 +139,35 @@ if HAVE_TRITON:
     def _attend_segment(
         acc, m_i, l_i, q,
         K, V, k_off, v_off, s_kn, s_kd, s_vn, s_vd,
+        KS, VS, s_off,
         n_keys, bias, qk_scale,
         offs_d, d_mask,
-        BLOCK_N: tl.constexpr, MASK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, MASK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, QUANT: tl.constexpr,
     ):
-        # One key segment, read in place: full tiles unmasked, then the tail tile masked.
+        # One key segment, read in place: full tiles unmasked, then the tail tile masked. With
+        # QUANT, KS/VS hold one fp32 scale per key, contiguous along the keys.
         offs_n = tl.arange(0, BLOCK_N)
         k_ptrs = K + k_off + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd
         v_ptrs = V + v_off + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd
+        ks_ptrs = KS + s_off + offs_n
+        vs_ptrs = VS + s_off + offs_n
         n_full = (n_keys // BLOCK_N) * BLOCK_N
         for start in range(0, n_full, BLOCK_N):
-            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, start, n_keys, bias, qk_scale,
-                                          offs_n, d_mask, False, MASK_D, INPUT_PRECISION)
+            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, ks_ptrs, vs_ptrs, start, n_keys, bias,
+                                          qk_scale, offs_n, d_mask, False, MASK_D, INPUT_PRECISION, QUANT)
             k_ptrs += BLOCK_N * s_kn
             v_ptrs += BLOCK_N * s_vn
+            ks_ptrs += BLOCK_N
+            vs_ptrs += BLOCK_N
         if n_full < n_keys:
-            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_full, n_keys, bias, qk_scale,
-                                          offs_n, d_mask, True, MASK_D, INPUT_PRECISION)
+            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, ks_ptrs, vs_ptrs, n_full, n_keys, bias,
+                                          qk_scale, offs_n, d_mask, True, MASK_D, INPUT_PRECISION, QUANT)
         return acc, m_i, l_i
 
     @triton.jit
     def _attn_fwd(
         Q, K0, V0, K1, V1, K2, V2, K3, V3, K4, V4, Out, Lse,
+        KS1, VS1, KS2, VS2, KS3, VS3, KS4, VS4,  # fp8 segments' per-key scales (B or 1, H, N_i)
         # strides (batch, head, token, dim); a broadcast batch has stride 0
         sq_b, sq_h, sq_n, sq_d,
         so_b, so_h, so_n, so_d,
@@ -154,6 +176,7 @@ if HAVE_TRITON:
         sk2_b, sk2_h, sk2_n, sk2_d, sv2_b, sv2_h, sv2_n, sv2_d,
         sk3_b, sk3_h, sk3_n, sk3_d, sv3_b, sv3_h, sv3_n, sv3_d,
         sk4_b, sk4_h, sk4_n, sk4_d, sv4_b, sv4_h, sv4_n, sv4_d,
+        ss1_b, ss1_h, ss2_b, ss2_h, ss3_b, ss3_h, ss4_b, ss4_h,  # scale strides (keys: 1)
         N0, N1, N2, N3, N4,
         bias0, bias1, bias2, bias3, bias4,  # log2 units
         H, N_Q, qk_scale,  # qk_scale = scale * log2(e)
@@ -161,6 +184,7 @@ if HAVE_TRITON:
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         NUM_EXTRA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        QUANT1: tl.constexpr, QUANT2: tl.constexpr, QUANT3: tl.constexpr, QUANT4: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -182,23 +206,28 @@ if HAVE_TRITON:
 
         acc, m_i, l_i = _attend_segment(
             acc, m_i, l_i, q, K0, V0, b * sk0_b + h * sk0_h, b * sv0_b + h * sv0_h,
-            sk0_n, sk0_d, sv0_n, sv0_d, N0, bias0, qk_scale, offs_d, d_mask, BLOCK_N, HEAD_DIM != BLOCK_D, INPUT_PRECISION)
+            sk0_n, sk0_d, sv0_n, sv0_d, Lse, Lse, 0, N0, bias0, qk_scale, offs_d, d_mask, BLOCK_N, HEAD_DIM != BLOCK_D,
+            INPUT_PRECISION, False)
         if NUM_EXTRA >= 1:
             acc, m_i, l_i = _attend_segment(
                 acc, m_i, l_i, q, K1, V1, b * sk1_b + h * sk1_h, b * sv1_b + h * sv1_h,
-                sk1_n, sk1_d, sv1_n, sv1_d, N1, bias1, qk_scale, offs_d, d_mask, BLOCK_N, HEAD_DIM != BLOCK_D, INPUT_PRECISION)
+                sk1_n, sk1_d, sv1_n, sv1_d, KS1, VS1, b * ss1_b + h * ss1_h, N1, bias1, qk_scale,
+                offs_d, d_mask, BLOCK_N, HEAD_DIM != BLOCK_D, INPUT_PRECISION, QUANT1)
         if NUM_EXTRA >= 2:
             acc, m_i, l_i = _attend_segment(
                 acc, m_i, l_i, q, K2, V2, b * sk2_b + h * sk2_h, b * sv2_b + h * sv2_h,
-                sk2_n, sk2_d, sv2_n, sv2_d, N2, bias2, qk_scale, offs_d, d_mask, BLOCK_N, HEAD_DIM != BLOCK_D, INPUT_PRECISION)
+                sk2_n, sk2_d, sv2_n, sv2_d, KS2, VS2, b * ss2_b + h * ss2_h, N2, bias2, qk_scale,
+                offs_d, d_mask, BLOCK_N, HEAD_DIM != BLOCK_D, INPUT_PRECISION, QUANT2)
         if NUM_EXTRA >= 3:
             acc, m_i, l_i = _attend_segment(
                 acc, m_i, l_i, q, K3, V3, b * sk3_b + h * sk3_h, b * sv3_b + h * sv3_h,
-                sk3_n, sk3_d, sv3_n, sv3_d, N3, bias3, qk_scale, offs_d, d_mask, BLOCK_N, HEAD_DIM != BLOCK_D, INPUT_PRECISION)
+                sk3_n, sk3_d, sv3_n, sv3_d, KS3, VS3, b * ss3_b + h * ss3_h, N3, bias3, qk_scale,
+                offs_d, d_mask, BLOCK_N, HEAD_DIM != BLOCK_D, INPUT_PRECISION, QUANT3)
         if NUM_EXTRA >= 4:
             acc, m_i, l_i = _attend_segment(
                 acc, m_i, l_i, q, K4, V4, b * sk4_b + h * sk4_h, b * sv4_b + h * sv4_h,
-                sk4_n, sk4_d, sv4_n, sv4_d, N4, bias4, qk_scale, offs_d, d_mask, BLOCK_N, HEAD_DIM != BLOCK_D, INPUT_PRECISION)
+                sk4_n, sk4_d, sv4_n, sv4_d, KS4, VS4, b * ss4_b + h * ss4_h, N4, bias4, qk_scale,
+                offs_d, d_mask, BLOCK_N, HEAD_DIM != BLOCK_D, INPUT_PRECISION, QUANT4)
 
         out = acc / l_i[:, None]
         o_ptrs = Out + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :] * so_d
@@ -217,18 +246,22 @@ if HAVE_TRITON:
 # and bf16 compile to wgmma with no register spills for D <= 128; for D = 256 (SD 1.5's head dim
 # 160 pads to it) 64x32 is spill-free on sm_90 and 32x32 nearly so on sm_80. fp32 (IEEE) runs on
 # FMAs and spills with every tile; 32x32 spills least.
+# fp8 segments convert each K/V tile to q's dtype in registers: on sm_90 at D = 128 only 128x32
+# (8 warps, 3 stages) stays spill-free (128x64 spills 208 B).
 GPU_CONFIGS = [
     (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2),
-    (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2),
+    (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2), (128, 32, 8, 3),
 ]
 
 
-def fixed_config(block_d: int, dtype: torch.dtype, capability: tuple[int, int] = (9, 0)) -> tuple[int, int, int, int]:
-    """The config used on a GPU when autotuning is off (FASTGEN_AUTOTUNE=0)."""
+def fixed_config(block_d: int, dtype: torch.dtype, capability: tuple[int, int] = (9, 0),
+                 fp8: bool = False) -> tuple[int, int, int, int]:
+    """The config used on a GPU when autotuning is off (FASTGEN_AUTOTUNE=0); ``fp8``: some
+    segment is e4m3."""
     if dtype == torch.float32:
         return (32, 32, 4, 2)
     if block_d <= 128:
-        return (128, 64, 8, 3)
+        return (128, 32, 8, 3) if fp8 else (128, 64, 8, 3)
     return (64, 32, 4, 2) if capability[0] >= 9 else (32, 32, 4, 2)
 
 
@@ -254,7 +287,8 @@ def _kernel_for(device: torch.device):
     if _autotuned is None:
         _autotuned = triton.autotune(
             configs=_gpu_configs(),
-            key=["BUCKET_Q", "BUCKET_K", "HEAD_DIM", "NUM_EXTRA", "INPUT_PRECISION"],
+            key=["BUCKET_Q", "BUCKET_K", "HEAD_DIM", "NUM_EXTRA", "INPUT_PRECISION", "QUANT1", "QUANT2", "QUANT3",
+                 "QUANT4"],
             prune_configs_by={"early_config_prune": _prune_configs},
         )(_attn_fwd)
     return _autotuned
@@ -268,32 +302,41 @@ def _strides(t: torch.Tensor, batch: int) -> list[int]:
 
 
 def _launch(q, segments, scale, out, lse, input_precision, config=None):
-    """One launch over up to MAX_EXTRA + 1 segments. ``config`` (BLOCK_M, BLOCK_N, warps, stages)
-    forces a tile config on a GPU (tests check every autotune candidate with it)."""
+    """One launch over up to MAX_EXTRA + 1 segments, each (k, v, bias, k_scale, v_scale) with
+    scales None unless k/v are fp8. ``config`` (BLOCK_M, BLOCK_N, warps, stages) forces a tile
+    config on a GPU (tests check every autotune candidate with it)."""
     B, H, Nq, D = q.shape
     num_extra = len(segments) - 1
     block_d = max(16, next_pow2(D))
     pad = segments + [segments[0]] * (MAX_EXTRA + 1 - len(segments))
-    ptrs, strides, lens, biases = [], [], [], []
-    for i, (k, v, bias) in enumerate(pad):
+    ptrs, strides, lens, biases, scale_ptrs, scale_strides, quant = [], [], [], [], [], [], []
+    for i, (k, v, bias, ks, vs) in enumerate(pad):
         ptrs += [k, v]
         strides += _strides(k, B) + _strides(v, B)
         lens.append(k.shape[2] if i <= num_extra else 0)
         biases.append(float(bias) * LOG2E if i <= num_extra else 0.0)
+        if i == 0:
+            continue
+        q8 = ks is not None and i <= num_extra
+        scale_ptrs += [ks, vs] if q8 else [lse, lse]
+        scale_strides += _strides(ks, B)[:2] if q8 else [0, 0]
+        quant.append(q8)
     n_keys = sum(lens)
     args = (
-        q, *ptrs, out, lse,
-        *q.stride(), *out.stride(), *strides, *lens, *biases,
+        q, *ptrs, out, lse, *scale_ptrs,
+        *q.stride(), *out.stride(), *strides, *scale_strides, *lens, *biases,
         H, Nq, scale * LOG2E, next_pow2(Nq), next_pow2(n_keys),
     )
-    meta = dict(HEAD_DIM=D, BLOCK_D=block_d, NUM_EXTRA=num_extra, INPUT_PRECISION=input_precision)
+    meta = dict(HEAD_DIM=D, BLOCK_D=block_d, NUM_EXTRA=num_extra, INPUT_PRECISION=input_precision,
+                QUANT1=quant[0], QUANT2=quant[1], QUANT3=quant[2], QUANT4=quant[3])
     tuned = _kernel_for(q.device) if config is None else None
     if tuned is not None:
         grid = lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * H)  # noqa: E731
         tuned[grid](*args, **meta)
         return
     if q.device.type == "cuda":  # autotuning switched off, or a forced config
-        bm, bn, warps, stages = config or fixed_config(block_d, q.dtype, torch.cuda.get_device_capability(q.device))
+        bm, bn, warps, stages = config or fixed_config(block_d, q.dtype, torch.cuda.get_device_capability(q.device),
+                                                       any(quant))
         extra = dict(num_warps=warps, num_stages=stages)
     else:  # interpreter: cost grows with the number of tiles, so take them large
         bm = min(128, max(16, next_pow2(Nq)))
@@ -310,24 +353,32 @@ def attention_fwd(
     extra_v: Sequence[torch.Tensor] = (),
     extra_bias: Sequence[float] = (),
     scale: float | None = None,
+    extra_k_scale: Sequence[torch.Tensor | None] | None = None,
+    extra_v_scale: Sequence[torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton attention forward over segments. Inputs must already be validated.
 
     q (B, H, Nq, D); k/v and each extra pair (B or 1, H, N_i, D), one dtype (fp16, bf16, fp32),
     any strides; D in [16, 256]. extra_bias: one float per extra segment (finite or -inf).
+    An extra pair may instead be fp8 e4m3 with per-key scales ``extra_k_scale[i]`` and
+    ``extra_v_scale[i]`` (B or 1, H, N_i) fp32, contiguous along N (``kernels/fp8.py``).
     Returns ``(out, lse)``: out like q (same dtype, same memory layout when q is dense),
     lse (B, H, Nq) float32, natural log.
     """
     B, H, Nq, D = q.shape
     scale = D ** -0.5 if scale is None else float(scale)
+    n = len(extra_k)
+    extra_k_scale = list(extra_k_scale) if extra_k_scale is not None else [None] * n
+    extra_v_scale = list(extra_v_scale) if extra_v_scale is not None else [None] * n
     out = torch.empty_like(q)
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     if Nq == 0:
         return out, lse
 
     # A -inf bias removes its segment: exp(-inf) = 0 weight, so skip the reads altogether.
-    segments = [(k, v, 0.0)] + [
-        (ki, vi, bi) for ki, vi, bi in zip(extra_k, extra_v, extra_bias, strict=True)
+    segments = [(k, v, 0.0, None, None)] + [
+        (ki, vi, bi, ksi, vsi)
+        for ki, vi, bi, ksi, vsi in zip(extra_k, extra_v, extra_bias, extra_k_scale, extra_v_scale, strict=True)
         if ki.shape[2] > 0 and bi != -math.inf
     ]
     if q.dtype == torch.float32:
@@ -337,10 +388,14 @@ def attention_fwd(
         precision = None
 
     if INTERPRET and q.dtype == torch.bfloat16:
-        # The interpreter stores bf16 as uint16 and computes garbage: run it in fp32 there.
+        # The interpreter stores bf16 as uint16 and computes garbage: run it in fp32 there (fp8
+        # segments stay fp8: the interpreter converts those exactly).
+        def up(t):
+            return t.float() if t.dtype == torch.bfloat16 else t
+
         o32, lse = attention_fwd(
-            q.float(), k.float(), v.float(), [t.float() for t in extra_k],
-            [t.float() for t in extra_v], list(extra_bias), scale,
+            q.float(), k.float(), v.float(), [up(t) for t in extra_k], [up(t) for t in extra_v],
+            list(extra_bias), scale, extra_k_scale, extra_v_scale,
         )
         out.copy_(o32)
         return out, lse
@@ -357,10 +412,24 @@ def attention_fwd(
     for chunk in chunks:
         o = torch.empty_like(q, dtype=torch.float32)  # partials merge in fp32
         l = torch.empty_like(lse)
-        _launch(q, chunk, scale, o, l, precision)
+        _launch(q, _main_first(chunk, q.dtype), scale, o, l, precision)
         outs.append(o)
         lses.append(l)
     merged, lse_all = merge_partials(outs, lses)
     out.copy_(merged)
     lse.copy_(lse_all)
     return out, lse
+
+
+def _main_first(chunk, dtype):
+    """The kernel's first segment is never fp8: lead a chunk with a plain segment, or, when every
+    segment of the chunk is fp8, with the first one dequantized into ``dtype`` (a small copy)."""
+    if chunk[0][3] is None:
+        return chunk
+    for i, seg in enumerate(chunk):
+        if seg[3] is None:
+            return [seg] + chunk[:i] + chunk[i + 1 :]
+    from .fp8 import dequantize_fp8
+
+    k, v, bias, ks, vs = chunk[0]
+    return [(dequantize_fp8(k, ks, dtype), dequantize_fp8(v, vs, dtype), bias, None, None)] + chunk[1:]

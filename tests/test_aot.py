@@ -52,6 +52,13 @@ def test_prologue_compiles_without_spills(reports):
             assert r["stack"] == 0, f"{r['variant']} on {target} spills"
 
 
+def test_fp8_kernels_compile_for_sm90(reports):
+    fp8 = [r for r in _pick(reports, "attention", "sm_90") if "fp8" in r["variant"]]
+    assert fp8 and all(r["wgmma"] and r["stack"] == 0 for r in fp8), fp8
+    for r in _pick(reports, "quantize_fp8", "sm_90"):
+        assert r["stack"] == 0
+
+
 @pytest.mark.gpu
 def test_every_autotune_config_is_correct():
     from fastgen.kernels import attention as A

@@ -318,8 +318,9 @@ def test_auto_is_sdpa_on_cpu():
 def test_opcheck():
     q, k, v, extra = make(2, 2, 33, 20, 64, torch.float32, seed=53, segments=(9,))
     op = torch.ops.fastgen.attention_triton.default
-    torch.library.opcheck(op, (q, k, v, [], [], [], 0.125))
-    torch.library.opcheck(op, (q.transpose(1, 2).contiguous().transpose(1, 2), k, v, [extra[0][0]], [extra[0][1]], [0.5], 0.125))
+    torch.library.opcheck(op, (q, k, v, [], [], [], 0.125, [], []))
+    torch.library.opcheck(op, (q.transpose(1, 2).contiguous().transpose(1, 2), k, v, [extra[0][0]], [extra[0][1]], [0.5],
+                               0.125, [None], [None]))
 
 
 class _Attn(torch.nn.Module):

@@ -230,9 +230,10 @@ def test_opcheck():
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed on this machine")
-def test_csrc_kernels_compile_for_sm80_and_sm90(tmp_path):
-    # The kernel and its launcher are torch-free, so they compile wherever nvcc is, GPU or not.
-    cmd = ["nvcc", "-c", str(ROOT / "csrc" / "qk_norm_rope.cu"), "-o", str(tmp_path / "k.o"), "-std=c++17", "-O3",
+@pytest.mark.parametrize("source", ["qk_norm_rope.cu", "quantize_fp8.cu"])
+def test_csrc_kernels_compile_for_sm80_and_sm90(tmp_path, source):
+    # The kernels and launchers are torch-free, so they compile wherever nvcc is, GPU or not.
+    cmd = ["nvcc", "-c", str(ROOT / "csrc" / source), "-o", str(tmp_path / "k.o"), "-std=c++17", "-O3",
            "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90", "-Xptxas", "-warn-spills"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
@@ -258,10 +259,10 @@ def test_auto_sends_unsupported_dtypes_to_pytorch_even_where_kernels_exist(monke
     # "auto" must apply the same dtype rule as an explicit backend: fp64 never reaches a kernel.
     import fastgen.ops.prologue as P
 
-    monkeypatch.setattr(P, "cuda_ext_can_run_on", lambda device: None)  # as if the extension were built
+    monkeypatch.setattr(P, "cuda_ext_can_run_on", lambda device, op=None: None)  # as if the extension were built
     q = torch.randn(1, 2, 4, 16, dtype=torch.float64)
-    assert P._choose("auto", q) == "torch"
-    assert P._choose("auto", q.float()) == "cuda"
+    assert P.choose_backend("auto", q, "qk_norm_rope", "qk_norm_rope") == "torch"
+    assert P.choose_backend("auto", q.float(), "qk_norm_rope", "qk_norm_rope") == "cuda"
     kw = inputs(1, 4, 2, 16, torch.float32, "head", "interleaved", seed=41)
     kw64 = {k: (v.double() if torch.is_tensor(v) and k in ("q", "k", "q_weight", "k_weight") else v) for k, v in kw.items()}
     out = fastgen.ops.qk_norm_rope(**kw64)  # would raise inside the CUDA binding if "auto" picked it

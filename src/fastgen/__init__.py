@@ -12,7 +12,8 @@ from fastgen._version import __version__
 from fastgen._warnings import FastgenFallbackWarning
 
 __all__ = [
-    "FastgenFallbackWarning", "PatchConfig", "__version__", "benchmarks", "is_patched", "ops", "patch", "unpatch",
+    "Condition", "FastgenFallbackWarning", "PatchConfig", "__version__", "benchmarks", "condition", "is_patched", "ops",
+    "patch", "unpatch",
 ]
 _PATCH_API = ("patch", "unpatch", "is_patched", "PatchConfig", "PatchHandle")
 
@@ -20,8 +21,10 @@ _PATCH_API = ("patch", "unpatch", "is_patched", "PatchConfig", "PatchHandle")
 def __getattr__(name: str):
     # Submodules load on first use: importing fastgen stays cheap, and TRITON_INTERPRET (read when
     # the kernels are defined) can still be set after ``import fastgen``.
-    if name in ("ops", "benchmarks"):
+    if name in ("ops", "benchmarks", "condition"):
         return importlib.import_module(f"fastgen.{name}")
+    if name == "Condition":
+        return importlib.import_module("fastgen.condition").Condition
     if name in _PATCH_API:
         return getattr(importlib.import_module("fastgen.patching"), name)
     raise AttributeError(f"module 'fastgen' has no attribute {name!r}")

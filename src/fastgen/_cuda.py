@@ -25,11 +25,20 @@ if HAVE_CUDA_EXT:
     def _qk_norm_rope_fake(q, k, q_weight, k_weight, cos, sin, eps, norm_mode, rope_mode, out_q, out_k):
         return None
 
+    if hasattr(torch.ops.fastgen_C, "quantize_fp8"):
 
-def cuda_ext_can_run_on(device: torch.device) -> str | None:
-    """Why the compiled kernels cannot run on ``device``, or ``None`` when they can."""
+        @torch.library.register_fake("fastgen_C::quantize_fp8")
+        def _quantize_fp8_fake(x, out, scale):
+            return None
+
+
+def cuda_ext_can_run_on(device: torch.device, op: str | None = None) -> str | None:
+    """Why the compiled kernels (``fastgen_C::op``, if named) cannot run on ``device``, or
+    ``None`` when they can."""
     if not HAVE_CUDA_EXT:
         return CUDA_EXT_ERROR
     if device.type != "cuda":
         return f"fastgen's CUDA kernels run on CUDA tensors, not {device.type}"
+    if op is not None and not hasattr(torch.ops.fastgen_C, op):
+        return f"the built CUDA extension predates fastgen_C::{op}: rebuild it"
     return None

@@ -12,6 +12,8 @@ from fastgen._cuda import cuda_ext_can_run_on
 from fastgen._warnings import warn_once
 from fastgen.kernels import attention as _k
 from fastgen.kernels._common import triton_can_run_on
+from fastgen.kernels.fp8 import FP8
+from fastgen.ops.fp8 import Fp8KV
 
 BACKENDS = ("auto", "triton", "cuda", "sdpa", "xformers")
 
@@ -38,12 +40,14 @@ def _attention_triton(
     extra_v: list[torch.Tensor],
     extra_bias: list[float],
     scale: float,
+    extra_k_scale: list[torch.Tensor | None],
+    extra_v_scale: list[torch.Tensor | None],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _k.attention_fwd(q, k, v, extra_k, extra_v, extra_bias, scale)
+    return _k.attention_fwd(q, k, v, extra_k, extra_v, extra_bias, scale, extra_k_scale, extra_v_scale)
 
 
 @_attention_triton.register_fake
-def _(q, k, v, extra_k, extra_v, extra_bias, scale):
+def _(q, k, v, extra_k, extra_v, extra_bias, scale, extra_k_scale, extra_v_scale):
     B, H, Nq, _ = q.shape
     return torch.empty_like(q), q.new_empty((B, H, Nq), dtype=torch.float32)
 
@@ -57,7 +61,8 @@ def _shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
-def _check_kv(name: str, k, v, q: torch.Tensor) -> None:
+def _check_kv(name: str, k, v, q: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    dtype = dtype or q.dtype
     for n, t in ((f"{name} keys", k), (f"{name} values", v)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{n} must be a torch.Tensor, got {type(t).__name__}")
@@ -65,8 +70,8 @@ def _check_kv(name: str, k, v, q: torch.Tensor) -> None:
             raise ValueError(f"{n} must be 4-D (B, H, N, D) like q, got shape {_shape(t)}")
         if t.device != q.device:
             raise ValueError(f"{n} are on {t.device} but q is on {q.device}: move them to one device")
-        if t.dtype != q.dtype:
-            raise ValueError(f"{n} are {t.dtype} but q is {q.dtype}: use one dtype")
+        if t.dtype != dtype:
+            raise ValueError(f"{n} are {t.dtype} but {'fp8 segments must be ' + str(dtype) if dtype != q.dtype else 'q is ' + str(q.dtype)}: use one dtype")
     B, H, _, D = q.shape
     if k.shape[0] not in (1, B) or k.shape[1] != H or k.shape[3] != D:
         raise ValueError(
@@ -74,6 +79,16 @@ def _check_kv(name: str, k, v, q: torch.Tensor) -> None:
         )
     if v.shape[:3] != k.shape[:3]:
         raise ValueError(f"{name} values have shape {_shape(v)}, which does not match keys {_shape(k)} in (B, H, N)")
+
+
+def _check_fp8(name: str, e: Fp8KV, q: torch.Tensor) -> None:
+    _check_kv(name, e.k, e.v, q, dtype=FP8)
+    for n, t, of in ((f"{name} key scales", e.k_scale, e.k), (f"{name} value scales", e.v_scale, e.v)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.device != q.device:
+            raise ValueError(f"{n} must be a float32 tensor on {q.device}")
+        if tuple(t.shape) != tuple(of.shape[:3]) or t.stride(-1) != 1:
+            raise ValueError(f"{n} must be ({', '.join(map(str, of.shape[:3]))}) and contiguous along N, "
+                             f"got shape {_shape(t)}, strides {tuple(t.stride())}")
 
 
 def _check_inputs(q, k, v, extra_kv, extra_bias, scale, backend):
@@ -92,8 +107,11 @@ def _check_inputs(q, k, v, extra_kv, extra_bias, scale, backend):
         raise ValueError("extra_kv must be a list of (k_i, v_i) pairs; wrap a single pair in a list: [(k_i, v_i)]")
     extra_kv = list(extra_kv)
     for i, pair in enumerate(extra_kv):
+        if isinstance(pair, Fp8KV):
+            _check_fp8(f"extra_kv[{i}]", pair, q)
+            continue
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-            raise ValueError(f"extra_kv[{i}] must be a (k, v) pair")
+            raise ValueError(f"extra_kv[{i}] must be a (k, v) pair or a fastgen.ops.Fp8KV")
         _check_kv(f"extra_kv[{i}]", pair[0], pair[1], q)
 
     n = len(extra_kv)
@@ -113,7 +131,7 @@ def _check_inputs(q, k, v, extra_kv, extra_bias, scale, backend):
         scale = q.shape[-1] ** -0.5
     elif not math.isfinite(float(scale)):
         raise ValueError(f"scale must be a finite float, got {scale}")
-    if k.shape[2] + sum(p[0].shape[2] for p in extra_kv) == 0:
+    if k.shape[2] + sum(p.shape[2] if isinstance(p, Fp8KV) else p[0].shape[2] for p in extra_kv) == 0:
         raise ValueError("attention needs at least one key: k and every extra segment are empty")
     return extra_kv, biases, float(scale)
 
@@ -208,6 +226,16 @@ def available_backends(device: torch.device | str) -> dict[str, str | None]:
 # --------------------------------------------------------------------------------------------
 
 
+def _fp8_in_kernel(device: torch.device) -> bool:
+    # Triton converts e4m3 in registers on sm_89+ (and in the interpreter); older GPUs get a copy.
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _plain(extra_kv, dtype) -> list:
+    """Every segment as a (k, v) pair in ``dtype``: fp8 ones dequantized (a copy)."""
+    return [p.dequantize(dtype) if isinstance(p, Fp8KV) else p for p in extra_kv]
+
+
 def _concat(q, k, v, extra_kv, biases):
     B = q.shape[0]
     if not extra_kv:  # nothing to concatenate: no copy (expand is a view)
@@ -271,7 +299,9 @@ def attention(
         q: (B, H, Nq, D) queries, the layout of ``F.scaled_dot_product_attention``; any strides.
         k, v: (B or 1, H, Nk, D) fresh keys and values. A batch of 1 broadcasts.
         extra_kv: list of (k_i, v_i), each (B or 1, H, N_i, D): cached segments attended after
-            ``k, v`` as if concatenated, without concatenating them. Same dtype and device as q.
+            ``k, v`` as if concatenated, without concatenating them. Same dtype and device as q;
+            or a ``fastgen.ops.Fp8KV`` (``fastgen.ops.quantize_kv``), which the Triton kernel
+            dequantizes as it reads (other backends dequantize a copy first).
         extra_bias: a float, or one float per segment, added to the logits of that segment's keys
             (OminiControl's ``log(condition_scale)``, KV-Edit's ``attn_scale``). ``-inf`` drops
             a segment. Default 0.
@@ -290,13 +320,20 @@ def attention(
         ValueError: on mismatched shapes, wrong ranks, mixed devices or dtypes, bad biases.
     """
     extra_kv, biases, scale = _check_inputs(q, k, v, extra_kv, extra_bias, scale, backend)
-    tensors = [q, k, v] + [t for pair in extra_kv for t in pair]
+    tensors = [q, k, v] + [t for pair in extra_kv for t in ((pair.k, pair.v) if isinstance(pair, Fp8KV) else pair)]
     name = resolve_backend(backend, q, tensors, biases, return_lse)
     if name == "triton":
+        if not _fp8_in_kernel(q.device):
+            extra_kv = _plain(extra_kv, q.dtype)
+        fp8 = [isinstance(p, Fp8KV) for p in extra_kv]
         out, lse = torch.ops.fastgen.attention_triton(
-            q, k, v, [p[0] for p in extra_kv], [p[1] for p in extra_kv], biases, scale
+            q, k, v, [p.k if f else p[0] for p, f in zip(extra_kv, fp8)], [p.v if f else p[1] for p, f in zip(extra_kv, fp8)],
+            biases, scale, [p.k_scale if f else None for p, f in zip(extra_kv, fp8)],
+            [p.v_scale if f else None for p, f in zip(extra_kv, fp8)],
         )
-    elif name == "xformers":
+        return (out, lse) if return_lse else out
+    extra_kv = _plain(extra_kv, q.dtype)
+    if name == "xformers":
         out, lse = _xformers(q, k, v, extra_kv, biases, scale), None
     else:
         kept = [(p, b) for p, b in zip(extra_kv, biases) if b != -math.inf]

@@ -152,25 +152,29 @@ def uses_kernel(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _choose(backend: str, q: torch.Tensor) -> str:
-    # One rule for every choice: a dtype the kernels do not take goes to PyTorch, "auto" included.
-    supported = q.dtype in _KERNEL_DTYPES
+def choose_backend(backend: str, x: torch.Tensor, op: str, cuda_op: str) -> str:
+    """The backend of an elementwise op with a Triton kernel, a CUDA twin (``fastgen_C::cuda_op``)
+    and a PyTorch path: ``backend`` where it can run ``x``, else the automatic choice (warned
+    once). One rule for every choice: a dtype the kernels do not take goes to PyTorch, "auto"
+    included; "auto" prefers the CUDA extension, then Triton on a GPU, then PyTorch."""
+    supported = x.dtype in _KERNEL_DTYPES
+    cuda_reason = cuda_ext_can_run_on(x.device, cuda_op)
     if not supported:
         auto = "torch"
-    elif cuda_ext_can_run_on(q.device) is None:
+    elif cuda_reason is None:
         auto = "cuda"
-    elif q.device.type == "cuda" and triton_can_run_on(q.device) is None:
+    elif x.device.type == "cuda" and triton_can_run_on(x.device) is None:
         auto = "triton"
     else:
         auto = "torch"
     if backend in ("auto", "torch"):
         return auto if backend == "auto" else "torch"
-    reason = triton_can_run_on(q.device) if backend == "triton" else cuda_ext_can_run_on(q.device)
+    reason = triton_can_run_on(x.device) if backend == "triton" else cuda_reason
     if reason is None and not supported:
-        reason = f"dtype {q.dtype} is not supported (fp16, bf16, fp32 are)"
+        reason = f"dtype {x.dtype} is not supported (fp16, bf16, fp32 are)"
     if reason is None:
         return backend
-    warn_once(f"prologue:{backend}:{reason}", f"fastgen.ops.qk_norm_rope: backend {backend!r} unavailable ({reason}); using {auto!r}")
+    warn_once(f"{op}:{backend}:{reason}", f"fastgen.ops.{op}: backend {backend!r} unavailable ({reason}); using {auto!r}")
     return auto
 
 
@@ -212,7 +216,7 @@ def qk_norm_rope(
     """
     cos, sin, full = _check(q, k, q_weight, k_weight, cos, sin, eps, norm, rope, backend)
     out = _check_out(out, q)
-    name = _choose(backend, q)
+    name = choose_backend(backend, q, "qk_norm_rope", "qk_norm_rope")
     if name == "torch":
         a, b = qk_norm_rope_torch(q, k, q_weight, k_weight, cos, sin, eps, norm, rope, full)
         return (out[0].copy_(a), out[1].copy_(b)) if out is not None else (a, b)

@@ -44,10 +44,16 @@ class PatchConfig:
     @classmethod
     def build(cls, config: PatchConfig | None = None, **overrides) -> PatchConfig:
         """``config`` with ``overrides`` applied; unknown keys raise ``ValueError`` naming the known ones."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"unknown PatchConfig option(s) {unknown}; the options are {sorted(known)}")
-        if config is not None and not isinstance(config, cls):
-            raise ValueError(f"config must be a fastgen.PatchConfig, got {type(config).__name__}")
-        return dataclasses.replace(config or cls(), **overrides)
+        return build_config(cls, config, overrides, "fastgen.PatchConfig")
+
+
+def build_config(cls, config, overrides: dict, label: str):
+    """``config`` (an instance of the dataclass ``cls``, or None for the defaults) with
+    ``overrides`` applied; unknown keys or a config of another type raise ``ValueError``."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} option(s) {unknown}; the options are {sorted(known)}")
+    if config is not None and not isinstance(config, cls):
+        raise ValueError(f"config must be a {label}, got {type(config).__name__}")
+    return dataclasses.replace(config or cls(), **overrides)

@@ -129,14 +129,11 @@ def prefix_key_lengths(mask: torch.Tensor, batch: int, n_keys: int) -> list[int]
     return None if min(out) == n_keys else out
 
 
-def joint_attention(groups: list[TokenGroup], head_dim: int, config: PatchConfig,
-                    key_lengths: list[int] | None = None) -> list[torch.Tensor]:
-    """Attention of every group's queries over all groups' keys, in group order.
+def project_groups(groups: list[TokenGroup], head_dim: int, config: PatchConfig):
+    """Every group's fused prologue, queries written into one joint buffer.
 
-    Equivalent to concatenating the groups along the sequence, normalising, rotating and calling
-    SDPA, then splitting. ``key_lengths``: per batch element, how many leading keys of the joint
-    sequence are valid (a key-padding mask); the rest are excluded by truncating segments in place.
-    Returns one (B, S_i, H*D) tensor per group.
+    Returns ``(q_joint, keys, values)``: q_joint (B, H, sum S_i, D) and one (B, H, S_i, D) key and
+    value per group (views of the projections where no prologue applies), ready for attention.
     """
     sizes = [g.query.shape[1] for g in groups]
     first = heads_view(groups[0].query, head_dim)
@@ -154,10 +151,38 @@ def joint_attention(groups: list[TokenGroup], head_dim: int, config: PatchConfig
         keys.append(k)
         values.append(heads_view(g.value, head_dim))
         start += n
+    return q_joint, keys, values
+
+
+def split_heads_output(out: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """(B, H, S, D) attention output -> one (B, S_i, H*D) view per group."""
+    flat = out.transpose(1, 2).flatten(2)
+    return list(flat.split(sizes, dim=1)) if len(sizes) > 1 else [flat]
+
+
+def joint_attention(groups: list[TokenGroup], head_dim: int, config: PatchConfig,
+                    key_lengths: list[int] | None = None,
+                    extra: list[tuple[torch.Tensor, torch.Tensor, float]] | None = None) -> list[torch.Tensor]:
+    """Attention of every group's queries over all groups' keys, in group order.
+
+    Equivalent to concatenating the groups along the sequence, normalising, rotating and calling
+    SDPA, then splitting. ``key_lengths``: per batch element, how many leading keys of the joint
+    sequence are valid (a key-padding mask); the rest are excluded by truncating segments in place.
+    ``extra``: cached (k, v, bias) segments, each (B or 1, H, N, D) ready for attention, attended
+    after the groups' keys with ``bias`` added to their logits (not with ``key_lengths``).
+    Returns one (B, S_i, H*D) tensor per group.
+    """
+    sizes = [g.query.shape[1] for g in groups]
+    q_joint, keys, values = project_groups(groups, head_dim, config)
     if key_lengths is None:
-        out = ops.attention(q_joint, keys[0], values[0], extra_kv=list(zip(keys[1:], values[1:])) or None,
+        extra = extra or []
+        segments = list(zip(keys[1:], values[1:])) + [(k, v) for k, v, _ in extra]
+        biases = [0.0] * (len(keys) - 1) + [b for _, _, b in extra]
+        out = ops.attention(q_joint, keys[0], values[0], extra_kv=segments or None, extra_bias=biases or None,
                             backend=config.attention_backend)
     else:
+        if extra:
+            raise ValueError("cached extra segments cannot be combined with a key-padding mask")
         parts = []
         for b, length in enumerate(key_lengths):
             segs, start = [], 0
@@ -170,5 +195,4 @@ def joint_attention(groups: list[TokenGroup], head_dim: int, config: PatchConfig
                                        backend=config.attention_backend))
         # one copy, concatenated in (B, S, H, D) order so the flatten below is a view
         out = torch.cat([p.transpose(1, 2) for p in parts]).transpose(1, 2)
-    flat = out.transpose(1, 2).flatten(2)
-    return list(flat.split(sizes, dim=1)) if len(groups) > 1 else [flat]
+    return split_heads_output(out, sizes)
