@@ -12,7 +12,8 @@ from fastgen._version import __version__
 from fastgen._warnings import FastgenFallbackWarning
 
 __all__ = [
-    "Condition", "FastgenFallbackWarning", "PatchConfig", "__version__", "benchmarks", "condition", "is_patched", "ops",
+    "Condition", "FastgenFallbackWarning", "PatchConfig", "__version__", "benchmarks", "condition", "edit", "is_patched",
+    "ops",
     "patch", "unpatch",
 ]
 _PATCH_API = ("patch", "unpatch", "is_patched", "PatchConfig", "PatchHandle")
@@ -21,7 +22,7 @@ _PATCH_API = ("patch", "unpatch", "is_patched", "PatchConfig", "PatchHandle")
 def __getattr__(name: str):
     # Submodules load on first use: importing fastgen stays cheap, and TRITON_INTERPRET (read when
     # the kernels are defined) can still be set after ``import fastgen``.
-    if name in ("ops", "benchmarks", "condition"):
+    if name in ("ops", "benchmarks", "condition", "edit"):
         return importlib.import_module(f"fastgen.{name}")
     if name == "Condition":
         return importlib.import_module("fastgen.condition").Condition

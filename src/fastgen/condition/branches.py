@@ -58,6 +58,8 @@ class BranchState:
     image_ids: torch.Tensor | None = None  # fill mode: ids of the generated tokens only
     pooled: torch.Tensor | None = None  # the first call's pooled text embedding (the prompt's)
     batch: int = 1  # the current forward's batch
+    n_txt: int = 0  # the current forward's text tokens
+    background: object | None = None  # fastgen.edit: captures or supplies extra K/V per layer
     forwards: int = 0
     branch_forwards: int = 0  # forwards that ran the condition branches
     _rope: list = field(default_factory=list)
@@ -145,8 +147,16 @@ def _attend(layer: int, attn, main_groups: list[TokenGroup], conds: list[_Live],
     if not conds and state.cache is not None:
         entries = state.cache.segments(layer)  # (k, v) pairs or fastgen.ops.Fp8KV, read in place
     q, keys, values = project_groups(main_groups, d, cfg)
+    biases = [b.bias for b in state.branches][: len(entries)]
+    if state.background is not None:
+        # image keys/values: the second group of a double block, the tail of a single block's stream
+        k_img, v_img = (keys[1], values[1]) if len(keys) == 2 else (keys[0][:, :, state.n_txt :],
+                                                                   values[0][:, :, state.n_txt :])
+        extra = state.background.attend(layer, k_img, v_img)
+        entries = entries + [e for e, _ in extra]
+        biases = biases + [b for _, b in extra]
     segs = list(zip(keys[1:], values[1:])) + entries
-    biases = [0.0] * (len(keys) - 1) + [b.bias for b in state.branches][: len(entries)]
+    biases = [0.0] * (len(keys) - 1) + biases
     out = ops.attention(q, keys[0], values[0], extra_kv=segs or None, extra_bias=biases or None,
                         backend=cfg.attention_backend)
     return split_heads_output(out, sizes), cond_out
@@ -279,7 +289,7 @@ def branch_forward(
         rope = model.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
         if state.pooled is None:
             state.pooled = pooled_projections.detach()
-        state.batch = x.shape[0]
+        state.batch, state.n_txt = x.shape[0], c.shape[1]
         run_branches = bool(state.branches) and (state.cache is None or not state.cache.filled)
         conds = _start_branches(model, state, x.dtype, guidance) if run_branches else []
 
