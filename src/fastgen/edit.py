@@ -160,12 +160,12 @@ class KVEditor:
         e, p, ids = self.pipe.encode_prompt(prompt=prompt, prompt_2=None, device=self.pipe._execution_device)
         return e, p, ids
 
-    def _forward(self, state, z, t, text, guidance):
+    def _forward(self, state, z, t, text, guidance, ids):
         embeds, pooled, txt_ids = text
         tr = self.pipe.transformer
         g = torch.full((z.shape[0],), guidance, device=z.device, dtype=torch.float32) if tr.config.guidance_embeds else None
         return branch_forward(tr, state, hidden_states=z, encoder_hidden_states=embeds, pooled_projections=pooled,
-                              timestep=t.expand(z.shape[0]).to(z.dtype), img_ids=self._ids, txt_ids=txt_ids, guidance=g,
+                              timestep=t.expand(z.shape[0]).to(z.dtype), img_ids=ids, txt_ids=txt_ids, guidance=g,
                               return_dict=False)[0]
 
     @torch.no_grad()
@@ -220,6 +220,7 @@ class KVEditor:
         sig = self._sigmas(num_inference_steps, rows * cols, device)
         full_ids = fl.grid_ids(rows, cols, device=device)
         fg_idx, bg_idx = fg.nonzero().flatten(), (~fg).nonzero().flatten()
+        fg_ids = full_ids[fg_idx]
         bg = BackgroundKV(bg_idx, storage, compute, cache_dtype, keep_steps=not inversion_free)
         state = BranchState.create(tr, [], self.config)
         state.background = bg
@@ -228,16 +229,14 @@ class KVEditor:
         def full(z, t, text, guidance, step):
             nonlocal forwards
             bg.begin("capture", step)
-            state.image_ids, self._ids = None, full_ids
             forwards += 1
-            return self._forward(state, z, t, text, guidance)
+            return self._forward(state, z, t, text, guidance, full_ids)
 
         def foreground(z_fg, t, step):
             nonlocal forwards
             bg.begin("use", step, attn_scale)
-            state.image_ids, self._ids = full_ids[fg_idx], full_ids[fg_idx]
             forwards += 1
-            return self._forward(state, z_fg, t, tar, guidance_scale)
+            return self._forward(state, z_fg, t, tar, guidance_scale, fg_ids)
 
         try:
             noise = None

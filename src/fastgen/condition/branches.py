@@ -24,6 +24,7 @@ import fastgen.ops as ops
 from fastgen.condition.adapters import AdapterSwitch
 from fastgen.condition.cache import ConditionKVCache
 from fastgen.condition.config import ConditionConfig
+from fastgen.patching.config import PatchConfig
 from fastgen.patching.core import TokenGroup, heads_view, project_groups, prologue, split_heads_output
 
 
@@ -63,12 +64,13 @@ class BranchState:
     forwards: int = 0
     branch_forwards: int = 0  # forwards that ran the condition branches
     _rope: list = field(default_factory=list)
+    patch_config: PatchConfig = field(default_factory=PatchConfig)  # the attention settings, built once
 
     @classmethod
     def create(cls, model, branches: list[Branch], config: ConditionConfig, image_ids=None) -> BranchState:
         switch = AdapterSwitch(model, [b.adapter for b in branches])
         cache = ConditionKVCache(config.cache_dtype) if (config.use_cache and branches) else None
-        return cls(branches, config, switch, cache, image_ids)
+        return cls(branches, config, switch, cache, image_ids, patch_config=config.patch_config())
 
     def clear(self) -> None:
         if self.cache is not None:
@@ -112,7 +114,7 @@ def _start_branches(model, state: BranchState, x_dtype, guidance) -> list[_Live]
 def _attend(layer: int, attn, main_groups: list[TokenGroup], conds: list[_Live], cond_groups: list[TokenGroup],
             state: BranchState):
     """Main and condition attention of one layer. Returns (main outputs per group, condition outputs)."""
-    cfg = state.config.patch_config()
+    cfg = state.patch_config
     d = attn.head_dim
     sizes = [g.query.shape[1] for g in main_groups]
     if state.config.attention == "symmetric":
