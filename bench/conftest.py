@@ -33,6 +33,12 @@ def _results(config) -> list[B.Result]:
                                  extra={"first_forward_ms": info["first_forward_ms"], "later_forward_ms": ms,
                                         "tokens_per_image": "", "cache_mb": info["cache_mb"]}))
             continue
+        if info["suite"] == "edit":  # the edit's time; inversion measured apart (B.edit_path_result)
+            extra = {k: v for k, v in info.items() if k not in ("suite", "case", "provider", "peak_mb", "max_diff")}
+            extra["total_ms"] = ms + (info.get("inversion_ms") or 0.0)
+            rows.append(B.Result("edit", info["case"], info["provider"], ms, max_diff=info.get("max_diff"),
+                                 peak_mb=info.get("peak_mb"), extra=extra))
+            continue
         rows.append(B.Result(
             info["suite"], info["case"], info["provider"], ms,
             tflops=info["flops"] / ms / 1e9 if "flops" in info else None,
@@ -41,7 +47,8 @@ def _results(config) -> list[B.Result]:
             extra={"reference": info.get("reference")},
         ))
     for suite, baseline in (("attention", B.is_sdpa), ("prologue", lambda p: p == "torch-unfused"),
-                            ("denoiser", lambda p: p == "diffusers"), ("condition", lambda p: p.startswith("(a)"))):
+                            ("denoiser", lambda p: p == "diffusers"), ("condition", lambda p: p.startswith("(a)")),
+                            ("edit", lambda p: p.startswith("full generation"))):
         B.add_speedups([r for r in rows if r.suite == suite], baseline)
     return rows
 

@@ -3,15 +3,16 @@
 # test suite on the GPU, run every benchmark suite and the demo, writing results (JSON + markdown)
 # and logs into OUTDIR, so a short GPU window is spent measuring, not setting up.
 #
-#   bench/run_gpu.sh OUTDIR [all|test|bench|conditions|demo]...     (default: all)
+#   bench/run_gpu.sh OUTDIR [all|test|bench|conditions|edit|demo]...     (default: all)
 #
 # Each phase builds first (idempotent, ~1 min on a fresh machine). A lent machine allows 10 minutes
 # a call and returns at most 8 files, so split a cold start across calls: `test`, then `bench`,
-# then `conditions` (Flux-dev with image conditions, 12B random weights), then `demo`. Files:
+# then `conditions` (Flux-dev with image conditions, 12B random weights), then `edit` (KV-Edit on
+# Flux-dev), then `demo`. Files:
 # info.txt, build.log, tests.log, bench.log, pytest-benchmark.json, bench-cuda.md, bench-cuda.json,
-# demo.txt; conditions/ holds the conditions suite's log, JSON and table.
+# demo.txt; conditions/ and edit/ hold those suites' logs, JSON and tables.
 set -uo pipefail
-OUT=${1:?usage: bench/run_gpu.sh OUTDIR [all|test|bench|demo]...}
+OUT=${1:?usage: bench/run_gpu.sh OUTDIR [all|test|bench|conditions|edit|demo]...}
 shift
 PHASES=${*:-all}
 mkdir -p "$OUT"
@@ -43,7 +44,7 @@ if want test; then  # on a GPU every kernel test runs natively, plus the @gpu te
 fi
 if want bench; then  # every suite, timed; fastgen's table lands in OUT/bench-cuda.{md,json}
   "$PY" -m pytest bench -p no:cacheprovider -q --benchmark-json "$OUT/pytest-benchmark.json" \
-    --ignore=bench/bench_conditions.py \
+    --ignore=bench/bench_conditions.py --ignore=bench/bench_edit.py \
     --benchmark-columns=median,iqr,rounds --fastgen-out "$OUT" 2>&1 | tee "$OUT/bench.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
@@ -52,6 +53,12 @@ if want conditions; then  # issue #4: (a) symmetric, (b) asymmetric, (c) cached,
   "$PY" -m pytest bench/bench_conditions.py -p no:cacheprovider -q --benchmark-max-time=2 \
     --benchmark-json "$OUT/conditions/pytest-benchmark.json" --fastgen-out "$OUT/conditions" 2>&1 \
     | tee "$OUT/conditions/bench.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+if want edit; then  # issue #4: KV-Edit per cache option vs a full generation (OOM rows say so)
+  mkdir -p "$OUT/edit"
+  "$PY" -m pytest bench/bench_edit.py -p no:cacheprovider -q -rxs \
+    --benchmark-json "$OUT/edit/pytest-benchmark.json" --fastgen-out "$OUT/edit" 2>&1 | tee "$OUT/edit/bench.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 if want demo; then  # the main job at its GPU size

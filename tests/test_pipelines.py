@@ -74,6 +74,43 @@ def test_demo_compare_reports_speed_difference_and_reversibility():
         assert needle in text
 
 
+def test_demo_condition_task_cache_matches_and_skips_branches():
+    pipe, call = demo.build_pipeline("flux", "tiny")
+    result = demo.compare_conditions(pipe, call, steps=3, repeats=1, device=DEVICE, conditions=2)
+    labels = list(result["runs"])
+    assert [result["stats"][k]["branch_forwards"] for k in labels] == [3, 3, 1], "only the cache skips branches"
+    assert result["stats"][labels[2]]["cache_bytes"] > 0 == result["stats"][labels[1]]["cache_bytes"]
+    assert result["max_diff"] <= 1e-4 * max(1.0, float(result["runs"][labels[1]].latents.abs().max()))
+    sym = result["runs"][labels[0]].latents
+    assert (sym - result["runs"][labels[1]].latents).abs().max() > 1e-4, "symmetric attention is another model"
+    text = demo.report_conditions(result, fastgen.benchmarks.environment(DEVICE), "tiny flux")
+    for needle in ("2 image condition(s)", "speed-up of the K/V cache", "OminiControl", "max"):
+        assert needle in text
+    with pytest.raises(ValueError, match="conditions must be"):
+        demo.compare_conditions(pipe, call, conditions=0)
+
+
+def test_demo_edit_task_reports_speedup_and_exact_background():
+    pipe, call = demo.build_pipeline("flux", "tiny")
+    result = demo.compare_edit(pipe, call, steps=3, repeats=1, device=DEVICE)
+    full, edit = result["rows"]
+    assert result["background_exact"] and edit.extra["edited_tokens"] == 4 and edit.extra["tokens"] == 16
+    assert result["speedup"] == pytest.approx(full.ms / edit.ms)
+    assert edit.extra["inversion_ms"] > 0 and edit.extra["forwards"] == 2 * (3 - 1)
+    text = demo.report_edit(result, fastgen.benchmarks.environment(DEVICE), "tiny flux")
+    for needle in ("full generation (diffusers)", "kv-edit, device cache", "edit speed-up", "bit-exact: True"):
+        assert needle in text
+    with pytest.raises(ValueError, match="mask_fraction"):
+        demo.compare_edit(pipe, call, mask_fraction=0)
+
+
+def test_demo_cli_tasks_need_flux():
+    from fastgen.cli import main
+
+    with pytest.raises(SystemExit, match="runs on Flux"):
+        main(["demo", "--task", "edit", "--family", "sd15", "--device", "cpu"])
+
+
 def test_demo_rejects_unknown_family_and_size():
     with pytest.raises(ValueError, match="family must be one of"):
         demo.build_pipeline("dalle")

@@ -89,6 +89,8 @@ def cmd_demo(args) -> int:
     device = _device_arg(args.device)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
         args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    if args.task != "patch" and not args.model and args.family != "flux":
+        raise SystemExit(f"--task {args.task} runs on Flux; drop --family {args.family}")
     if args.model:
         pipe, call = demo.load_pipeline(args.model)
         what = f"{type(pipe).__name__} from {args.model}"
@@ -101,12 +103,28 @@ def cmd_demo(args) -> int:
     pipe.to(device, dtype)
     call = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
             for k, v in call.items()}
-    config = PatchConfig(attention_backend=args.attention_backend, fuse_prologue=not args.no_fuse_prologue)
     what += f", {args.steps} steps, {dtype}"
+    env = B.environment(device)
+    if args.task != "patch" and "height" not in call:  # a checkpoint: its default size
+        call.update(height=pipe.default_sample_size * pipe.vae_scale_factor,
+                    width=pipe.default_sample_size * pipe.vae_scale_factor)
+    if args.task == "condition":
+        with tqdm(total=3 * args.repeats, desc="demo runs", unit="run", disable=args.quiet) as bar:
+            result = demo.compare_conditions(pipe, call, steps=args.steps, repeats=args.repeats, device=device,
+                                             conditions=args.conditions, progress=bar.update)
+        print(demo.report_conditions(result, env, what))
+        return 0
+    if args.task == "edit":
+        with tqdm(total=3, desc="demo runs", unit="run", disable=args.quiet) as bar:
+            result = demo.compare_edit(pipe, call, steps=args.steps, repeats=args.repeats, device=device,
+                                       mask_fraction=args.mask_fraction, progress=bar.update)
+        print(demo.report_edit(result, env, what))
+        return 0 if result["background_exact"] else 1
+    config = PatchConfig(attention_backend=args.attention_backend, fuse_prologue=not args.no_fuse_prologue)
     with tqdm(total=2 * args.repeats + 1, desc="demo runs", unit="run", disable=args.quiet) as bar:
         result = demo.compare(pipe, call, steps=args.steps, repeats=args.repeats, device=device, config=config,
                               progress=bar.update)
-    print(demo.report(result, B.environment(device), what))
+    print(demo.report(result, env, what))
     return 0 if result["unpatch_bit_exact"] else 1
 
 
@@ -125,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
 
     d = sub.add_parser("demo", help="run a pipeline unpatched and patched; print time, speed-up, difference, memory")
     d.add_argument("--device", help="cuda or cpu (default: cuda if present)")
+    d.add_argument("--task", choices=["patch", "condition", "edit"], default="patch",
+                   help="patch: fastgen.patch vs diffusers (default); condition: image conditions with vs without "
+                        "the K/V cache; edit: KV-Edit vs a full generation (Flux)")
+    d.add_argument("--conditions", type=int, default=1, help="--task condition: how many image conditions")
+    d.add_argument("--mask-fraction", type=float, default=0.25, help="--task edit: share of the image edited")
     d.add_argument("--family", choices=["flux", "sd3", "sd15", "sdxl", "wan", "hunyuan"], default="flux",
                    help="architecture of the built-in pipeline (default flux)")
     d.add_argument("--size", choices=["tiny", "small", "medium", "large"],
@@ -142,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = sub.add_parser("bench", help="run the benchmark suites and print baseline-vs-fastgen tables")
     common(bench)
-    bench.add_argument("--suite", choices=["all", "attention", "prologue", "denoiser", "condition"], default="all")
+    bench.add_argument("--suite", choices=["all", "attention", "prologue", "denoiser", "condition", "edit"], default="all")
     bench.add_argument("--budget", type=float, default=1.0, help="seconds of timing per row (default 1)")
     bench.add_argument("--out", help="write JSON and markdown results to this folder")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")

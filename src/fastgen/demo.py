@@ -226,3 +226,113 @@ def report(result: dict, env: dict, what: str) -> str:
                      "code plus the exact K/V reuse, so on a CPU this ratio is ~1.0 within timing noise, which on a "
                      "busy 2-core machine is tens of percent. Kernel speed needs a GPU.)")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# --task condition and --task edit (Flux)
+# --------------------------------------------------------------------------------------------
+
+TASKS = ("patch", "condition", "edit")
+
+
+def _text(pipe, call: dict, prompt_key: str = "prompt") -> dict:
+    """prompt_embeds / pooled_prompt_embeds of the call (encoded once when it holds a prompt)."""
+    if "prompt_embeds" in call:
+        return dict(prompt_embeds=call["prompt_embeds"], pooled_prompt_embeds=call["pooled_prompt_embeds"])
+    e, p, _ = pipe.encode_prompt(prompt=call[prompt_key], prompt_2=None, device=pipe._execution_device)
+    return dict(prompt_embeds=e, pooled_prompt_embeds=p)
+
+
+def compare_conditions(pipe, call, *, steps=4, repeats=3, device="cpu", conditions=1, progress=lambda: None) -> dict:
+    """Image conditions three ways, same seed: OminiControl's symmetric extra tokens every step,
+    asymmetric attention without the cache (the exact baseline), and fastgen's K/V cache."""
+    from fastgen.condition import Condition, ConditionConfig, FluxConditionPipeline
+
+    if conditions < 1:
+        raise ValueError(f"conditions must be >= 1, got {conditions}")
+    device = torch.device(device)
+    cp = FluxConditionPipeline.from_pipe(pipe)
+    cp.set_progress_bar_config(disable=True)
+    h, w = call["height"], call["width"]
+    conds = [Condition(torch.rand(3, h, w, generator=torch.Generator().manual_seed(40 + i)),
+                       position_delta=(0, -(w // 16) * (i + 1))) for i in range(conditions)]
+    variants = {"OminiControl: symmetric, every step": ConditionConfig(attention="symmetric"),
+                "asymmetric, no cache (baseline)": ConditionConfig(kv_cache=False),
+                "fastgen: asymmetric + K/V cache": ConditionConfig()}
+    runs, stats = {}, {}
+    for label, cfg in variants.items():
+        runs[label] = _time_run(cp, dict(call, conditions=conds, condition_config=cfg), steps, device, repeats, label,
+                                progress)
+        stats[label] = dict(cp.last_condition_stats)
+    sym, base, fast = runs.values()
+    diff = (fast.latents - base.latents).abs()
+    return dict(runs=runs, stats=stats, conditions=conditions, speedup=base.ms_per_step / fast.ms_per_step,
+                speedup_vs_symmetric=sym.ms_per_step / fast.ms_per_step, max_diff=float(diff.max()),
+                mean_diff=float(diff.mean()))
+
+
+def compare_edit(pipe, call, *, steps=4, repeats=3, device="cpu", mask_fraction=0.25, progress=lambda: None) -> dict:
+    """KV-Edit of the centre ``mask_fraction`` of an image the pipeline generates, against a full
+    generation at the same size: edit time (foreground only, from one inversion), inversion time,
+    cache size, peak memory, background bit-exact."""
+    from fastgen import benchmarks as B
+    from fastgen.edit import KVEditor
+
+    if not 0 < mask_fraction <= 1:
+        raise ValueError(f"mask_fraction must be in (0, 1], got {mask_fraction}")
+    device = torch.device(device)
+    side = call["height"]
+    if call["width"] != side:
+        raise ValueError(f"the edit demo takes a square image, got {call['height']}x{call['width']}")
+    pipe.set_progress_bar_config(disable=True)
+    text = _text(pipe, call)
+    target = None
+    if "prompt" in call:  # a real checkpoint: a real target prompt
+        t = _text(pipe, dict(prompt=call["prompt"].replace("red fox", "grey wolf")))
+        target = dict(target_prompt_embeds=t["prompt_embeds"], target_pooled_prompt_embeds=t["pooled_prompt_embeds"])
+    image = pipe(**text, height=side, width=side, num_inference_steps=steps, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images[0].float().cpu()  # the source
+    progress()
+    case = B.EditCase(f"{side}^2, {mask_fraction:.0%} mask", None, side, mask_fraction, steps, max(1, round(steps / 7)))
+    bench = B.EditBench(case, pipe, text, image, B.centre_mask(side, mask_fraction), KVEditor(pipe), target)
+    rows = [B.edit_baseline_result(bench, "full generation (diffusers)", device, repeats)]
+    progress()
+    rows.append(B.edit_path_result(bench, "kv-edit, device cache", device, repeats)[0])
+    progress()
+    B.add_speedups(rows, lambda p: p.startswith("full generation"))
+    return dict(rows=rows, case=case, speedup=rows[1].speedup, background_exact=rows[1].extra["background_exact"])
+
+
+def _header(env: dict, what: str) -> list[str]:
+    return [f"fastgen demo: {what}",
+            f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | fastgen {env['fastgen']} "
+            f"({env['commit']})"]
+
+
+def _mem(run) -> str:
+    return "n/a (CUDA only)" if run.peak_mb is None else f"{run.peak_mb:.0f} MB"
+
+
+def report_conditions(result: dict, env: dict, what: str) -> str:
+    lines = _header(env, f"{what}, {result['conditions']} image condition(s)") + [
+        "", "| run | ms / step | condition forwards | cache MB | peak memory |", "| --- | ---: | ---: | ---: | ---: |"]
+    for label, run in result["runs"].items():
+        s = result["stats"][label]
+        lines.append(f"| {label} | {run.ms_per_step:.2f} | {s['branch_forwards']} | {s['cache_bytes'] / 2**20:.1f} "
+                     f"| {_mem(run)} |")
+    lines += ["", f"speed-up of the K/V cache: {result['speedup']:.3f}x over asymmetric without it, "
+              f"{result['speedup_vs_symmetric']:.3f}x over symmetric (OminiControl)",
+              f"output difference, cache vs no cache (final latents): max {result['max_diff']:.3e}, "
+              f"mean {result['mean_diff']:.3e}"]
+    return "\n".join(lines)
+
+
+def report_edit(result: dict, env: dict, what: str) -> str:
+    from fastgen import benchmarks as B
+
+    c = result["case"]
+    lines = _header(env, f"{what}; KV-Edit of a generated image, {c.steps} steps, {c.skip_steps} skipped")
+    lines += B._edit_table(result["rows"])[2:]  # the table, without its heading line
+    lines += ["", f"edit speed-up over a full generation: {result['speedup']:.3f}x (edit only; one inversion serves "
+              "many edits)", f"background latents bit-exact: {result['background_exact']}"]
+    return "\n".join(lines)
