@@ -63,6 +63,29 @@ def test_sharp_foreground_forward_equals_full_forward(editor, backend):
         assert len(bg._entries) == layers
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_inversion_mask_forward_equals_masked_reference(editor, backend):
+    # KV-Edit's optional inversion mask against diffusers' own forward with the same boolean mask
+    # (text sees all; foreground sees text + foreground; background text + background).
+    model = editor.pipe.transformer
+    inputs = _forward_inputs(None, batch=1)
+    fg = fl.token_mask(_mask(), SIDE, SIDE).to(DEVICE)
+    n_txt = inputs["encoder_hidden_states"].shape[1]
+    txt = torch.zeros(n_txt, dtype=torch.bool, device=DEVICE)
+    is_fg, is_bg = torch.cat([txt, fg]), torch.cat([txt, ~fg])
+    allow = ~((is_fg[:, None] & is_bg[None, :]) | (is_bg[:, None] & is_fg[None, :]))
+    order = torch.cat([fg.nonzero().flatten(), (~fg).nonzero().flatten()])
+    with torch.no_grad():
+        ref = model(**inputs, joint_attention_kwargs={"attention_mask": allow[None, None]}).sample
+        plain = model(**inputs).sample
+        state = BranchState.create(model, [], ConditionConfig(attention_backend=backend))
+        state.token_split = int(fg.sum())
+        out = branch_forward(model, state, **dict(inputs, hidden_states=inputs["hidden_states"][:, order],
+                                                  img_ids=inputs["img_ids"][order])).sample
+    assert _rel(out, ref[:, order]) <= 1e-5, _rel(out, ref[:, order])
+    assert _rel(plain, ref) > 1e-4, "the mask changes the forward"
+
+
 def test_attn_scale_changes_the_foreground(editor):
     a = editor.edit(_image(), _mask(), num_inference_steps=3, skip_steps=1, output_type="latent", **_prompts())
     b = editor.edit(_image(), _mask(), num_inference_steps=3, skip_steps=1, attn_scale=0.0, output_type="latent",
@@ -70,10 +93,10 @@ def test_attn_scale_changes_the_foreground(editor):
     assert _rel(a.latents, b.latents) > 1e-5
 
 
-@pytest.mark.parametrize("variant", ["inversion", "re_init", "inversion_free"])
+@pytest.mark.parametrize("variant", ["inversion", "re_init", "inversion_free", "attention_mask"])
 def test_background_is_bit_exact_after_an_edit(editor, variant):
     kw = dict(re_init=variant == "re_init", inversion_free=variant == "inversion_free",
-              generator=torch.Generator().manual_seed(3))
+              attention_mask=variant == "attention_mask", generator=torch.Generator().manual_seed(3))
     out = editor.edit(_image(), _mask(), num_inference_steps=4, skip_steps=1, output_type="latent", **kw, **_prompts())
     x0, _ = fl.encode_image(editor.pipe, _image())
     fg = fl.token_mask(_mask(), SIDE, SIDE)
@@ -83,6 +106,9 @@ def test_background_is_bit_exact_after_an_edit(editor, variant):
     assert out.stats["forwards"] == 2 * steps, out.stats  # inversion + edit, or source + target per step
     per_layer = 12 * 2 * 16 * 2 * 4  # 12 background tokens, 2 heads x 16, k and v, fp32
     assert out.stats["cache_bytes"] == (1 if variant == "inversion_free" else steps) * 3 * per_layer
+    if variant == "attention_mask":  # the masked inversion is another trajectory
+        plain = editor.edit(_image(), _mask(), num_inference_steps=4, skip_steps=1, output_type="latent", **_prompts())
+        assert _rel(out.latents, plain.latents) > 1e-5
 
 
 def test_empty_mask_returns_the_input(editor):
@@ -156,6 +182,8 @@ def test_bad_input_raises(editor):
         editor.edit(_image(), _mask(), num_inference_steps=4, skip_steps=4, **_prompts())
     with pytest.raises(ValueError, match="cache_dtype"):
         editor.edit(_image(), _mask(), cache_dtype="int8", **_prompts())
+    with pytest.raises(ValueError, match="inversion_free has none"):
+        editor.edit(_image(), _mask(), inversion_free=True, attention_mask=True, **_prompts())
     with pytest.raises(ValueError, match="source_prompt"):
         editor.edit(_image(), _mask())
     with pytest.raises(ValueError, match="target_prompt"):

@@ -298,7 +298,7 @@ class KVEditor:
     @torch.no_grad()
     def invert(self, image, mask, source_prompt=None, *, source_prompt_embeds=None, source_pooled_prompt_embeds=None,
                num_inference_steps: int = 28, skip_steps: int = 4, inversion_guidance: float = 1.5,
-               cache_device=None, cache_dtype: str = "compute") -> Inversion:
+               cache_device=None, cache_dtype: str = "compute", attention_mask: bool = False) -> Inversion:
         """Invert ``image`` under ``source_prompt``, caching the background K/V of every step and layer.
 
         Args: as ``edit``. Returns an ``Inversion`` for ``denoise``; release it when done.
@@ -311,8 +311,13 @@ class KVEditor:
         state = BranchState.create(self.pipe.transformer, [], self.config)
         state.background = cache
         ids = fl.grid_ids(*grid, device=x0.device)
+        order = None
+        if attention_mask:  # tokens as [foreground, background]: each query group reads a slice of the K/V
+            order = torch.cat([fg.nonzero().flatten(), cache.bg])
+            ids, state.token_split = ids[order], int(fg.sum())
+            cache.bg = torch.arange(state.token_split, fg.numel(), device=x0.device)  # same columns, same order
         try:
-            z = x0
+            z = x0 if order is None else x0[:, order]
             for i in range(num_inference_steps - 1, skip_steps - 1, -1):  # Euler, backwards in time
                 cache.begin("capture", i)
                 z = z + (sig[i] - sig[i + 1]) * self._forward(state, z, sig[i + 1], src, inversion_guidance, ids)
@@ -321,6 +326,8 @@ class KVEditor:
             raise
         finally:
             state.clear()
+        if order is not None:
+            z = torch.empty_like(z).index_copy_(1, order, z)
         stats.update(forwards=num_inference_steps - skip_steps, cache_bytes=cache.nbytes,
                      host_cache_bytes=cache.host_bytes)
         return Inversion(image, x0, z, fg, sig, skip_steps, grid, size, cache, stats)
@@ -368,8 +375,8 @@ class KVEditor:
              source_pooled_prompt_embeds=None, target_prompt_embeds=None, target_pooled_prompt_embeds=None,
              num_inference_steps: int = 28, skip_steps: int = 4, inversion_guidance: float = 1.5,
              guidance_scale: float = 5.5, attn_scale: float = 1.0, re_init: bool = False,
-             inversion_free: bool = False, cache_device=None, cache_dtype: str = "compute", generator=None,
-             output_type: str = "pil") -> EditOutput:
+             inversion_free: bool = False, cache_device=None, cache_dtype: str = "compute",
+             attention_mask: bool = False, generator=None, output_type: str = "pil") -> EditOutput:
         """Edit the masked region of ``image`` from ``source_prompt`` to ``target_prompt``.
 
         Args:
@@ -390,12 +397,16 @@ class KVEditor:
                 (pinned; copied out and the next layer's K/V copied in on a side stream while the
                 current layer computes).
             cache_dtype: ``"compute"`` or ``"fp8"`` (e4m3, per-token scales; approximate).
+            attention_mask: mask attention during inversion as KV-Edit's option does: background
+                tokens attend to text + background, foreground to text + foreground, text to all.
             generator: for the noise of ``re_init`` and ``inversion_free``.
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
         """
         src = dict(source_prompt=source_prompt, source_prompt_embeds=source_prompt_embeds,
                    source_pooled_prompt_embeds=source_pooled_prompt_embeds)
         if inversion_free:
+            if attention_mask:
+                raise ValueError("attention_mask applies to the inversion; inversion_free has none")
             return self._edit_inversion_free(image, mask, src, (target_prompt, target_prompt_embeds,
                                                                 target_pooled_prompt_embeds),
                                              num_inference_steps, skip_steps, inversion_guidance, guidance_scale,
@@ -406,7 +417,7 @@ class KVEditor:
                 raise ValueError(f"give {what}_prompt or {what}_prompt_embeds")
         with self.invert(image, mask, **src, num_inference_steps=num_inference_steps, skip_steps=skip_steps,
                          inversion_guidance=inversion_guidance, cache_device=cache_device,
-                         cache_dtype=cache_dtype) as inv:
+                         cache_dtype=cache_dtype, attention_mask=attention_mask) as inv:
             return self.denoise(inv, target_prompt, target_prompt_embeds=target_prompt_embeds,
                                 target_pooled_prompt_embeds=target_pooled_prompt_embeds, guidance_scale=guidance_scale,
                                 attn_scale=attn_scale, re_init=re_init, generator=generator, output_type=output_type)

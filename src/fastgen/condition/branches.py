@@ -61,6 +61,7 @@ class BranchState:
     batch: int = 1  # the current forward's batch
     n_txt: int = 0  # the current forward's text tokens
     background: object | None = None  # fastgen.edit: captures or supplies extra K/V per layer
+    token_split: int | None = None  # fastgen.edit's inversion mask: image tokens are [this many fg, bg]
     forwards: int = 0
     branch_forwards: int = 0  # forwards that ran the condition branches
     _rope: list = field(default_factory=list)
@@ -157,11 +158,33 @@ def _attend(layer: int, attn, main_groups: list[TokenGroup], conds: list[_Live],
         extra = state.background.attend(layer, k_img, v_img)
         entries = entries + [e for e, _ in extra]
         biases = biases + [b for _, b in extra]
+    if state.token_split is not None:
+        if entries:
+            raise ValueError("the KV-Edit inversion mask takes no extra K/V segments")
+        return split_heads_output(_split_attention(q, keys, values, state.n_txt, state.token_split,
+                                                   cfg.attention_backend), sizes), cond_out
     segs = list(zip(keys[1:], values[1:])) + entries
     biases = [0.0] * (len(keys) - 1) + biases
     out = ops.attention(q, keys[0], values[0], extra_kv=segs or None, extra_bias=biases or None,
                         backend=cfg.attention_backend)
     return split_heads_output(out, sizes), cond_out
+
+
+def _split_attention(q, keys, values, n_txt: int, n_fg: int, backend: str) -> torch.Tensor:
+    """KV-Edit's inversion mask, image tokens ordered [foreground, background]: text queries see
+    every key, foreground queries text + foreground keys, background ones text + background keys.
+    Three launches over slices of the same K/V (segments read in place, nothing concatenated)."""
+    if len(keys) == 2:  # double block: text and image keys apart
+        (kt, ki), (vt, vi) = keys, values
+    else:
+        kt, ki, vt, vi = keys[0][:, :, :n_txt], keys[0][:, :, n_txt:], values[0][:, :, :n_txt], values[0][:, :, n_txt:]
+    parts = []
+    for rows, cols in ((slice(0, n_txt), slice(None)), (slice(n_txt, n_txt + n_fg), slice(0, n_fg)),
+                       (slice(n_txt + n_fg, None), slice(n_fg, None))):
+        qr, kc, vc = q[:, :, rows], ki[:, :, cols], vi[:, :, cols]
+        if qr.shape[2]:
+            parts.append(ops.attention(qr, kt, vt, extra_kv=[(kc, vc)] if kc.shape[2] else None, backend=backend))
+    return torch.cat(parts, dim=2)
 
 
 def _image_tail(block, h, attn_out, gate_msa, shift_mlp, scale_mlp, gate_mlp):
