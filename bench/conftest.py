@@ -47,6 +47,7 @@ def _results(config) -> list[B.Result]:
             extra={"reference": info.get("reference")},
         ))
     for suite, baseline in (("attention", B.is_sdpa), ("prologue", lambda p: p == "torch-unfused"),
+                            ("quantize", lambda p: p == "torch-unfused"),
                             ("denoiser", lambda p: p == "diffusers"), ("condition", lambda p: p.startswith("(a)")),
                             ("edit", lambda p: p.startswith("full generation"))):
         B.add_speedups([r for r in rows if r.suite == suite], baseline)

@@ -125,6 +125,7 @@ class AttentionCase:
     D: int
     segments: tuple[int, ...] = ()  # lengths of cached extra segments after the Nk fresh keys
     dtype: str = "bfloat16"
+    cache: str = "compute"  # "fp8": the segments stored as fastgen.ops.Fp8KV (e4m3 + per-row scales)
 
     @property
     def keys(self) -> int:
@@ -133,7 +134,8 @@ class AttentionCase:
     @property
     def name(self) -> str:
         seg = "+" + "+".join(map(str, self.segments)) + "cached" if self.segments else ""
-        return f"B{self.B} H{self.H} Nq{self.Nq} Nk{self.Nk}{seg} D{self.D} {self.dtype}"
+        fp8 = " fp8-cache" if self.cache == "fp8" else ""
+        return f"B{self.B} H{self.H} Nq{self.Nq} Nk{self.Nk}{seg}{fp8} D{self.D} {self.dtype}"
 
     @property
     def flops(self) -> int:
@@ -149,7 +151,16 @@ class AttentionCase:
         q = r(self.B, self.H, self.Nq, self.D)
         k, v = r(self.B, self.H, self.Nk, self.D), r(self.B, self.H, self.Nk, self.D)
         extra = [(r(1, self.H, n, self.D), r(1, self.H, n, self.D)) for n in self.segments]
+        if self.cache == "fp8":
+            extra = [fastgen.ops.quantize_kv(*e) for e in extra]
         return q, k, v, extra
+
+
+def _plain(extra, dtype) -> list:
+    """(k, v) pairs of segments, fp8 ones dequantized to ``dtype`` (what runs without fastgen)."""
+    from fastgen.ops.fp8 import Fp8KV
+
+    return [e.dequantize(dtype) if isinstance(e, Fp8KV) else e for e in extra]
 
 
 def attention_cases(device: torch.device | str) -> list[AttentionCase]:
@@ -158,11 +169,14 @@ def attention_cases(device: torch.device | str) -> list[AttentionCase]:
         cases = [AttentionCase(1, 24, n, n, 128) for n in (1024, 4096, 8192, 16384)]
         # Segment path vs plain path at equal total keys: 4608 fresh + 4096 cached = 8704 keys.
         cases += [AttentionCase(1, 24, 4608, 4608, 128, (4096,)), AttentionCase(1, 24, 4608, 8704, 128)]
+        # Issue #4: the cached condition K/V in fp8, read in place (SDPA: dequantize, cat, attend).
+        cases += [AttentionCase(1, 24, 4608, 4608, 128, (4096,), cache="fp8")]
         return cases
     return [
         AttentionCase(1, 2, 256, 256, 64, dtype="float32"),
         AttentionCase(1, 2, 160, 160, 64, (96,), dtype="float32"),
         AttentionCase(1, 2, 160, 256, 64, dtype="float32"),
+        AttentionCase(1, 2, 160, 160, 64, (96,), dtype="float32", cache="fp8"),
     ]
 
 
@@ -178,9 +192,11 @@ def _sdpa_provider(backend):
         from torch.nn.attention import sdpa_kernel
 
         def run():
-            # The baseline a user has without fastgen: concatenate the cached segments, then SDPA.
-            kk = torch.cat([k] + [e[0].expand(q.shape[0], -1, -1, -1) for e in extra], dim=2) if extra else k
-            vv = torch.cat([v] + [e[1].expand(q.shape[0], -1, -1, -1) for e in extra], dim=2) if extra else v
+            # The baseline a user has without fastgen: dequantize fp8 segments, concatenate the
+            # cached segments, then SDPA.
+            segs = _plain(extra, q.dtype)
+            kk = torch.cat([k] + [e[0].expand(q.shape[0], -1, -1, -1) for e in segs], dim=2) if segs else k
+            vv = torch.cat([v] + [e[1].expand(q.shape[0], -1, -1, -1) for e in segs], dim=2) if segs else v
             with sdpa_kernel([backend]):
                 return F.scaled_dot_product_attention(q, kk, vv)
 
@@ -290,6 +306,74 @@ def prologue_providers(device: torch.device | str) -> dict[str, Callable]:
         return lambda kw: (lambda: fastgen.ops.qk_norm_rope(**kw, backend=backend))
 
     return {name: maker(b) for name, b in out.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# fp8 quantization of cached K/V
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantizeCase:
+    """(B, H, N, D) K or V of one layer, quantized to e4m3 with a scale per (b, h, n) row."""
+
+    B: int
+    H: int
+    N: int
+    D: int
+    dtype: str = "bfloat16"
+
+    @property
+    def name(self) -> str:
+        return f"B{self.B} H{self.H} N{self.N} D{self.D} {self.dtype} -> e4m3"
+
+    @property
+    def bytes(self) -> int:  # read x once, write x8 and the scales once
+        rows = self.B * self.H * self.N
+        return rows * self.D * (_DTYPES[self.dtype].itemsize + 1) + rows * 4
+
+    def inputs(self, device, seed: int = 0) -> dict:
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        # (B, N, H, D) seen as (B, H, N, D): the layout attention K/V come in
+        x = torch.randn(self.B, self.N, self.H, self.D, generator=g).to(device, _DTYPES[self.dtype]).transpose(1, 2)
+        return dict(x=x)
+
+
+def quantize_cases(device: torch.device | str) -> list[QuantizeCase]:
+    if torch.device(device).type == "cuda":
+        # a 1024^2 condition's K per Flux layer; KV-Edit's background at a 25% mask
+        return [QuantizeCase(1, 24, 4096, 128), QuantizeCase(1, 24, 3072, 128)]
+    return [QuantizeCase(1, 2, 77, 64, dtype="float32")]
+
+
+def quantize_providers(device: torch.device | str) -> dict[str, Callable]:
+    from fastgen._cuda import cuda_ext_can_run_on
+    from fastgen.kernels._common import triton_can_run_on
+
+    device = torch.device(device)
+    out = {"torch-unfused": "torch"}
+    if triton_can_run_on(device) is None:
+        out["fastgen-triton"] = "triton"
+    if cuda_ext_can_run_on(device, "quantize_fp8") is None:
+        out["fastgen-cuda"] = "cuda"
+
+    def maker(backend):
+        return lambda kw: (lambda: fastgen.ops.quantize_fp8(kw["x"], backend=backend))
+
+    return {name: maker(b) for name, b in out.items()}
+
+
+def quantize_reference(case: QuantizeCase, kw: dict):
+    from fastgen.kernels.fp8 import quantize_fp8_reference
+
+    return quantize_fp8_reference(kw["x"])
+
+
+def quantize_diff(out, ref) -> float:
+    """max |dequantized out - dequantized reference|: 0 when the rounding matches exactly."""
+    from fastgen.kernels.fp8 import dequantize_fp8
+
+    return max_diff(dequantize_fp8(*out, torch.float64), dequantize_fp8(*ref, torch.float64))
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,9 +506,10 @@ def attention_reference_for(case: AttentionCase, q, k, v, extra) -> tuple[torch.
     """float64 reference where the logits fit in ~0.5 GB; PyTorch's default SDPA above that."""
     from fastgen.kernels.attention import attention_reference
 
+    # fp8 segments: the reference attends to their dequantized values
     if case.B * case.H * case.Nq * case.keys <= 1 << 26:
-        return attention_reference(q, k, v, extra, [0.0] * len(extra))[0], "float64"
-    return fastgen.ops.attention(q, k, v, extra_kv=extra, backend="sdpa"), "sdpa (default dispatch)"
+        return attention_reference(q, k, v, _plain(extra, torch.float32), [0.0] * len(extra))[0], "float64"
+    return fastgen.ops.attention(q, k, v, extra_kv=_plain(extra, q.dtype), backend="sdpa"), "sdpa (default dispatch)"
 
 
 def run_attention(device: torch.device, budget_s: float = 1.0, progress=None) -> list[Result]:
@@ -445,23 +530,40 @@ def run_attention(device: torch.device, budget_s: float = 1.0, progress=None) ->
     return results
 
 
-def run_prologue(device: torch.device, budget_s: float = 1.0, progress=None) -> list[Result]:
-    from fastgen.kernels.qk_norm_rope import qk_norm_rope_reference
-
+def _run_bandwidth(suite: str, cases, providers: dict, reference: Callable, device, budget_s, progress,
+                   diff: Callable = None, ref_kind: str = "float64") -> list[Result]:
+    """A memory-bound op's suite: GB/s of each provider per case, against ``reference(case, kw)``."""
+    diff = diff or max_diff
     results = []
-    for case in prologue_cases(device):
+    for case in cases:
         kw = case.inputs(device)
-        ref = qk_norm_rope_reference(kw["q"], kw["q_weight"], kw["cos"], kw["sin"], 1e-6, case.norm, case.rope)
-        for name, make in prologue_providers(device).items():
+        ref = reference(case, kw)
+        for name, make in providers.items():
             run = make(kw)
             out, peak = run_once(run, device)
             ms = time_ms(synced(run, device), device, budget_s)
-            results.append(Result("prologue", case.name, name, ms, gbps=case.bytes / ms / 1e6,
-                                  max_diff=max_diff(out, ref), peak_mb=peak, extra={"reference": "float64"}))
+            results.append(Result(suite, case.name, name, ms, gbps=case.bytes / ms / 1e6, max_diff=diff(out, ref),
+                                  peak_mb=peak, extra={"reference": ref_kind}))
             if progress:
                 progress()
     add_speedups(results, lambda p: p == "torch-unfused")
     return results
+
+
+def prologue_reference(case: PrologueCase, kw: dict) -> torch.Tensor:
+    from fastgen.kernels.qk_norm_rope import qk_norm_rope_reference
+
+    return qk_norm_rope_reference(kw["q"], kw["q_weight"], kw["cos"], kw["sin"], 1e-6, case.norm, case.rope)
+
+
+def run_prologue(device: torch.device, budget_s: float = 1.0, progress=None) -> list[Result]:
+    return _run_bandwidth("prologue", prologue_cases(device), prologue_providers(device), prologue_reference, device,
+                          budget_s, progress)
+
+
+def run_quantize(device: torch.device, budget_s: float = 1.0, progress=None) -> list[Result]:
+    return _run_bandwidth("quantize", quantize_cases(device), quantize_providers(device), quantize_reference, device,
+                          budget_s, progress, diff=quantize_diff, ref_kind="PyTorch e4m3 rounding")
 
 
 def run_denoisers(device: torch.device, budget_s: float = 1.0, progress=None) -> list[Result]:
@@ -492,7 +594,7 @@ def run_denoisers(device: torch.device, budget_s: float = 1.0, progress=None) ->
     return results
 
 
-SUITES = {"attention": run_attention, "prologue": run_prologue, "denoiser": run_denoisers}
+SUITES = {"attention": run_attention, "prologue": run_prologue, "quantize": run_quantize, "denoiser": run_denoisers}
 
 
 # --------------------------------------------------------------------------------------------

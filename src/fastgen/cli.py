@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = sub.add_parser("bench", help="run the benchmark suites and print baseline-vs-fastgen tables")
     common(bench)
-    bench.add_argument("--suite", choices=["all", "attention", "prologue", "denoiser", "condition", "edit"], default="all")
+    bench.add_argument("--suite", choices=["all", "attention", "prologue", "quantize", "denoiser", "condition", "edit"], default="all")
     bench.add_argument("--budget", type=float, default=1.0, help="seconds of timing per row (default 1)")
     bench.add_argument("--out", help="write JSON and markdown results to this folder")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
