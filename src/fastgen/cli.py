@@ -45,7 +45,7 @@ def cmd_info(args) -> int:
             print(f"cuda:{i} {torch.cuda.get_device_name(i)} (sm {cap})")
     else:
         print("no CUDA device")
-    print("compiled kernels (fastgen._C): " + ("built (qk_norm_rope)" if HAVE_CUDA_EXT else f"not available: {CUDA_EXT_ERROR}"))
+    print("compiled kernels (fastgen._C): " + ("built (qk_norm_rope, quantize_fp8)" if HAVE_CUDA_EXT else f"not available: {CUDA_EXT_ERROR}"))
     print(f"attention backends on {device}:")
     for name, reason in fastgen.ops.available_backends(device).items():
         print(f"  {name:9s} " + ("available" if reason is None else f"unavailable: {reason}"))
