@@ -49,7 +49,7 @@ class PinnedArena:
         self._chunk, self._offset = 0, 0
 
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
-        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        n = math.prod(shape) * dtype.itemsize
         size = -(-n // self.ALIGN) * self.ALIGN
         while self._chunk < len(self.chunks) and self._offset + size > self.chunks[self._chunk].numel():
             self._chunk, self._offset = self._chunk + 1, 0
