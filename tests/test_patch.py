@@ -304,3 +304,52 @@ def test_hunyuan_padding_runs_fastgen_path(name, monkeypatch):
     assert deferred == ["FastgenAttnProcessor"] * len(deferred) and len(deferred) == 1, \
         f"only the token refiner (square mask) may defer to upstream, got {deferred}"
     assert (out - ref).abs().max().item() <= TOL
+
+
+_QK_NORM = re.compile(r"norm_(added_)?[qk]$")
+
+
+def _offload_norm_weights(model):
+    """What accelerate's sequential offload does to a module: its weights live on the meta device
+    and a pre-forward hook puts real ones in place only while it runs. Applied to every QK norm.
+    Returns a function that removes the hooks and puts the real weights back."""
+    handles, reals = [], {}
+    for name, module in model.named_modules():
+        if not _QK_NORM.search(name) or getattr(module, "weight", None) is None:
+            continue
+        reals[module] = real = module.weight.detach().clone()
+
+        def load(m, args, real=real):
+            m._parameters["weight"] = torch.nn.Parameter(real, requires_grad=False)
+
+        def unload(m, args, out):
+            m._parameters["weight"] = torch.nn.Parameter(m.weight.detach().to("meta"), requires_grad=False)
+
+        handles += [module.register_forward_pre_hook(load), module.register_forward_hook(unload)]
+        unload(module, (), None)
+
+    def restore():
+        for h in handles:
+            h.remove()
+        for m, real in reals.items():
+            m._parameters["weight"] = torch.nn.Parameter(real, requires_grad=False)
+
+    return restore, len(reals)
+
+
+@pytest.mark.parametrize("name", ["flux", "sd35", "wan", "hunyuan", "framepack"])
+def test_norms_whose_weights_a_hook_places_are_called_not_read(name):
+    # Reading a hooked norm's weight directly would hand the fused kernel a meta tensor (or, under
+    # leaf-level group offload, one still in flight on the onload stream): fastgen calls the module.
+    model, inputs = BUILDERS[name]()
+    ref = run(model, inputs)
+    restore, n = _offload_norm_weights(model)
+    try:
+        assert n >= 2, f"{name}: expected QK norms to offload"
+        assert all(m.weight.is_meta for p, m in model.named_modules() if _QK_NORM.search(p) and m.weight is not None)
+        with fastgen.patch(model, attention_backend="triton", prologue_backend="triton"):
+            out = run(model, inputs)
+    finally:
+        restore()
+    err = (out - ref).abs().max().item()
+    assert err <= TOL, f"{name}: max difference {err:.3e}"

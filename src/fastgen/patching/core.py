@@ -50,6 +50,17 @@ def fusable_norm(module, heads: int, head_dim: int, dtype: torch.dtype) -> Norm 
     return False
 
 
+def places_own_weights(module) -> bool:
+    """Whether a hook puts ``module``'s weights in place when it runs (accelerate's sequential
+    offload keeps them on the meta device in between; diffusers' leaf-level group offload keeps them
+    on the CPU, or onloads them on a side stream that its pre-forward hook waits for). Such a module
+    must be called, never read: fastgen then runs it unfused."""
+    if module is None:
+        return False
+    return bool(module._forward_pre_hooks) or any(
+        getattr(module, name, None) is not None for name in ("_hf_hook", "_diffusers_hook"))
+
+
 def _apply_norm(x: torch.Tensor, module, over_heads: bool) -> torch.Tensor:
     # Unfused: the module itself, on (B, S, H*D) when it normalises over all heads.
     if module is None:
@@ -79,7 +90,7 @@ def prologue(q, k, norm_q, norm_k, rope, out_q, config: PatchConfig):
         isinstance(nq, Norm) and isinstance(nk, Norm) and nq.mode == nk.mode and nq.eps == nk.eps
         and (nq.weight is None) == (nk.weight is None)
     )
-    if config.fuse_prologue and same:
+    if config.fuse_prologue and same and not (places_own_weights(norm_q) or places_own_weights(norm_k)):
         return ops.qk_norm_rope(
             q, k, q_weight=nq.weight if nq else None, k_weight=nk.weight if nk else None, cos=cos, sin=sin,
             eps=nq.eps if nq else 1e-6, norm=nq.mode if nq else None, rope=mode,
