@@ -6,7 +6,7 @@ VENV ?= .venv
 CONSTRAINTS ?= constraints/cpu.txt
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench wheels clean
+.PHONY: setup demo test bench wheels check-csrc clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,26 @@ bench: setup
 # them from .whl/ (kept out of git by .git/info/exclude), which the device call carries.
 wheels: setup
 	$(BIN)/python -m pip download --quiet --no-deps -d .whl diffusers==0.42.1 tomesd==0.1.3 importlib_metadata "setuptools>=77"
+
+# Compile-only check of all of csrc/ on a machine without a GPU: the torch-free kernels with nvcc,
+# and the torch binding with g++ against the headers of the CUDA torch the GPU machines run
+# (extracted from its wheel; nothing installed). Catches build errors before a short GPU window.
+TORCH_CUDA_WHEEL ?= torch==2.11.0
+CSRC_CACHE ?= build/csrc-check
+CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda /usr/local/cuda-*))
+check-csrc:
+	mkdir -p $(CSRC_CACHE)
+	test -d $(CSRC_CACHE)/torch/include || { $(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: \
+		--platform manylinux_2_28_x86_64 --python-version 3.12 -d $(CSRC_CACHE) "$(TORCH_CUDA_WHEEL)" && \
+		$(PYTHON) -c "import glob, sys, zipfile; z = zipfile.ZipFile(glob.glob(sys.argv[1] + '/torch-*.whl')[0]); \
+		z.extractall(sys.argv[1], [n for n in z.namelist() if n.startswith('torch/include/')])" $(CSRC_CACHE) && rm $(CSRC_CACHE)/torch-*.whl; }
+	for f in csrc/*.cu; do $(CUDA_HOME)/bin/nvcc -c $$f -o $(CSRC_CACHE)/$$(basename $$f).o -std=c++17 -O3 -Icsrc \
+		-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a || exit 1; done
+	g++ -std=c++17 -O1 -fPIC -c csrc/binding.cpp -o $(CSRC_CACHE)/binding.o -Icsrc -I$(CUDA_HOME)/include \
+		-I$(CSRC_CACHE)/torch/include -I$(CSRC_CACHE)/torch/include/torch/csrc/api/include \
+		-I$$($(PYTHON) -c "import sysconfig; print(sysconfig.get_paths()['include'])") \
+		-DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H -D_GLIBCXX_USE_CXX11_ABI=1
+	@echo "csrc/: kernels and binding compile against $(TORCH_CUDA_WHEEL) (CUDA headers from $(CUDA_HOME))"
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info src/fastgen/_C*.so

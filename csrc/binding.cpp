@@ -1,8 +1,8 @@
 // Thin torch binding of the csrc/ kernels: checks inputs, fills the params struct, launches on
 // the current stream, writing into caller-given outputs (any strides). Registers the ops as fastgen_C::*; their fake (meta) implementations are
-// registered from Python (src/fastgen/_cuda.py). Needs torch's CUDA headers: GPU machines only.
+// registered from Python (src/fastgen/_cuda.py). Needs torch's CUDA headers (c10/cuda only).
 #include <torch/extension.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "qk_norm_rope.h"
@@ -74,7 +74,7 @@ void qk_norm_rope(
     p.sin_stride[0] = sin->stride(0); p.sin_stride[1] = sin->stride(1);
     p.S_rope = cos->size(0);
   }
-  const cudaError_t err = fastgen::launch_qk_norm_rope(p, at::cuda::getCurrentCUDAStream());
+  const cudaError_t err = fastgen::launch_qk_norm_rope(p, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "fastgen qk_norm_rope launch failed: ", cudaGetErrorString(err));
 }
 
@@ -92,7 +92,7 @@ void quantize_fp8(const at::Tensor& x, at::Tensor& out, at::Tensor& scale) {
   p.scale = scale.data_ptr<float>();
   p.B = x.size(0); p.H = x.size(1); p.N = x.size(2); p.D = x.size(3);
   p.dtype = dtype_of(x);
-  const cudaError_t err = fastgen::launch_quantize_fp8(p, at::cuda::getCurrentCUDAStream());
+  const cudaError_t err = fastgen::launch_quantize_fp8(p, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "fastgen quantize_fp8 launch failed: ", cudaGetErrorString(err));
 }
 
