@@ -155,3 +155,25 @@ def test_composes_with_model_cpu_offload(order):
     assert _rel_err(out.cpu(), ref.cpu()) <= 1e-4
     handle.remove()
     assert torch.equal(_latents(pipe, call).cpu(), ref.cpu())
+
+
+@pytest.mark.parametrize("offload_type", ["leaf_level", "block_level"])
+def test_composes_with_diffusers_group_offload(offload_type):
+    # Leaf-level offload hooks every leaf, QK norms included: fastgen must call those norms (their
+    # weights sit on the offload device, or are in flight on the onload stream) rather than read them.
+    from fastgen.patching.core import places_own_weights
+
+    pipe, call = demo.build_pipeline("flux", "tiny")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(DEVICE)
+    ref = _latents(pipe, call)
+    handle = fastgen.patch(pipe, attention_backend="triton", prologue_backend="triton")
+    extra = {"num_blocks_per_group": 1} if offload_type == "block_level" else {}
+    pipe.transformer.enable_group_offload(onload_device=DEVICE, offload_device=torch.device("cpu"),
+                                          offload_type=offload_type, **extra)
+    norms = [m for name, m in pipe.transformer.named_modules() if name.endswith((".norm_q", ".norm_k"))]
+    assert norms and all(places_own_weights(m) == (offload_type == "leaf_level") for m in norms)
+    out = _latents(pipe, call)
+    assert _rel_err(out.cpu(), ref.cpu()) <= 1e-4
+    handle.remove()
+    assert torch.equal(_latents(pipe, call).cpu(), ref.cpu())
