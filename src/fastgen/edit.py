@@ -17,6 +17,7 @@ step's cache (O(1) in the number of steps) and runs two forwards per step.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ import torch
 from fastgen import flux_latents as fl
 from fastgen.condition.branches import BranchState, branch_forward
 from fastgen.condition.config import ConditionConfig
+from fastgen.condition.hooks import call_as_forward
 from fastgen.ops.fp8 import Fp8KV, quantize_kv
 
 CACHE_DTYPES = ("compute", "fp8")
@@ -269,9 +271,11 @@ class KVEditor:
         embeds, pooled, txt_ids = text
         tr = self.pipe.transformer
         g = torch.full((z.shape[0],), guidance, device=z.device, dtype=torch.float32) if tr.config.guidance_embeds else None
-        return branch_forward(tr, state, hidden_states=z, encoder_hidden_states=embeds, pooled_projections=pooled,
-                              timestep=t.expand(z.shape[0]).to(z.dtype), img_ids=ids, txt_ids=txt_ids, guidance=g,
-                              return_dict=False)[0]
+        # inside the transformer's forward hooks, as a call of the transformer would be (offloading)
+        return call_as_forward(tr, functools.partial(branch_forward, tr, state), hidden_states=z,
+                               encoder_hidden_states=embeds, pooled_projections=pooled,
+                               timestep=t.expand(z.shape[0]).to(z.dtype), img_ids=ids, txt_ids=txt_ids, guidance=g,
+                               return_dict=False)[0]
 
     def _prepare(self, image, mask, num_inference_steps, skip_steps, cache_dtype):
         """(x0, fg, sigmas, grid, size, stats) of a source image and mask, checked."""
@@ -470,12 +474,14 @@ class KVEditor:
 
     def _decode(self, canvas, height, width, output_type):
         pipe = self.pipe
-        if output_type == "latent":
-            return canvas
-        lat = pipe._unpack_latents(canvas, height, width, pipe.vae_scale_factor)
-        lat = lat / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-        image = pipe.vae.decode(lat.to(device=pipe.vae.device, dtype=pipe.vae.dtype), return_dict=False)[0]
-        return pipe.image_processor.postprocess(image, output_type=output_type)
+        image = canvas
+        if output_type != "latent":
+            lat = pipe._unpack_latents(canvas, height, width, pipe.vae_scale_factor)
+            lat = lat / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+            image = pipe.vae.decode(lat.to(device=pipe.vae.device, dtype=pipe.vae.dtype), return_dict=False)[0]
+            image = pipe.image_processor.postprocess(image, output_type=output_type)
+        pipe.maybe_free_model_hooks()  # as a pipeline call ends: offloaded models go back to the CPU
+        return image
 
     def _output_input(self, image, output_type, x0):
         if output_type == "latent":

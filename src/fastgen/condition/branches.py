@@ -24,6 +24,7 @@ import fastgen.ops as ops
 from fastgen.condition.adapters import AdapterSwitch
 from fastgen.condition.cache import ConditionKVCache
 from fastgen.condition.config import ConditionConfig
+from fastgen.condition.hooks import call_as_forward
 from fastgen.patching.config import PatchConfig
 from fastgen.patching.core import TokenGroup, heads_view, project_groups, prologue, split_heads_output
 
@@ -319,7 +320,9 @@ def branch_forward(
         conds = _start_branches(model, state, x.dtype, guidance) if run_branches else []
 
         for i, block in enumerate(model.transformer_blocks):
-            c, x = _double_block(i, block, c, x, temb, rope, conds, state)
+            # each block inside its forward hooks (block-level offloading onloads it there); the
+            # hooks see no inputs, which are fastgen's own objects, already on the compute device
+            c, x = call_as_forward(block, lambda: _double_block(i, block, c, x, temb, rope, conds, state))
             if controlnet_block_samples is not None:
                 x = x + controlnet_block_samples[_controlnet_index(model.transformer_blocks, controlnet_block_samples,
                                                                   i, controlnet_blocks_repeat)]
@@ -327,7 +330,8 @@ def branch_forward(
         h = torch.cat([c, x], dim=1)
         cos, sin = rope
         for j, block in enumerate(model.single_transformer_blocks):
-            h = _single_block(n_double + j, block, h, temb, (cos, sin, "interleaved"), conds, state)
+            h = call_as_forward(block, lambda: _single_block(n_double + j, block, h, temb, (cos, sin, "interleaved"),
+                                                             conds, state))
             if controlnet_single_block_samples is not None:
                 k = _controlnet_index(model.single_transformer_blocks, controlnet_single_block_samples, j)
                 h = torch.cat([h[:, :n_txt], h[:, n_txt:] + controlnet_single_block_samples[k]], dim=1)

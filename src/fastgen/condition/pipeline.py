@@ -10,6 +10,7 @@ for the length of the call a diffusers hook gives the transformer the branch for
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -17,6 +18,7 @@ import torch
 from fastgen import flux_latents as fl
 from fastgen.condition.branches import Branch, BranchState, branch_forward
 from fastgen.condition.config import Condition, ConditionConfig, Fill
+from fastgen.condition.hooks import call_as_forward
 
 HOOK = "fastgen.condition"
 
@@ -35,7 +37,8 @@ class _BranchHook(ModelHook):
         self.state = state
 
     def new_forward(self, module, *args, **kwargs):
-        return branch_forward(module, self.state, *args, **kwargs)
+        # Replacing the forward also skips the hooks beneath this one (offloading): run them around it.
+        return call_as_forward(module, functools.partial(branch_forward, module, self.state), *args, skip=HOOK, **kwargs)
 
 
 def _check_transformer(transformer) -> None:

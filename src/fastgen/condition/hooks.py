@@ -1,0 +1,56 @@
+"""Running fastgen's branch forward where a module's own forward would run, with that forward's hooks.
+
+The condition pipeline and KV-Edit compute the Flux transformer (and each of its blocks) with
+their own code instead of calling ``transformer(...)`` / ``block(...)``: the branches and cached
+K/V need it. Offloading wraps exactly those forwards: accelerate's ``enable_model_cpu_offload``
+moves the transformer to the GPU in a pre-forward hook (``module._hf_hook``), and diffusers'
+block-level group offloading onloads each block, and the transformer's other modules, in
+pre-forward hooks of its ``HookRegistry`` (``module._diffusers_hook``). ``call_as_forward`` runs
+those pre- and post-forward hooks around fastgen's code, as the wrapped forward would have run
+them. Leaf modules (linear layers, norms) are still called as modules, so leaf-level hooks
+(sequential offload, leaf-level group offload) fire by themselves.
+
+Hooks that *replace* a forward (diffusers' caches such as FirstBlockCache, layer skipping) cannot
+be composed this way: they would silently not apply, so they raise instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+def _hooks(module, skip: str | None) -> list:
+    """The hooks wrapping ``module``'s forward whose pre/post parts fastgen runs, outermost first."""
+    hooks = []
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is not None:
+        for name in reversed(registry._hook_order):  # the last registered wraps the others
+            if name == skip:
+                continue
+            hook = registry.hooks[name]
+            if hasattr(hook, "new_forward"):
+                raise ValueError(
+                    f"{type(module).__name__} has the diffusers hook {name!r} ({type(hook).__name__}), which replaces its "
+                    "forward; fastgen's condition/KV-Edit forward cannot run under it. Remove it first (e.g. "
+                    "transformer.disable_cache())")
+            hooks.append(hook)
+    accelerate_hook = getattr(module, "_hf_hook", None)
+    if accelerate_hook is not None:
+        hooks.append(accelerate_hook)
+    return hooks
+
+
+def call_as_forward(module, fn: Callable, *args, skip: str | None = None, **kwargs):
+    """``fn(*args, **kwargs)`` in place of ``module``'s forward, inside the pre- and post-forward
+    hooks that wrap that forward (``skip``: the name of the caller's own registry hook).
+
+    Pre-forward hooks may move the inputs (offloading sends them to the execution device); ``fn``
+    gets what they return, and its output goes through the post-forward hooks.
+    """
+    hooks = _hooks(module, skip)
+    for hook in hooks:
+        args, kwargs = hook.pre_forward(module, *args, **kwargs)
+    out = fn(*args, **kwargs)
+    for hook in reversed(hooks):
+        out = hook.post_forward(module, out)
+    return out
