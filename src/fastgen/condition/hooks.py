@@ -36,6 +36,8 @@ def _hooks(module, skip: str | None) -> list:
             hooks.append(hook)
     accelerate_hook = getattr(module, "_hf_hook", None)
     if accelerate_hook is not None:
+        # Its place relative to the registry's hooks is not recorded anywhere; taken as innermost.
+        # Placement hooks (offload, device maps) each move their own tensors, so their order is moot.
         hooks.append(accelerate_hook)
     return hooks
 
