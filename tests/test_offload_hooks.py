@@ -1,8 +1,8 @@
 """Conditions and KV-Edit run Flux through fastgen's branch forward, not ``transformer(...)`` or
 ``block(...)``: the offloading hooks wrapping those forwards must still run around it.
 
-Offloading is simulated the way it looks from the model: parameters on the meta device except
-while the hook that owns them runs (accelerate's hook on the transformer, as
+Offloading is simulated (tests/offload_sim.py) by hooks that keep parameters on the meta device
+except while they run (accelerate's hook on the transformer, as
 ``enable_model_cpu_offload`` installs one; diffusers registry hooks on every block, as block-level
 group offloading does). A forward that skipped a hook would meet meta tensors and fail.
 """
@@ -15,32 +15,18 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from fastgen.condition import Condition, ConditionConfig
-from fastgen.condition.hooks import call_as_forward
+from fastgen._hooks import call_as_forward
 from fastgen.edit import KVEditor
 from helpers import DEVICE
+from offload_sim import MetaParams
 from test_condition import SIDE, _call, _image, _tiny_flux_pipeline
 from test_edit import _mask, _prompts
 
 BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
 
 
-class _MetaParams:
-    """Parameters ``names`` of a module: real while loaded, on the meta device otherwise."""
-
-    def __init__(self, module, names):
-        self.real = {n: module.get_parameter(n).detach().clone() for n in names}
-        self.loads = 0
-
-    def put(self, module, load: bool):
-        for name, t in self.real.items():
-            owner, _, leaf = name.rpartition(".")
-            m = module.get_submodule(owner) if owner else module
-            m._parameters[leaf] = torch.nn.Parameter(t if load else t.to("meta"), requires_grad=False)
-        self.loads += load
-
-
 class _DiffusersOffload(ModelHook):
-    def __init__(self, params: _MetaParams):
+    def __init__(self, params: MetaParams):
         super().__init__()
         self.params = params
 
@@ -66,7 +52,7 @@ def _offload(pipe):
     transformer = pipe.transformer
     add_hook_to_module(pipe.vae, Placed())
 
-    root = _MetaParams(transformer, [n for n, _ in transformer.named_parameters() if not n.startswith(BLOCKS)])
+    root = MetaParams(transformer, [n for n, _ in transformer.named_parameters() if not n.startswith(BLOCKS)])
 
     class RootOffload(Placed):
         def pre_forward(self, module, *args, **kwargs):
@@ -80,7 +66,7 @@ def _offload(pipe):
     add_hook_to_module(transformer, RootOffload())
     blocks = []
     for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
-        params = _MetaParams(block, [n for n, _ in block.named_parameters()])
+        params = MetaParams(block, [n for n, _ in block.named_parameters()])
         HookRegistry.check_if_exists_or_initialize(block).register_hook(_DiffusersOffload(params), "meta_offload")
         blocks.append((block, params))
     root.put(transformer, False)

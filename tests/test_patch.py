@@ -14,6 +14,7 @@ import torch
 import fastgen
 from fastgen import FastgenFallbackWarning
 from helpers import DEVICE
+from offload_sim import MetaParams
 from tiny_models import BUILDERS, CROSS, run
 
 # Patched outputs may differ from upstream only by attention/prologue rounding (fp32 here).
@@ -313,28 +314,23 @@ def _offload_norm_weights(model):
     """What accelerate's sequential offload does to a module: its weights live on the meta device
     and a pre-forward hook puts real ones in place only while it runs. Applied to every QK norm.
     Returns a function that removes the hooks and puts the real weights back."""
-    handles, reals = [], {}
+    handles, offloaded = [], []
     for name, module in model.named_modules():
         if not _QK_NORM.search(name) or getattr(module, "weight", None) is None:
             continue
-        reals[module] = real = module.weight.detach().clone()
-
-        def load(m, args, real=real):
-            m._parameters["weight"] = torch.nn.Parameter(real, requires_grad=False)
-
-        def unload(m, args, out):
-            m._parameters["weight"] = torch.nn.Parameter(m.weight.detach().to("meta"), requires_grad=False)
-
-        handles += [module.register_forward_pre_hook(load), module.register_forward_hook(unload)]
-        unload(module, (), None)
+        params = MetaParams(module, ["weight"])
+        handles += [module.register_forward_pre_hook(lambda m, args, p=params: p.put(m, True)),
+                    module.register_forward_hook(lambda m, args, out, p=params: p.put(m, False))]
+        params.put(module, False)
+        offloaded.append((module, params))
 
     def restore():
         for h in handles:
             h.remove()
-        for m, real in reals.items():
-            m._parameters["weight"] = torch.nn.Parameter(real, requires_grad=False)
+        for m, params in offloaded:
+            params.put(m, True)
 
-    return restore, len(reals)
+    return restore, len(offloaded)
 
 
 @pytest.mark.parametrize("name", ["flux", "sd35", "wan", "hunyuan", "framepack"])

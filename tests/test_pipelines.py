@@ -161,7 +161,7 @@ def test_composes_with_model_cpu_offload(order):
 def test_composes_with_diffusers_group_offload(offload_type):
     # Leaf-level offload hooks every leaf, QK norms included: fastgen must call those norms (their
     # weights sit on the offload device, or are in flight on the onload stream) rather than read them.
-    from fastgen.patching.core import places_own_weights
+    from fastgen._hooks import places_own_weights
 
     pipe, call = demo.build_pipeline("flux", "tiny")
     pipe.set_progress_bar_config(disable=True)

@@ -27,7 +27,7 @@ import torch
 from fastgen import flux_latents as fl
 from fastgen.condition.branches import BranchState, branch_forward
 from fastgen.condition.config import ConditionConfig
-from fastgen.condition.hooks import call_as_forward
+from fastgen._hooks import call_as_forward
 from fastgen.ops.fp8 import Fp8KV, quantize_kv
 
 CACHE_DTYPES = ("compute", "fp8")

@@ -24,7 +24,7 @@ import fastgen.ops as ops
 from fastgen.condition.adapters import AdapterSwitch
 from fastgen.condition.cache import ConditionKVCache
 from fastgen.condition.config import ConditionConfig
-from fastgen.condition.hooks import call_as_forward
+from fastgen._hooks import call_as_forward
 from fastgen.patching.config import PatchConfig
 from fastgen.patching.core import TokenGroup, heads_view, project_groups, prologue, split_heads_output
 

@@ -18,7 +18,7 @@ import torch
 from fastgen import flux_latents as fl
 from fastgen.condition.branches import Branch, BranchState, branch_forward
 from fastgen.condition.config import Condition, ConditionConfig, Fill
-from fastgen.condition.hooks import call_as_forward
+from fastgen._hooks import call_as_forward
 
 HOOK = "fastgen.condition"
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 import fastgen.ops as ops
+from fastgen._hooks import places_own_weights
 from fastgen.kernels.qk_norm_rope import empty_like_bshd
 from fastgen.patching.config import PatchConfig
 
@@ -48,17 +49,6 @@ def fusable_norm(module, heads: int, head_dim: int, dtype: torch.dtype) -> Norm 
     if shape == (heads * head_dim,):
         return Norm("all", weight, eps)
     return False
-
-
-def places_own_weights(module) -> bool:
-    """Whether a hook puts ``module``'s weights in place when it runs (accelerate's sequential
-    offload keeps them on the meta device in between; diffusers' leaf-level group offload keeps them
-    on the CPU, or onloads them on a side stream that its pre-forward hook waits for). Such a module
-    must be called, never read: fastgen then runs it unfused."""
-    if module is None:
-        return False
-    return bool(module._forward_pre_hooks) or any(
-        getattr(module, name, None) is not None for name in ("_hf_hook", "_diffusers_hook"))
 
 
 def _apply_norm(x: torch.Tensor, module, over_heads: bool) -> torch.Tensor:

@@ -1,8 +1,13 @@
-"""Running fastgen's branch forward where a module's own forward would run, with that forward's hooks.
+"""What fastgen must respect of the hooks others put on a model's modules: accelerate's
+(``module._hf_hook``: ``enable_model_cpu_offload``, sequential offload, device maps) and diffusers'
+(``module._diffusers_hook``, a ``HookRegistry``: group offloading, caches).
 
-The condition pipeline and KV-Edit compute the Flux transformer (and each of its blocks) with
-their own code instead of calling ``transformer(...)`` / ``block(...)``: the branches and cached
-K/V need it. Offloading wraps exactly those forwards: accelerate's ``enable_model_cpu_offload``
+``places_own_weights``: a module whose weights a hook puts in place must be called, never read.
+
+``call_as_forward``: fastgen's branch forward where a module's own forward would run, inside that
+forward's hooks. The condition pipeline and KV-Edit compute the Flux transformer (and each of its
+blocks) with their own code instead of calling ``transformer(...)`` / ``block(...)``: the branches
+and cached K/V need it. Offloading wraps exactly those forwards: accelerate's ``enable_model_cpu_offload``
 moves the transformer to the GPU in a pre-forward hook (``module._hf_hook``), and diffusers'
 block-level group offloading onloads each block, and the transformer's other modules, in
 pre-forward hooks of its ``HookRegistry`` (``module._diffusers_hook``). ``call_as_forward`` runs
@@ -17,6 +22,18 @@ be composed this way: they would silently not apply, so they raise instead.
 from __future__ import annotations
 
 from collections.abc import Callable
+
+_HOOK_ATTRS = ("_hf_hook", "_diffusers_hook")
+
+
+def places_own_weights(module) -> bool:
+    """Whether a hook puts ``module``'s weights in place when it runs (accelerate's sequential
+    offload keeps them on the meta device in between; diffusers' leaf-level group offload keeps them
+    on the CPU, or onloads them on a side stream that its pre-forward hook waits for). Such a module
+    must be called, never read: fastgen then runs it unfused."""
+    if module is None:
+        return False
+    return bool(module._forward_pre_hooks) or any(getattr(module, a, None) is not None for a in _HOOK_ATTRS)
 
 
 def _hooks(module, skip: str | None) -> list:
