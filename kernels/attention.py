@@ -6,6 +6,11 @@ in segments: the main ``k, v`` and up to ``MAX_EXTRA`` extra ``(k_i, v_i)`` pair
 launch. Every segment has an additive logit bias. Any tensor may be strided; a batch dimension of
 1 broadcasts (stride 0), so one cached condition serves both halves of a CFG pair.
 
+A query row with no admissible key (every segment empty, or dropped by a ``-inf`` bias) gets
+out = 0, as PyTorch's ``F.scaled_dot_product_attention`` gives for a fully masked row (torch 2.5+),
+and lse = -inf, the log of an empty sum (``torch.logsumexp`` over nothing); ``merge_partials``
+gives such a part weight 0. The kernel, the reference and the merge all follow this.
+
 Three layers here, nothing else: the ``@triton.jit`` kernel, the launcher ``attention_fwd`` that
 picks tiles and grid, and the float64 reference ``attention_reference``. ``merge_partials`` merges
 partial results of disjoint key sets through their log-sum-exp (more than ``MAX_EXTRA`` segments,
@@ -20,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._common import HAVE_TRITON, INTERPRET, next_pow2, tl, triton
+from ._common import HAVE_TRITON, INTERPRET, needs_int64, next_pow2, tl, triton
 
 MAX_EXTRA = 4  # extra segments fused in one launch; more are merged through the LSE
 LOG2E = 1.4426950408889634
@@ -45,7 +50,8 @@ def attention_reference(
     """Plain-PyTorch attention over concatenated segments, computed in ``dtype``.
 
     Returns ``(out, lse)``: out (B, H, Nq, D) in ``dtype``, lse (B, H, Nq) natural-log
-    log-sum-exp of the scaled, biased logits. Materialises the full (Nq, Nk) logits.
+    log-sum-exp of the scaled, biased logits. Materialises the full (Nq, Nk) logits. A row with no
+    admissible key (no keys, or every logit -inf) gets out 0 and lse -inf (see the module doc).
     """
     B = q.shape[0]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -63,6 +69,8 @@ def attention_reference(
     s = torch.cat(logits, dim=-1)
     lse = torch.logsumexp(s, dim=-1)
     out = torch.softmax(s, dim=-1) @ torch.cat(vs, dim=-2)
+    # softmax of an all -inf row is NaN; PyTorch's SDPA returns 0 there, and so does the kernel
+    out = torch.where(torch.isneginf(lse).unsqueeze(-1), 0.0, out)
     return out, lse
 
 
@@ -72,13 +80,16 @@ def merge_partials(
     """Combine attention over disjoint key sets: ``out = sum_i exp(lse_i - lse) * out_i``.
 
     outs: each (B, H, Nq, D); lses: each (B, H, Nq) float32. Returns (out in outs[0].dtype, lse).
+    A part with no admissible key for a row (lse -inf there) has weight 0; a row with none in any
+    part gets out 0 and lse -inf, as the kernel gives. NaN in a part's out or lse propagates.
     """
     lse = torch.stack([x.float() for x in lses]).logsumexp(dim=0)
     acc = torch.zeros(outs[0].shape, dtype=torch.float32, device=outs[0].device)
     for o, l in zip(outs, lses, strict=True):
-        w = torch.exp(l.float() - lse)
-        # A row whose every logit is -inf in one part has lse -inf there: weight 0, not NaN.
-        acc += torch.nan_to_num(w, nan=0.0).unsqueeze(-1) * o.float()
+        # exp(-inf - lse) is NaN where lse is -inf too: such a part weighs 0. Only -inf is zeroed,
+        # so a NaN lse (NaN inputs) still poisons the row as it does the reference.
+        w = torch.where(torch.isneginf(l), 0.0, torch.exp(l.float() - lse))
+        acc += w.unsqueeze(-1) * o.float()
     return acc.to(outs[0].dtype), lse
 
 
@@ -110,8 +121,11 @@ if HAVE_TRITON:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
         if QUANT:
-            # fp8 keys/values with one scale per key: the products run on the fp8 values (exact in
-            # q's dtype); the key scale multiplies its logit column, the value scale its p column.
+            # fp8 keys/values with one scale per key. Keys: QK runs on the fp8 values (exact in q's
+            # dtype) and the key scale multiplies the fp32 logit column, exact to fp32. Values are
+            # dequantized here, in fp32 then rounded once to q's dtype, as dequantize_fp8 rounds
+            # them: scaling p by the value scale instead underflows when the product is cast to fp16
+            # for the PV dot (|v| ~ 1e-4 gave 0.3 relative error; dequantize + SDPA 7e-4).
             if MASK_N:
                 ks = tl.load(ks_ptrs, mask=col_ok, other=0.0)
                 vs = tl.load(vs_ptrs, mask=col_ok, other=0.0)
@@ -119,7 +133,7 @@ if HAVE_TRITON:
                 ks = tl.load(ks_ptrs)
                 vs = tl.load(vs_ptrs)
             k = k.to(q.dtype)
-            v = v.to(q.dtype)
+            v = (v.to(tl.float32) * vs[:, None]).to(q.dtype)
         qk = tl.dot(q, k, input_precision=INPUT_PRECISION)
         if QUANT:
             qk = qk * ks[None, :]
@@ -130,8 +144,6 @@ if HAVE_TRITON:
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if QUANT:
-            p = p * vs[None, :]  # after l_i: the value scale weighs values, not probabilities
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
         return acc, m_new, l_i
 
@@ -143,10 +155,17 @@ if HAVE_TRITON:
         n_keys, bias, qk_scale,
         offs_d, d_mask,
         BLOCK_N: tl.constexpr, MASK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, QUANT: tl.constexpr,
+        INT64: tl.constexpr,
     ):
         # One key segment, read in place: full tiles unmasked, then the tail tile masked. With
         # QUANT, KS/VS hold one fp32 scale per key, contiguous along the keys.
         offs_n = tl.arange(0, BLOCK_N)
+        step_k = BLOCK_N * s_kn
+        step_v = BLOCK_N * s_vn
+        if INT64:
+            offs_n = offs_n.to(tl.int64)
+            step_k = tl.cast(s_kn, tl.int64) * BLOCK_N
+            step_v = tl.cast(s_vn, tl.int64) * BLOCK_N
         k_ptrs = K + k_off + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd
         v_ptrs = V + v_off + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd
         ks_ptrs = KS + s_off + offs_n
@@ -155,8 +174,8 @@ if HAVE_TRITON:
         for start in range(0, n_full, BLOCK_N):
             acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, ks_ptrs, vs_ptrs, start, n_keys, bias,
                                           qk_scale, offs_n, d_mask, False, MASK_D, INPUT_PRECISION, QUANT)
-            k_ptrs += BLOCK_N * s_kn
-            v_ptrs += BLOCK_N * s_vn
+            k_ptrs += step_k
+            v_ptrs += step_v
             ks_ptrs += BLOCK_N
             vs_ptrs += BLOCK_N
         if n_full < n_keys:
@@ -185,15 +204,21 @@ if HAVE_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         NUM_EXTRA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
         QUANT1: tl.constexpr, QUANT2: tl.constexpr, QUANT3: tl.constexpr, QUANT4: tl.constexpr,
+        INT64: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        # int64 offsets: B*H*N*D of a long video overflows int32.
-        b = (pid_bh // H).to(tl.int64)
-        h = (pid_bh % H).to(tl.int64)
-
+        b = pid_bh // H
+        h = pid_bh % H
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
+        if INT64:
+            # Some tensor spans 2**31 elements or more (long video): index * stride products
+            # would wrap in int32. The launcher decides (kernels/_common.needs_int64).
+            b = b.to(tl.int64)
+            h = h.to(tl.int64)
+            offs_m = offs_m.to(tl.int64)
+            offs_d = offs_d.to(tl.int64)
         d_mask = offs_d < HEAD_DIM
         row_ok = offs_m < N_Q
 
@@ -207,34 +232,38 @@ if HAVE_TRITON:
         acc, m_i, l_i = _attend_segment(
             acc, m_i, l_i, q, K0, V0, b * sk0_b + h * sk0_h, b * sv0_b + h * sv0_h,
             sk0_n, sk0_d, sv0_n, sv0_d, Lse, Lse, 0, N0, bias0, qk_scale, offs_d, d_mask, BLOCK_N, HEAD_DIM != BLOCK_D,
-            INPUT_PRECISION, False)
+            INPUT_PRECISION, False, INT64)
         if NUM_EXTRA >= 1:
             acc, m_i, l_i = _attend_segment(
                 acc, m_i, l_i, q, K1, V1, b * sk1_b + h * sk1_h, b * sv1_b + h * sv1_h,
                 sk1_n, sk1_d, sv1_n, sv1_d, KS1, VS1, b * ss1_b + h * ss1_h, N1, bias1, qk_scale,
-                offs_d, d_mask, BLOCK_N, HEAD_DIM != BLOCK_D, INPUT_PRECISION, QUANT1)
+                offs_d, d_mask, BLOCK_N, HEAD_DIM != BLOCK_D, INPUT_PRECISION, QUANT1, INT64)
         if NUM_EXTRA >= 2:
             acc, m_i, l_i = _attend_segment(
                 acc, m_i, l_i, q, K2, V2, b * sk2_b + h * sk2_h, b * sv2_b + h * sv2_h,
                 sk2_n, sk2_d, sv2_n, sv2_d, KS2, VS2, b * ss2_b + h * ss2_h, N2, bias2, qk_scale,
-                offs_d, d_mask, BLOCK_N, HEAD_DIM != BLOCK_D, INPUT_PRECISION, QUANT2)
+                offs_d, d_mask, BLOCK_N, HEAD_DIM != BLOCK_D, INPUT_PRECISION, QUANT2, INT64)
         if NUM_EXTRA >= 3:
             acc, m_i, l_i = _attend_segment(
                 acc, m_i, l_i, q, K3, V3, b * sk3_b + h * sk3_h, b * sv3_b + h * sv3_h,
                 sk3_n, sk3_d, sv3_n, sv3_d, KS3, VS3, b * ss3_b + h * ss3_h, N3, bias3, qk_scale,
-                offs_d, d_mask, BLOCK_N, HEAD_DIM != BLOCK_D, INPUT_PRECISION, QUANT3)
+                offs_d, d_mask, BLOCK_N, HEAD_DIM != BLOCK_D, INPUT_PRECISION, QUANT3, INT64)
         if NUM_EXTRA >= 4:
             acc, m_i, l_i = _attend_segment(
                 acc, m_i, l_i, q, K4, V4, b * sk4_b + h * sk4_h, b * sv4_b + h * sv4_h,
                 sk4_n, sk4_d, sv4_n, sv4_d, KS4, VS4, b * ss4_b + h * ss4_h, N4, bias4, qk_scale,
-                offs_d, d_mask, BLOCK_N, HEAD_DIM != BLOCK_D, INPUT_PRECISION, QUANT4)
+                offs_d, d_mask, BLOCK_N, HEAD_DIM != BLOCK_D, INPUT_PRECISION, QUANT4, INT64)
 
-        out = acc / l_i[:, None]
+        # A row with no admissible key (every segment empty or dropped) has l = 0, acc = 0 and
+        # m = -inf: dividing by 1 instead gives out 0, as PyTorch's SDPA gives a fully masked row
+        # (not 0/0), and lse = m = -inf, the log of an empty sum.
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_safe[:, None]
         o_ptrs = Out + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :] * so_d
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
         # natural-log LSE: (m + log2 l) * ln 2
-        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
-        tl.store(Lse + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
+        lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
+        tl.store(Lse + (b * H + h) * N_Q + offs_m, lse, mask=row_ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,7 +317,7 @@ def _kernel_for(device: torch.device):
         _autotuned = triton.autotune(
             configs=_gpu_configs(),
             key=["BUCKET_Q", "BUCKET_K", "HEAD_DIM", "NUM_EXTRA", "INPUT_PRECISION", "QUANT1", "QUANT2", "QUANT3",
-                 "QUANT4"],
+                 "QUANT4", "INT64"],
             prune_configs_by={"early_config_prune": _prune_configs},
         )(_attn_fwd)
     return _autotuned
@@ -304,7 +333,8 @@ def _strides(t: torch.Tensor, batch: int) -> list[int]:
 def _launch(q, segments, scale, out, lse, input_precision, config=None):
     """One launch over up to MAX_EXTRA + 1 segments, each (k, v, bias, k_scale, v_scale) with
     scales None unless k/v are fp8. ``config`` (BLOCK_M, BLOCK_N, warps, stages) forces a tile
-    config on a GPU (tests check every autotune candidate with it)."""
+    config: on a GPU all four; under the interpreter the tiles (it has no warps or stages), so
+    tests check every autotune candidate's tiling on a CPU too."""
     B, H, Nq, D = q.shape
     num_extra = len(segments) - 1
     block_d = max(16, next_pow2(D))
@@ -322,13 +352,14 @@ def _launch(q, segments, scale, out, lse, input_precision, config=None):
         scale_strides += _strides(ks, B)[:2] if q8 else [0, 0]
         quant.append(q8)
     n_keys = sum(lens)
+    int64 = needs_int64(q, out, lse, *(t for seg in segments for t in (seg[0], seg[1], seg[3], seg[4])))
     args = (
         q, *ptrs, out, lse, *scale_ptrs,
         *q.stride(), *out.stride(), *strides, *scale_strides, *lens, *biases,
         H, Nq, scale * LOG2E, next_pow2(Nq), next_pow2(n_keys),
     )
     meta = dict(HEAD_DIM=D, BLOCK_D=block_d, NUM_EXTRA=num_extra, INPUT_PRECISION=input_precision,
-                QUANT1=quant[0], QUANT2=quant[1], QUANT3=quant[2], QUANT4=quant[3])
+                QUANT1=quant[0], QUANT2=quant[1], QUANT3=quant[2], QUANT4=quant[3], INT64=int64)
     tuned = _kernel_for(q.device) if config is None else None
     if tuned is not None:
         grid = lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * H)  # noqa: E731
@@ -338,6 +369,9 @@ def _launch(q, segments, scale, out, lse, input_precision, config=None):
         bm, bn, warps, stages = config or fixed_config(block_d, q.dtype, torch.cuda.get_device_capability(q.device),
                                                        any(quant))
         extra = dict(num_warps=warps, num_stages=stages)
+    elif config is not None:  # interpreter, forced tiles
+        bm, bn = config[:2]
+        extra = {}
     else:  # interpreter: cost grows with the number of tiles, so take them large
         bm = min(128, max(16, next_pow2(Nq)))
         bn = min(128, max(16, next_pow2(max(lens[: num_extra + 1]))))
@@ -359,7 +393,9 @@ def attention_fwd(
     """Triton attention forward over segments. Inputs must already be validated.
 
     q (B, H, Nq, D); k/v and each extra pair (B or 1, H, N_i, D), one dtype (fp16, bf16, fp32),
-    any strides; D in [16, 256]. extra_bias: one float per extra segment (finite or -inf).
+    any strides; D in [16, 256]; k/v and any extra segment may have no keys. extra_bias: one float
+    per extra segment (finite or -inf, which drops it). Rows with no admissible key get out 0 and
+    lse -inf (module doc).
     An extra pair may instead be fp8 e4m3 with per-key scales ``extra_k_scale[i]`` and
     ``extra_v_scale[i]`` (B or 1, H, N_i) fp32, contiguous along N (``kernels/fp8.py``).
     Returns ``(out, lse)``: out like q (same dtype, same memory layout when q is dense),

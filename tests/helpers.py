@@ -25,3 +25,23 @@ def assert_within_pytorch_error(out, ref, pytorch_out, factor: float = 2.0, what
     ours, theirs = max_err(out, ref), max_err(pytorch_out, ref)
     bound = factor * theirs + FLOOR[out.dtype]
     assert ours <= bound, f"{what}: max error {ours:.3e} > {factor} x PyTorch's {theirs:.3e} + floor"
+
+
+class KernelRecorder:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kw)`` records the launch
+    instead of running it, so a launcher can be driven with meta tensors (nothing allocated) to see
+    what it decides, e.g. the INT64 constexpr at sizes past 2**31 elements."""
+
+    def __init__(self):
+        self.grid = self.args = self.kwargs = None
+
+    def __getitem__(self, grid):
+        self.grid = grid
+        return self
+
+    def __call__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+
+# (B, S, H, D) with H*D = 3072 (Flux, HunyuanVideo): element offsets reach 2**31 from this many tokens
+INT32_TOKENS = -(-(2**31) // 3072)  # 699051: max offset S * 3072 - 1 > 2**31 - 1

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 import fastgen
 from fastgen import FastgenFallbackWarning
+from fastgen.kernels import attention as A
 from fastgen.kernels.attention import attention_reference, merge_partials
-from helpers import DEVICE, assert_within_pytorch_error, max_err
+from helpers import DEVICE, INT32_TOKENS, KernelRecorder, assert_within_pytorch_error, max_err
 
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 
@@ -197,6 +198,108 @@ def test_merge_partials_equals_full_attention():
     assert max_err(lse, ref_lse) < 1e-5
 
 
+def test_merge_partials_with_an_empty_part_and_nan():
+    q, k, v, _ = make(1, 2, 20, 30, 64, torch.float32, seed=30)
+    o1, l1 = triton(q, k, v, return_lse=True)
+    o0, l0 = triton(q, k[:, :, :0], v[:, :, :0], return_lse=True)  # no keys: out 0, lse -inf
+    merged, lse = merge_partials([o0, o1], [l0, l1])
+    assert torch.equal(merged, o1) and torch.equal(lse, l1), "an empty part must weigh exactly 0"
+    both, lse0 = merge_partials([o0, o0], [l0, l0])
+    assert torch.equal(both, torch.zeros_like(o0)) and torch.isneginf(lse0).all()
+    l1[0, 1, 3] = float("nan")  # a NaN row (NaN inputs) stays NaN: only -inf parts are zeroed
+    merged, _ = merge_partials([o0, o1], [l0, l1])
+    assert merged[0, 1, 3].isnan().all() and not merged[0, 1, 4].isnan().any()
+
+
+# --------------------------------------------------------------------------------------------
+# Rows with no admissible key: PyTorch's convention on every backend
+# --------------------------------------------------------------------------------------------
+
+
+def _pytorch_fully_masked(q, v):
+    # What PyTorch itself gives a query row whose every key is masked out (torch >= 2.5: zeros)
+    n = max(1, v.shape[2])
+    kk = torch.zeros(q.shape[0], q.shape[1], n, q.shape[3], dtype=q.dtype, device=q.device)
+    mask = torch.zeros(q.shape[2], n, dtype=torch.bool, device=q.device)
+    return F.scaled_dot_product_attention(q, kk, kk, attn_mask=mask)
+
+
+@pytest.mark.parametrize("case", ["no keys", "all dropped", "empty and dropped", "many dropped"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rows_with_no_admissible_key_follow_pytorch(case, dtype):
+    q, k, v, extra = make(2, 2, 37, 0, 64, dtype, seed=71, segments=(9, 0, 5, 7, 3, 8))
+    extra = {"no keys": [], "all dropped": extra[:1], "empty and dropped": extra[:3], "many dropped": extra}[case]
+    bias = [-math.inf if e[0].shape[2] else 0.0 for e in extra]
+    pytorch = _pytorch_fully_masked(q, v)
+    assert torch.equal(pytorch, torch.zeros_like(pytorch)), "PyTorch's convention changed: revisit the docstrings"
+    ref, ref_lse = attention_reference(q, k, v, extra, bias)
+    for backend in ("triton", "sdpa"):
+        out, lse = fastgen.ops.attention(q, k, v, extra_kv=extra, extra_bias=bias, backend=backend, return_lse=True)
+        assert out.dtype == dtype and torch.equal(out, pytorch), f"{backend}: out of a row with no key"
+        assert lse.dtype == torch.float32 and torch.isneginf(lse).all(), f"{backend}: lse of a row with no key"
+    assert torch.equal(ref, torch.zeros_like(ref)) and torch.isneginf(ref_lse).all()
+
+
+def test_dropped_segments_beside_live_keys_are_exact():
+    # Kept keys in one launch, dropped ones in more than MAX_EXTRA segments: the same as without them.
+    q, k, v, extra = make(1, 2, 30, 20, 64, torch.float32, seed=73, segments=(4, 5, 6, 7, 8, 9))
+    bias = [-math.inf, 0.3, -math.inf, -math.inf, -math.inf, -math.inf]
+    out, lse = triton(q, k, v, extra_kv=extra, extra_bias=bias, return_lse=True)
+    want, want_lse = triton(q, k, v, extra_kv=extra[1:2], extra_bias=[0.3], return_lse=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
+# --------------------------------------------------------------------------------------------
+# 64-bit offsets past 2**31 elements
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["q", "segment"])
+@pytest.mark.parametrize("tokens", [INT32_TOKENS - 1, INT32_TOKENS])
+def test_int64_offsets_chosen_from_shapes_and_strides(monkeypatch, tokens, where):
+    # A (B, S, H, D) view with H*D = 3072 at ~700k tokens (long video), on the meta device: the
+    # launcher decides without anything allocated. The last element sits at offset S * 3072 - 1.
+    def view(n):
+        return torch.empty(1, n, 24, 128, dtype=torch.float16, device="meta").transpose(1, 2)
+
+    rec = KernelRecorder()
+    monkeypatch.setattr(A, "_attn_fwd", rec)
+    small = view(64)
+    if where == "q":
+        A.attention_fwd(view(tokens), small, small)
+    else:
+        A.attention_fwd(small, small, small, [view(tokens)], [view(tokens)], [0.0])
+    assert rec.kwargs["INT64"] is (tokens * 3072 - 1 > 2**31 - 1)
+
+
+def test_int64_variant_is_correct(monkeypatch):
+    # The flag only widens the index arithmetic: forced on at a small shape, the same result.
+    g = torch.Generator().manual_seed(79)
+    q = rand(2, 45, 2, 64, gen=g).transpose(1, 2)
+    k, v = rand(2, 2, 30, 64, gen=g), rand(2, 2, 30, 64, gen=g)
+    extra = [(rand(1, 2, n, 64, gen=g), rand(1, 2, n, 64, gen=g)) for n in (17, 40)]
+    want, want_lse = triton(q, k, v, extra_kv=extra, extra_bias=[0.2, -0.4], return_lse=True)
+    monkeypatch.setattr(A, "needs_int64", lambda *t: True)
+    seen = []
+    monkeypatch.setattr(A, "_attn_fwd", _Spy(A._attn_fwd, seen))
+    out, lse = triton(q, k, v, extra_kv=extra, extra_bias=[0.2, -0.4], return_lse=True)
+    assert seen == [True]
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
+class _Spy:
+    # Runs the real kernel and notes the INT64 flag it got.
+    def __init__(self, kernel, seen):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.seen.append(kw["INT64"])
+            return self.kernel[grid](*args, **kw)
+
+        return launch
+
+
 # --------------------------------------------------------------------------------------------
 # Every element written; NaN and inf as in the reference
 # --------------------------------------------------------------------------------------------
@@ -266,7 +369,10 @@ def _bad_inputs():
         ("inf bias", lambda: fastgen.ops.attention(q, k, v, extra_kv=extra, extra_bias=float("inf")), "finite"),
         ("backend", lambda: fastgen.ops.attention(q, k, v, backend="flash9"), "backend must be one of"),
         ("scale", lambda: fastgen.ops.attention(q, k, v, scale=float("nan")), "scale"),
-        ("no keys", lambda: fastgen.ops.attention(q, k[:, :, :0], v[:, :, :0]), "at least one key"),
+        ("bias rank", lambda: fastgen.ops.attention(q, k, v, extra_kv=extra, extra_bias=torch.zeros(1, 1)),
+         "0-d tensor"),
+        ("bias string", lambda: fastgen.ops.attention(q, k, v, extra_kv=extra, extra_bias="0.5"), "0-d tensor"),
+        ("batch of 1", lambda: fastgen.ops.attention(q[:1], k[:, :1], v[:, :1]), "expected (1, 2, N, 64)"),
         ("integer", lambda: fastgen.ops.attention(q.long(), k.long(), v.long()), "floating-point"),
     ]
 
@@ -276,6 +382,16 @@ def test_bad_input_raises_clear_error(case):
     _, call, match = _bad_inputs()[case]
     with pytest.raises(ValueError, match=re.escape(match)):
         call()
+
+
+def test_extra_bias_as_tensor():
+    q, k, v, extra = make(2, 2, 20, 16, 64, torch.float32, seed=83, segments=(8, 12))
+    want = fastgen.ops.attention(q, k, v, extra_kv=extra, extra_bias=0.5, backend="triton")
+    assert torch.equal(fastgen.ops.attention(q, k, v, extra_kv=extra, extra_bias=torch.tensor(0.5), backend="triton"), want)
+    per = fastgen.ops.attention(q, k, v, extra_kv=extra, extra_bias=[0.5, -1.0], backend="triton")
+    assert torch.equal(fastgen.ops.attention(q, k, v, extra_kv=extra, extra_bias=torch.tensor([0.5, -1.0]),
+                                             backend="triton"), per)
+    assert max_err(per, want) > 1e-3
 
 
 def test_empty_queries():

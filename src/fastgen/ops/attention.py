@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -74,8 +75,9 @@ def _check_kv(name: str, k, v, q: torch.Tensor, dtype: torch.dtype | None = None
             raise ValueError(f"{n} are {t.dtype} but {'fp8 segments must be ' + str(dtype) if dtype != q.dtype else 'q is ' + str(q.dtype)}: use one dtype")
     B, H, _, D = q.shape
     if k.shape[0] not in (1, B) or k.shape[1] != H or k.shape[3] != D:
+        batch = "1" if B == 1 else f"{B} or 1"
         raise ValueError(
-            f"{name} keys have shape {_shape(k)}; expected ({B} or 1, {H}, N, {D}) to match q {_shape(q)}"
+            f"{name} keys have shape {_shape(k)}; expected ({batch}, {H}, N, {D}) to match q {_shape(q)}"
         )
     if v.shape[:3] != k.shape[:3]:
         raise ValueError(f"{name} values have shape {_shape(v)}, which does not match keys {_shape(k)} in (B, H, N)")
@@ -115,14 +117,7 @@ def _check_inputs(q, k, v, extra_kv, extra_bias, scale, backend):
         _check_kv(f"extra_kv[{i}]", pair[0], pair[1], q)
 
     n = len(extra_kv)
-    if extra_bias is None:
-        biases = [0.0] * n
-    elif isinstance(extra_bias, (int, float)):
-        biases = [float(extra_bias)] * n
-    else:
-        biases = [float(b) for b in extra_bias]
-        if len(biases) != n:
-            raise ValueError(f"extra_bias has {len(biases)} entries but extra_kv has {n} segments")
+    biases = _biases(extra_bias, n)
     for b in biases:
         if math.isnan(b) or b == math.inf:
             raise ValueError(f"extra_bias entries must be finite or -inf (which drops the segment), got {b}")
@@ -131,9 +126,34 @@ def _check_inputs(q, k, v, extra_kv, extra_bias, scale, backend):
         scale = q.shape[-1] ** -0.5
     elif not math.isfinite(float(scale)):
         raise ValueError(f"scale must be a finite float, got {scale}")
-    if k.shape[2] + sum(p.shape[2] if isinstance(p, Fp8KV) else p[0].shape[2] for p in extra_kv) == 0:
-        raise ValueError("attention needs at least one key: k and every extra segment are empty")
+    # No key at all (k and every segment empty) is allowed: like a fully masked row, out 0, lse -inf.
     return extra_kv, biases, float(scale)
+
+
+_BIAS_FORMS = "a float, a 0-d tensor, or one float per segment (a sequence or a 1-D tensor)"
+
+
+def _biases(extra_bias, n: int) -> list[float]:
+    # A tensor is read on the host (.tolist / float): one device sync when it lives on a GPU.
+    if extra_bias is None:
+        return [0.0] * n
+    if isinstance(extra_bias, torch.Tensor):
+        if extra_bias.dim() == 0:
+            return [float(extra_bias)] * n
+        if extra_bias.dim() > 1:
+            raise ValueError(f"extra_bias must be {_BIAS_FORMS}, got a tensor of shape {_shape(extra_bias)}")
+        extra_bias = extra_bias.tolist()
+    elif isinstance(extra_bias, numbers.Real) or getattr(extra_bias, "ndim", None) == 0:  # NumPy scalars too
+        return [float(extra_bias)] * n
+    elif isinstance(extra_bias, (str, bytes)):
+        raise ValueError(f"extra_bias must be {_BIAS_FORMS}, got {type(extra_bias).__name__} {extra_bias!r}")
+    try:
+        biases = [float(b) for b in extra_bias]
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"extra_bias must be {_BIAS_FORMS}, got {type(extra_bias).__name__} ({exc})") from None
+    if len(biases) != n:
+        raise ValueError(f"extra_bias has {len(biases)} entries but extra_kv has {n} segments")
+    return biases
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,6 +292,8 @@ def _sdpa(q, k, v, extra_kv, biases, scale, return_lse):
 
 def _xformers(q, k, v, extra_kv, biases, scale):
     kk, vv, _ = _concat(q, k, v, extra_kv, biases)
+    if kk.shape[2] == 0:  # no key at all: out 0, as the other backends give (module doc of the kernel)
+        return torch.zeros_like(q)
     # xformers takes (B, N, H, D): these transposes are views
     out = _xops.memory_efficient_attention(q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), scale=scale)
     return out.transpose(1, 2)
@@ -302,9 +324,10 @@ def attention(
             ``k, v`` as if concatenated, without concatenating them. Same dtype and device as q;
             or a ``fastgen.ops.Fp8KV`` (``fastgen.ops.quantize_kv``), which the Triton kernel
             dequantizes as it reads (other backends dequantize a copy first).
-        extra_bias: a float, or one float per segment, added to the logits of that segment's keys
-            (OminiControl's ``log(condition_scale)``, KV-Edit's ``attn_scale``). ``-inf`` drops
-            a segment. Default 0.
+        extra_bias: a float (or 0-d tensor) for every segment, or one float per segment (a
+            sequence or a 1-D tensor), added to the logits of that segment's keys (OminiControl's
+            ``log(condition_scale)``, KV-Edit's ``attn_scale``). ``-inf`` drops a segment.
+            Default 0. A tensor is read on the host (one sync on a GPU).
         scale: logit scale, default ``D ** -0.5``.
         backend: ``"auto"`` (Triton on a GPU, SDPA on a CPU), ``"triton"``, ``"cuda"``,
             ``"sdpa"`` (concatenate, then PyTorch; the reference), or ``"xformers"``. A backend
@@ -314,7 +337,11 @@ def attention(
             (``fastgen.ops.merge_partials``).
 
     Returns:
-        (B, H, Nq, D) in q's dtype; with ``return_lse``, ``(out, lse)``.
+        (B, H, Nq, D) in q's dtype; with ``return_lse``, ``(out, lse)``. A query row with no
+        admissible key (``k`` and every segment empty, or dropped by a ``-inf`` bias) gets out 0,
+        as ``F.scaled_dot_product_attention`` gives a fully masked row, and lse ``-inf`` (the log
+        of an empty sum, as ``torch.logsumexp``); every backend agrees, and ``merge_partials``
+        gives such a part weight 0.
 
     Raises:
         ValueError: on mismatched shapes, wrong ranks, mixed devices or dtypes, bad biases.
