@@ -1,6 +1,8 @@
 // See qk_norm_rope.h. One thread block per (token, q|k); warps own heads, lanes own channels.
-// Pass 1 reduces the sum of squares per head (and over heads for norm_mode 2); pass 2 reads the
-// element and its RoPE partner (same row, L1-hot), normalises both and rotates.
+// Pass 1 reduces the sum of squares per head (and over heads for norm_mode 2); pass 2 gives each
+// lane whole RoPE pairs: it reads both members (same row, L1-hot), normalises and rotates them,
+// and writes both. No lane reads an element another lane writes, so out may be the input itself
+// (in place): pass 1's reads end at the barrier, and pass 2 reads a pair only before writing it.
 #include "qk_norm_rope.h"
 
 #include <cuda_bf16.h>
@@ -64,24 +66,32 @@ __global__ void __launch_bounds__(kThreads) qk_norm_rope_kernel(QKNormRopeParams
   for (int h = warp; h < H; h += kWarps) {
     const float rstd = p.norm_mode == 1 ? rsqrtf(head_ss[h] / float(D) + p.eps) : rstd_all;
     const float* wh = w == nullptr ? nullptr : (p.norm_mode == 1 ? w : w + h * D);
-    for (int d = lane; d < D; d += 32) {
-      float v = to_f32<T>(x[h * in.stride[1] + d * in.stride[3]]) * rstd;
-      if (wh) v *= wh[d];
-      if (rotate) {
-        int partner, pair;
-        float sign;
-        if (p.rope_mode == 1) {
-          partner = d ^ 1; pair = d >> 1; sign = (d & 1) ? 1.f : -1.f;
-        } else {
-          partner = d < half ? d + half : d - half; pair = d < half ? d : d - half; sign = d < half ? -1.f : 1.f;
-        }
-        float vp = to_f32<T>(x[h * in.stride[1] + partner * in.stride[3]]) * rstd;
-        if (wh) vp *= wh[partner];
-        const float c = p.cos[s * p.cos_stride[0] + pair * p.cos_stride[1]];
-        const float sn = p.sin[s * p.sin_stride[0] + pair * p.sin_stride[1]];
-        v = v * c + sign * vp * sn;
+    const T* xh = x + h * in.stride[1];
+    T* yh = y + h * out.stride[1];
+    if (!rotate) {
+      for (int d = lane; d < D; d += 32) {
+        float v = to_f32<T>(xh[d * in.stride[3]]) * rstd;
+        if (wh) v *= wh[d];
+        yh[d * out.stride[3]] = from_f32<T>(v);
       }
-      y[h * out.stride[1] + d * out.stride[3]] = from_f32<T>(v);
+      continue;
+    }
+    // Pair i is (2i, 2i+1) interleaved or (i, i + D/2) half. Reading the partner of one's own
+    // element instead let a lane read, in a later iteration, a "half" partner (D > 32) that
+    // another lane had already rotated in place.
+    for (int i = lane; i < half; i += 32) {
+      const int d0 = p.rope_mode == 1 ? 2 * i : i;
+      const int d1 = p.rope_mode == 1 ? 2 * i + 1 : i + half;
+      float a = to_f32<T>(xh[d0 * in.stride[3]]) * rstd;
+      float b = to_f32<T>(xh[d1 * in.stride[3]]) * rstd;
+      if (wh) {
+        a *= wh[d0];
+        b *= wh[d1];
+      }
+      const float c = p.cos[s * p.cos_stride[0] + i * p.cos_stride[1]];
+      const float sn = p.sin[s * p.sin_stride[0] + i * p.sin_stride[1]];
+      yh[d0 * out.stride[3]] = from_f32<T>(a * c - b * sn);
+      yh[d1 * out.stride[3]] = from_f32<T>(b * c + a * sn);
     }
   }
 }

@@ -11,7 +11,7 @@ namespace fastgen {
 
 struct QKNormRopeParams {
   View4 in[2];              // q, k
-  View4 out[2];             // q_out, k_out
+  View4 out[2];             // q_out, k_out; each may be its input itself (in place), else disjoint from both inputs
   const float* weight[2];   // fp32 RMS-norm weights, (D) or (H*D), or nullptr
   const float* cos;         // (S_rope, D/2) fp32, or nullptr
   const float* sin;

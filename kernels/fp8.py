@@ -4,8 +4,10 @@ A cached condition or background K/V of (B, H, N, D) becomes an e4m3 tensor of t
 and an fp32 scale (B, H, N): ``x = x8 * scale``, ``scale = amax(|x|) / 448`` over the D channels
 of the row (448 is e4m3's largest finite value), so every row uses the format's full range. The
 attention kernel dequantizes as it reads (``kernels/attention.py``): the key scale multiplies a
-logit column after the QK product, the value scale a probability column before the PV product,
-so the D-long dot products run on unscaled fp8-exact values.
+logit column after the QK product (which runs on the unscaled, fp8-exact keys), and each value
+tile is dequantized in fp32 and rounded once to q's dtype before the PV product, exactly as
+``dequantize_fp8`` rounds it. (Scaling the probabilities instead underflows fp16 for small
+values.)
 
 Three layers: the ``@triton.jit`` kernel, its launcher ``quantize_fp8_fwd``, and the reference
 ``quantize_fp8_reference``.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import HAVE_TRITON, INTERPRET, next_pow2, tl, triton
+from ._common import HAVE_TRITON, INTERPRET, needs_int64, next_pow2, tl, triton
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -44,15 +46,20 @@ if HAVE_TRITON:
         s_b, s_h, s_n, s_d,  # input strides: any layout
         H, N, D, R,  # R = B * H * N rows
         FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
-        ROUND_FIRST: tl.constexpr,
+        ROUND_FIRST: tl.constexpr, INT64: tl.constexpr,
     ):
         # ROWS rows of D channels per program; the outputs are contiguous.
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        offs_d = tl.arange(0, BLOCK_D)
+        if INT64:
+            # x or out spans 2**31 elements or more: row * D and index * stride would wrap in int32
+            # (and 64-bit division, needed then, is slow: the common case keeps int32)
+            rows = rows.to(tl.int64)
+            offs_d = offs_d.to(tl.int64)
         row_ok = rows < R
         b = rows // (H * N)
         h = (rows // N) % H
         n = rows % N
-        offs_d = tl.arange(0, BLOCK_D)
         mask = row_ok[:, None] & (offs_d[None, :] < D)
         x_ptrs = X + b[:, None] * s_b + h[:, None] * s_h + n[:, None] * s_n + offs_d[None, :] * s_d
         x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -86,4 +93,5 @@ def quantize_fp8_fwd(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) ->
     _quantize_fp8_rows[(triton.cdiv(rows, per),)](
         x, out, scale, *x.stride(), H, N, D, rows,
         FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, BLOCK_D=block_d, ROWS=per, ROUND_FIRST=INTERPRET,
+        INT64=needs_int64(x, out, scale),
     )

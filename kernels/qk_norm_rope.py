@@ -16,14 +16,16 @@ Conventions (those of diffusers):
 The kernel computes in fp32 and rounds once at the end; diffusers rounds after the norm too, so
 the two differ by at most one rounding of the output dtype. Outputs are written where the caller
 says (any strides): e.g. text and image tokens, normalised with different weights, straight into
-the slices of one joint buffer.
+the slices of one joint buffer. In place (an output *is* its input, the same view) is safe for
+every norm, rope mode and D; outputs that overlap the inputs any other way are the caller's to
+avoid (``fastgen.ops.qk_norm_rope`` computes those into temporaries).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._common import HAVE_TRITON, INTERPRET, next_pow2, tl, triton
+from ._common import HAVE_TRITON, INTERPRET, needs_int64, next_pow2, same_storage, tl, triton
 
 NORM_MODES = ("head", "all", None)
 ROPE_MODES = ("interleaved", "half", None)
@@ -96,10 +98,15 @@ if HAVE_TRITON:
         H, S_ROPE, eps,
         HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
         NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, ROPE: tl.constexpr,
+        INT64: tl.constexpr, IN_PLACE: tl.constexpr,
     ):
         # NORM: 0 none, 1 per head, 2 over all heads. ROPE: 0 none, 1 interleaved, 2 half.
         offs_h = tl.arange(0, BLOCK_H)
         offs_d = tl.arange(0, BLOCK_D)
+        if INT64:
+            # a tensor spans 2**31 elements or more: head * stride would wrap in int32
+            offs_h = offs_h.to(tl.int64)
+            offs_d = offs_d.to(tl.int64)
         mask = (offs_h[:, None] < H) & (offs_d[None, :] < HEAD_DIM)
         base = X + b * sx_b + s * sx_s
         x = tl.load(base + offs_h[:, None] * sx_h + offs_d[None, :] * sx_d, mask=mask, other=0.0).to(tl.float32)
@@ -143,6 +150,10 @@ if HAVE_TRITON:
                 sn = tl.load(SIN + s * ss_s + pair * ss_d, mask=offs_d < HEAD_DIM, other=0.0)
                 y = y * c[None, :] + yp * (sign * sn)[None, :]
 
+        if IN_PLACE:
+            # OUT is X: the element a thread stores may be the RoPE partner another thread (another
+            # warp) has yet to load. Every load of the row completes before any store.
+            tl.debug_barrier()
         o_ptrs = OUT + b * so_b + s * so_s + offs_h[:, None] * so_h + offs_d[None, :] * so_d
         tl.store(o_ptrs, y.to(OUT.dtype.element_ty), mask=mask)
 
@@ -155,17 +166,22 @@ if HAVE_TRITON:
         H, S, S_ROPE, eps,
         HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
         NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, ROPE: tl.constexpr,
+        INT64: tl.constexpr, IN_PLACE: tl.constexpr,
     ):
         # One program per token; axis 1 picks q or k, so both are done by one launch.
-        pid = tl.program_id(0).to(tl.int64)
+        pid = tl.program_id(0)
+        if INT64:
+            pid = pid.to(tl.int64)
         b = pid // S
         s = pid % S
         if tl.program_id(1) == 0:
             _token_prologue(Q, WQ, COS, SIN, OQ, b, s, sq_b, sq_h, sq_s, sq_d, soq_b, soq_h, soq_s, soq_d,
-                            sc_s, sc_d, ss_s, ss_d, H, S_ROPE, eps, HEAD_DIM, BLOCK_H, BLOCK_D, NORM, HAS_WEIGHT, ROPE)
+                            sc_s, sc_d, ss_s, ss_d, H, S_ROPE, eps, HEAD_DIM, BLOCK_H, BLOCK_D, NORM, HAS_WEIGHT, ROPE,
+                            INT64, IN_PLACE)
         else:
             _token_prologue(K, WK, COS, SIN, OK, b, s, sk_b, sk_h, sk_s, sk_d, sok_b, sok_h, sok_s, sok_d,
-                            sc_s, sc_d, ss_s, ss_d, H, S_ROPE, eps, HEAD_DIM, BLOCK_H, BLOCK_D, NORM, HAS_WEIGHT, ROPE)
+                            sc_s, sc_d, ss_s, ss_d, H, S_ROPE, eps, HEAD_DIM, BLOCK_H, BLOCK_D, NORM, HAS_WEIGHT, ROPE,
+                            INT64, IN_PLACE)
 
 
 _NORM_CODE = {None: 0, "head": 1, "all": 2}
@@ -190,7 +206,8 @@ def qk_norm_rope_fwd(
 
     q, k, out_q, out_k: (B, H, S, D), one shape and dtype, any strides (outputs may be slices of a
     larger buffer). q_weight/k_weight: both None or both given, (D,) or (H*D,) per ``norm``.
-    cos/sin: (S_rope, D/2) float32, S_rope <= S, or None.
+    cos/sin: (S_rope, D/2) float32, S_rope <= S, or None. ``out_q`` may be ``q`` itself and
+    ``out_k`` ``k`` (in place); no other overlap between outputs and inputs is allowed.
     """
     B, H, S, D = q.shape
     if q.numel() == 0:
@@ -211,11 +228,15 @@ def qk_norm_rope_fwd(
     block_h, block_d = next_pow2(H), max(2, next_pow2(D))
     warps = 4 if block_h * block_d <= 2048 else 8 if block_h * block_d <= 8192 else 16
     extra = {} if INTERPRET else {"num_warps": warps}
+    # In place, a program's stores must wait for all of its loads (IN_PLACE adds one barrier):
+    # only then, when the caller passed the input itself as the output.
+    in_place = same_storage(out_q, q) or same_storage(out_k, k)
     _qk_norm_rope_fwd[(B * S, 2)](
         q, k, wq, wk, cos, sin, out_q, out_k,
         *q.stride(), *k.stride(), *out_q.stride(), *out_k.stride(),
         *cos.stride(), *sin.stride(),
         H, S, cos.shape[0] if rope is not None else 0, float(eps),
         HEAD_DIM=D, BLOCK_H=block_h, BLOCK_D=block_d,
-        NORM=_NORM_CODE[norm], HAS_WEIGHT=has_w, ROPE=_ROPE_CODE[rope], **extra,
+        NORM=_NORM_CODE[norm], HAS_WEIGHT=has_w, ROPE=_ROPE_CODE[rope],
+        INT64=needs_int64(q, k, out_q, out_k, cos, sin), IN_PLACE=in_place, **extra,
     )

@@ -14,8 +14,10 @@ import torch
 import fastgen
 from fastgen import FastgenFallbackWarning
 from fastgen._cuda import HAVE_CUDA_EXT
+from fastgen.kernels import qk_norm_rope as K
 from fastgen.kernels.qk_norm_rope import qk_norm_rope_reference
-from helpers import DEVICE, assert_within_pytorch_error, max_err
+from fastgen.ops import prologue as P
+from helpers import DEVICE, INT32_TOKENS, KernelRecorder, assert_within_pytorch_error, max_err
 
 ROOT = Path(__file__).resolve().parents[1]
 # bf16 runs under the interpreter too: fastgen computes it in fp32 there (bf16 loads are wrong in it).
@@ -119,6 +121,99 @@ def test_poisoned_outputs_are_overwritten(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: real_empty_like(*a, **k).fill_(float("nan")))
     out = fastgen.ops.qk_norm_rope(**kw, backend="triton")
     assert torch.equal(out[0], clean[0]) and torch.equal(out[1], clean[1])
+
+
+# --------------------------------------------------------------------------------------------
+# In place and other aliasing of out with the inputs
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch"] + KERNEL_BACKENDS)
+@pytest.mark.parametrize("norm", ["head", "all", None])
+@pytest.mark.parametrize("rope,D", [("half", 64), ("half", 80), ("half", 16), ("interleaved", 64), (None, 64)])
+def test_in_place_equals_out_of_place(rope, D, norm, backend):
+    # "half" pairs (i, i + D/2) span more than one 32-lane pass for D > 32: the case the CUDA kernel
+    # got wrong in place (it read partners it had already rotated).
+    kw = inputs(2, 5, 3, D, torch.float32, norm, rope, s_rope=4, seed=D)
+    want = fastgen.ops.qk_norm_rope(**kw, backend=backend)
+    q, k = kw["q"].clone(), kw["k"].clone()
+    assert not P._needs_temporaries(q, k, (q, k)), "in place runs directly, without temporaries"
+    got = fastgen.ops.qk_norm_rope(**dict(kw, q=q, k=k), backend=backend, out=(q, k))
+    assert got[0] is q and got[1] is k
+    assert torch.equal(q, want[0]) and torch.equal(k, want[1])
+
+
+@pytest.mark.parametrize("backend", ["torch"] + KERNEL_BACKENDS)
+@pytest.mark.parametrize("case", ["swapped", "shifted", "fused qkv"])
+def test_outputs_overlapping_inputs_are_correct(case, backend):
+    kw = inputs(1, 6, 2, 64, torch.float16, "head", "half", seed=43)
+    want = fastgen.ops.qk_norm_rope(**kw, backend=backend)
+    if case == "fused qkv":
+        # q and k slices of one (B, S, 3, H, D) projection interleave in memory but share nothing:
+        # in place over them needs no temporaries
+        qkv = torch.stack([kw["q"].transpose(1, 2), kw["k"].transpose(1, 2), kw["k"].transpose(1, 2)], dim=2)
+        q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
+        out, temporaries = (q, k), False
+    elif case == "swapped":  # out_q over k and out_k over q
+        q, k = kw["q"].clone(), kw["k"].clone()
+        out, temporaries = (k, q), True
+    else:  # out_q one token further along q's own buffer
+        buf = torch.cat([kw["q"], kw["q"][:, :, :1]], dim=2)
+        q, k = buf[:, :, :-1], kw["k"].clone()
+        out, temporaries = (buf[:, :, 1:], k), True
+    assert P._needs_temporaries(q, k, out) is temporaries
+    got = fastgen.ops.qk_norm_rope(**dict(kw, q=q, k=k), backend=backend, out=out)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_overlapping_outputs_raise():
+    kw = inputs(1, 4, 2, 16, torch.float32, "head", "interleaved", seed=47)
+    with pytest.raises(ValueError, match="out_q and out_k overlap"):
+        fastgen.ops.qk_norm_rope(**kw, out=(kw["q"], kw["q"]))
+    with pytest.raises(ValueError, match="out_q and out_k overlap"):  # in place over q passed as k too
+        fastgen.ops.qk_norm_rope(**dict(kw, k=kw["q"]), out=(kw["q"], kw["q"]))
+
+
+def test_triton_in_place_flag_follows_the_outputs(monkeypatch):
+    kw = inputs(1, 4, 2, 16, torch.float32, "head", "half", seed=53)
+    rec = KernelRecorder()
+    monkeypatch.setattr(K, "_qk_norm_rope_fwd", rec)
+    fastgen.ops.qk_norm_rope(**kw, backend="triton")
+    assert rec.kwargs["IN_PLACE"] is False
+    fastgen.ops.qk_norm_rope(**kw, backend="triton", out=(kw["q"], kw["k"]))
+    assert rec.kwargs["IN_PLACE"] is True
+
+
+# --------------------------------------------------------------------------------------------
+# 64-bit offsets past 2**31 elements
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["BSHD", "BHSD"])
+@pytest.mark.parametrize("tokens", [INT32_TOKENS - 1, INT32_TOKENS])
+def test_int64_offsets_chosen_from_shapes_and_strides(monkeypatch, tokens, layout):
+    # meta tensors: the launcher decides from shapes and strides, nothing is allocated. H*D = 3072,
+    # so either layout reaches offset S * 3072 - 1.
+    def make(n):
+        if layout == "BSHD":
+            return torch.empty(1, n, 24, 128, dtype=torch.float16, device="meta").transpose(1, 2)
+        return torch.empty(1, 24, n, 128, dtype=torch.float16, device="meta")
+
+    rec = KernelRecorder()
+    monkeypatch.setattr(K, "_qk_norm_rope_fwd", rec)
+    q, k = make(tokens), make(tokens)
+    cos = torch.empty(tokens, 64, device="meta")
+    K.qk_norm_rope_fwd(q, k, None, None, cos, cos, 1e-6, "head", "interleaved", make(tokens), make(tokens))
+    assert rec.kwargs["INT64"] is (tokens * 3072 - 1 > 2**31 - 1)
+
+
+@pytest.mark.parametrize("rope", ["interleaved", "half"])
+def test_int64_variant_is_correct(monkeypatch, rope):
+    kw = inputs(2, 7, 3, 64, torch.float16, "all", rope, s_rope=5, seed=59)
+    want = fastgen.ops.qk_norm_rope(**kw, backend="triton")
+    monkeypatch.setattr(K, "needs_int64", lambda *t: True)
+    got = fastgen.ops.qk_norm_rope(**kw, backend="triton")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 # --------------------------------------------------------------------------------------------

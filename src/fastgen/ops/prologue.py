@@ -7,7 +7,7 @@ import torch
 from fastgen._cuda import cuda_ext_can_run_on
 from fastgen._warnings import warn_once
 from fastgen.kernels import qk_norm_rope as _k
-from fastgen.kernels._common import triton_can_run_on
+from fastgen.kernels._common import overlap, same_storage, triton_can_run_on
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
 _NORM_CODE = {None: 0, "head": 1, "all": 2}
@@ -83,6 +83,24 @@ def _check_out(out, q):
         if not isinstance(t, torch.Tensor) or t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
             raise ValueError(f"{name} must be a tensor of q's shape {tuple(q.shape)}, dtype and device")
     return tuple(out)
+
+
+def _needs_temporaries(q, k, out) -> bool:
+    """Whether ``out`` overlaps the inputs in a way no backend can write directly: then the result
+    is computed into new tensors and copied. In place (``out_q`` is ``q``, ``out_k`` is ``k``, the
+    same views) every backend takes directly. Raises when the two outputs overlap each other."""
+    if torch.compiler.is_compiling():
+        return False  # dynamo cannot read storages; compiled callers pass their own buffers
+    out_q, out_k = out
+    if overlap(out_q, out_k) != "none":
+        raise ValueError("out_q and out_k overlap: each output needs memory of its own (an in-place call "
+                         "needs q and k that do not overlap)")
+    for o, own, other in ((out_q, q, k), (out_k, k, q)):
+        # An output over the other input would be read after it was written; one that overlaps its own
+        # input but is not that view reads elements other programs have written.
+        if overlap(o, other) != "none" or overlap(o, own) == "partial":
+            return True
+    return False
 
 
 def _check(q, k, q_weight, k_weight, cos, sin, eps, norm, rope, backend):
@@ -208,14 +226,28 @@ def qk_norm_rope(
         backend: ``"auto"`` (CUDA extension, else Triton on a GPU; PyTorch on a CPU),
             ``"cuda"``, ``"triton"`` or ``"torch"`` (the unfused sequence).
         out: optional (out_q, out_k) to write into, each of q's shape and dtype, any strides
-            (e.g. the text and image slices of one joint query buffer).
+            (e.g. the text and image slices of one joint query buffer). ``out=(q, k)`` works in
+            place on every backend. Outputs that overlap the inputs any other way (e.g. ``out_q``
+            over ``k``) are computed into temporaries first, then copied (checked in eager mode;
+            under ``torch.compile`` pass outputs that are the inputs or share nothing with them).
 
     Returns:
         (q_out, k_out): each (B, H, S, D) in q's dtype, ready for attention; unless ``out`` is
         given, laid out as (B, S, H, D) in memory so attention output flattens without a copy.
+
+    Raises:
+        ValueError: on bad shapes, modes, weights, tables or backend; when ``out_q`` and ``out_k``
+        overlap each other.
     """
+    tables = (cos, sin)
     cos, sin, full = _check(q, k, q_weight, k_weight, cos, sin, eps, norm, rope, backend)
     out = _check_out(out, q)
+    if out is not None and _needs_temporaries(q, k, out):
+        a, b = qk_norm_rope(q, k, q_weight=q_weight, k_weight=k_weight, cos=tables[0], sin=tables[1], eps=eps,
+                            norm=norm, rope=rope, backend=backend)
+        # with nothing to do, the PyTorch path returns q and k themselves: copy them before writing
+        a, b = (t.clone() if same_storage(t, q) or same_storage(t, k) else t for t in (a, b))
+        return out[0].copy_(a), out[1].copy_(b)
     name = choose_backend(backend, q, "qk_norm_rope", "qk_norm_rope")
     if name == "torch":
         a, b = qk_norm_rope_torch(q, k, q_weight, k_weight, cos, sin, eps, norm, rope, full)
