@@ -45,3 +45,18 @@ class KernelRecorder:
 
 # (B, S, H, D) with H*D = 3072 (Flux, HunyuanVideo): element offsets reach 2**31 from this many tokens
 INT32_TOKENS = -(-(2**31) // 3072)  # 699051: max offset S * 3072 - 1 > 2**31 - 1
+
+
+class KernelSpy:
+    """Wraps a ``@triton.jit`` kernel: launches it as usual and keeps each launch's keyword
+    arguments (the constexprs a launcher chose) in ``launches``."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch

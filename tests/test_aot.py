@@ -1,6 +1,8 @@
 """Compile the Triton kernels for sm_90 and sm_80 without a GPU (bench/aot_check.py) and check
 what the compiler made of them: Hopper wgmma / Ampere mma.sync, and no register spills where we
-claim none. The interpreter alone is looser than a GPU, and GPU windows are rare."""
+claim none. The interpreter alone is looser than a GPU, and GPU windows are rare. Every autotune
+candidate's tiling is checked for correctness too: on a GPU as it runs there, on a CPU under the
+interpreter."""
 
 import json
 import os
@@ -10,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import DEVICE, KernelSpy, assert_within_pytorch_error, max_err
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,23 +63,41 @@ def test_fp8_kernels_compile_for_sm90(reports):
         assert r["stack"] == 0
 
 
-@pytest.mark.gpu
-def test_every_autotune_config_is_correct():
+# (dtype, D, fp8 segment): bf16 is wrong under the interpreter, so a CPU checks the same tilings in fp16
+CONFIG_CASES = [(torch.bfloat16, 128, False), (torch.float16, 80, False), (torch.bfloat16, 256, False),
+                (torch.bfloat16, 128, True)]
+
+
+@pytest.mark.parametrize("dtype,D,fp8", CONFIG_CASES, ids=str)
+def test_every_autotune_config_is_correct(dtype, D, fp8, monkeypatch):
+    # Each candidate the autotuner may pick for this head dim (the same pruning), forced through
+    # _launch: on a GPU with its warps and stages, on a CPU its tiles under the interpreter, at sizes
+    # that still leave a tail tile of queries and keys for every config.
+    import fastgen
     from fastgen.kernels import attention as A
+    from fastgen.ops import quantize_kv
 
-    g = torch.Generator().manual_seed(0)
-    for dtype, D in ((torch.bfloat16, 128), (torch.float16, 80), (torch.bfloat16, 256)):
-        q, k, v, ck, cv = (torch.randn(2, 3, n, D, generator=g).to("cuda", dtype) for n in (300, 257, 257, 129, 129))
-        ref, ref_lse = A.attention_reference(q, k, v, [(ck, cv)], [0.5])
-        for cfg in A.GPU_CONFIGS:
-            if cfg[0] * triton_pow2(D) > 128 * 128 or cfg[1] * triton_pow2(D) > 128 * 128:
-                continue
-            out, lse = torch.empty_like(q), torch.empty(2, 3, 300, device="cuda")
-            A._launch(q, [(k, v, 0.0), (ck, cv, 0.5)], D**-0.5, out, lse, None, config=cfg)
-            err = (out.double() - ref).abs().max().item()
-            assert err < 2e-2, f"{dtype} D={D} config {cfg}: max error {err:.3e}"
-            assert (lse.double() - ref_lse).abs().max().item() < 1e-2
-
-
-def triton_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
+    on_gpu = DEVICE.type == "cuda"
+    dtype = dtype if on_gpu else torch.float16
+    (B, H), (nq, nk, nc) = ((2, 3), (300, 257, 129)) if on_gpu else ((1, 1), (130, 70, 40))
+    g = torch.Generator().manual_seed(D)
+    q, k, v, ck, cv = (torch.randn(B, H, n, D, generator=g).to(DEVICE, dtype) for n in (nq, nk, nk, nc, nc))
+    if fp8:
+        e = quantize_kv(ck, cv, backend="torch")
+        segment, plain, ref_pair = (e.k, e.v, 0.5, e.k_scale, e.v_scale), e.dequantize(dtype), e.dequantize(torch.float64)
+    else:
+        segment, plain, ref_pair = (ck, cv, 0.5, None, None), (ck, cv), (ck, cv)
+    ref, ref_lse = A.attention_reference(q, k, v, [ref_pair], [0.5])
+    pytorch = fastgen.ops.attention(q, k, v, extra_kv=[plain], extra_bias=0.5, backend="sdpa")
+    configs = A._prune_configs(A._gpu_configs(), {}, BLOCK_D=max(16, A.next_pow2(D)))
+    assert configs
+    spy = KernelSpy(A._attn_fwd)
+    monkeypatch.setattr(A, "_attn_fwd", spy)
+    for c in configs:
+        cfg = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+        out = torch.full_like(q, float("nan"))
+        lse = torch.full((B, H, nq), float("nan"), device=DEVICE)
+        A._launch(q, [(k, v, 0.0, None, None), segment], D**-0.5, out, lse, None, config=cfg)
+        assert (spy.launches[-1]["BLOCK_M"], spy.launches[-1]["BLOCK_N"]) == cfg[:2], "the forced tiles must run"
+        assert_within_pytorch_error(out, ref, pytorch, what=f"{dtype} D={D} fp8={fp8} config {cfg}")
+        assert max_err(lse, ref_lse) < 2e-3, f"lse with config {cfg}"

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import fastgen.ops as ops
+from fastgen._cuda import cuda_ext_can_run_on
+from fastgen.kernels import fp8 as K
 from fastgen.kernels.attention import attention_reference
 from fastgen.kernels.fp8 import FP8, FP8_MAX, dequantize_fp8, quantize_fp8_reference
-from helpers import DEVICE, assert_within_pytorch_error
+from helpers import DEVICE, INT32_TOKENS, KernelRecorder, assert_within_pytorch_error
 
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 
@@ -75,6 +77,25 @@ def test_attention_over_fp8_segments(nq, nk, sizes, D, dtype):
     assert_within_pytorch_error(out, ref, pytorch, what=f"{dtype} fp8 segments")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("magnitude", [1e-2, 1e-4])
+def test_small_values_keep_their_precision(magnitude, dtype):
+    # The value scale of |v| ~ 1e-4 is ~2e-7: applied to the probabilities before their cast to
+    # fp16 it underflowed (0.3 relative error where dequantize + SDPA has 7e-4). (On a CPU bf16 runs
+    # in fp32 under the interpreter; a GPU runs it natively.)
+    B, H, D = 1, 2, 64
+    q = rand(B, H, 64, D, dtype=dtype, seed=1)
+    k, v = rand(B, H, 32, D, dtype=dtype, seed=2), rand(B, H, 32, D, dtype=dtype, seed=3, scale=magnitude)
+    e = ops.quantize_kv(rand(1, H, 96, D, dtype=dtype, seed=4, scale=magnitude),
+                        rand(1, H, 96, D, dtype=dtype, seed=5, scale=magnitude), backend="torch")
+    out = ops.attention(q, k, v, extra_kv=[e], backend="triton")
+    ref = _reference(q, k, v, [e], [0.0])
+    pytorch = ops.attention(q, k, v, extra_kv=[e.dequantize(dtype)], backend="sdpa")
+    # compared at unit scale: the helper's absolute floor (meant for O(1) outputs) would hide this
+    unit = [t.float() / magnitude for t in (out, ref, pytorch)]
+    assert_within_pytorch_error(*unit, what=f"|v| ~ {magnitude}, relative")
+
+
 def test_fp8_and_plain_segments_mix_and_chunk():
     # more segments than one launch takes, the later chunk led by fp8 ones only
     H, D = 2, 64
@@ -129,16 +150,42 @@ def test_opcheck_quantize_and_fp8_attention():
                           (q, k, v, [e.k], [e.v], [0.5], 0.125, [e.k_scale], [e.v_scale]), test_utils=utils)
 
 
-@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-def test_cuda_quantize_matches_reference_on_gpu(dtype):
-    from fastgen._cuda import HAVE_CUDA_EXT
-
-    if not HAVE_CUDA_EXT or not hasattr(torch.ops.fastgen_C, "quantize_fp8"):
-        pytest.skip("fastgen._C is not built; bench/run_gpu.sh builds it")
-    x = rand(2, 24, 1031, 128, dtype=dtype, scale=3.0).transpose(1, 2).contiguous().transpose(1, 2)
-    a8, a = ops.quantize_fp8(x, backend="cuda")
+def test_quantize_backends_match_reference_at_model_layout(dtype, backend):
+    # A (B, S, H, D) projection seen as (B, H, S, D): Flux-sized on a GPU, small on a CPU. Only the
+    # CUDA extension needs a GPU (and a build).
+    reason = cuda_ext_can_run_on(DEVICE, "quantize_fp8") if backend == "cuda" else None
+    if reason:
+        pytest.skip(reason)
+    B, H, N = (2, 24, 1031) if DEVICE.type == "cuda" else (2, 3, 37)
+    x = rand(B, H, N, 128, dtype=dtype, scale=3.0).transpose(1, 2).contiguous().transpose(1, 2)
+    x8, s = ops.quantize_fp8(x, backend=backend)
     r8, r = quantize_fp8_reference(x)
-    t8, t = ops.quantize_fp8(x, backend="triton")
-    assert torch.equal(a, r) and torch.equal(a8.float(), r8.float())
-    assert torch.equal(t, r) and torch.equal(t8.float(), r8.float())
+    assert torch.equal(s, r) and torch.equal(x8.float(), r8.float())
+
+
+@pytest.mark.parametrize("tokens", [INT32_TOKENS - 1, INT32_TOKENS])
+def test_int64_offsets_chosen_from_shapes_and_strides(monkeypatch, tokens):
+    # meta tensors: a (B, S, H, D) view with H*D = 3072 reaches offset S * 3072 - 1; nothing allocated
+    rec = KernelRecorder()
+    monkeypatch.setattr(K, "_quantize_fp8_rows", rec)
+    x = torch.empty(1, tokens, 24, 128, dtype=torch.float16, device="meta").transpose(1, 2)
+    K.quantize_fp8_fwd(x, torch.empty(x.shape, dtype=FP8, device="meta"), torch.empty(x.shape[:3], device="meta"))
+    assert rec.kwargs["INT64"] is (tokens * 3072 - 1 > 2**31 - 1)
+
+
+def test_int64_variants_are_correct(monkeypatch):
+    # the quantize kernel and attention over an fp8 segment, with the flag forced on at small shapes
+    from fastgen.kernels import attention as A
+
+    x = rand(2, 40, 3, 80, scale=2.0).transpose(1, 2)
+    q, k, v = (rand(2, 2, n, 64, seed=s) for n, s in ((30, 7), (20, 8), (20, 9)))
+    extra = _fp8_segments(2, 64, (24, 9), torch.float16)
+    want = ops.quantize_fp8(x, backend="triton")
+    want_out = ops.attention(q, k, v, extra_kv=extra, extra_bias=[0.3, -0.2], backend="triton")
+    monkeypatch.setattr(K, "needs_int64", lambda *t: True)
+    monkeypatch.setattr(A, "needs_int64", lambda *t: True)
+    got = ops.quantize_fp8(x, backend="triton")
+    assert torch.equal(got[0].float(), want[0].float()) and torch.equal(got[1], want[1])
+    assert torch.equal(ops.attention(q, k, v, extra_kv=extra, extra_bias=[0.3, -0.2], backend="triton"), want_out)

@@ -13,7 +13,7 @@ import torch
 
 import fastgen
 from fastgen import FastgenFallbackWarning
-from fastgen._cuda import HAVE_CUDA_EXT
+from fastgen._cuda import HAVE_CUDA_EXT, cuda_ext_can_run_on
 from fastgen.kernels import qk_norm_rope as K
 from fastgen.kernels.qk_norm_rope import qk_norm_rope_reference
 from fastgen.ops import prologue as P
@@ -336,18 +336,23 @@ def test_csrc_kernels_compile_for_sm80_and_sm90(tmp_path, source):
     assert (tmp_path / "k.o").stat().st_size > 0
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAVE_CUDA_EXT, reason="fastgen._C is not built; bench/run_gpu.sh builds it")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("norm", ["head", "all"])
-def test_cuda_kernel_matches_triton_on_gpu(norm):
-    kw = inputs(2, 4608, 24, 128, torch.bfloat16, norm, "interleaved", seed=29)
-    a = fastgen.ops.qk_norm_rope(**kw, backend="cuda")
-    b = fastgen.ops.qk_norm_rope(**kw, backend="triton")
+def test_kernels_match_at_model_size(norm, backend):
+    # Flux-sized bf16 on a GPU (the CUDA kernel within PyTorch's error of Triton's); the same heads
+    # and layout over a few tokens on a CPU. Only the CUDA extension needs a GPU (and a build).
+    reason = cuda_ext_can_run_on(DEVICE, "qk_norm_rope") if backend == "cuda" else None
+    if reason:
+        pytest.skip(reason)
+    kw = inputs(2, 4608 if DEVICE.type == "cuda" else 9, 24, 128, torch.bfloat16, norm, "interleaved", seed=29)
+    a = fastgen.ops.qk_norm_rope(**kw, backend=backend)
     rq, rk = refs(kw)
     t = fastgen.ops.qk_norm_rope(**kw, backend="torch")
     assert_within_pytorch_error(a[0], rq, t[0])
     assert_within_pytorch_error(a[1], rk, t[1])
-    assert max_err(a[0], b[0]) <= 2 * max_err(t[0], rq)
+    if backend == "cuda":
+        b = fastgen.ops.qk_norm_rope(**kw, backend="triton")
+        assert max_err(a[0], b[0]) <= 2 * max_err(t[0], rq)
 
 
 def test_auto_sends_unsupported_dtypes_to_pytorch_even_where_kernels_exist(monkeypatch):
