@@ -166,6 +166,8 @@ def attention_configs() -> list[tuple[dict, int, int]]:
             for c in A._gpu_configs()]
 
 
+# "force": constexprs set as the launcher would for inputs too large to allocate here (INT64: some
+# tensor spans 2**31 elements or more, e.g. long video).
 VARIANTS = {
     "bf16 D128 +1 seg": dict(D=128),
     "fp16 D64 plain": dict(D=64, segments=(), dtype=torch.float16),
@@ -173,6 +175,14 @@ VARIANTS = {
     "fp16 D80 +4 segs": dict(D=80, segments=(64, 64, 64, 64), dtype=torch.float16),
     "fp32 D64 ieee": dict(D=64, segments=(), dtype=torch.float32),
     "bf16 D128 +1 fp8 seg": dict(D=128, fp8=True),
+    "bf16 D128 +1 seg int64": dict(D=128, force={"INT64": True}),
+    "bf16 D128 +1 fp8 seg int64": dict(D=128, fp8=True, force={"INT64": True}),
+}
+PROLOGUE_VARIANTS = {
+    "bf16 D128 H24 norm=head": (dict(norm="head"), {}),
+    "bf16 D128 H24 norm=all": (dict(norm="all"), {}),
+    "bf16 D128 H24 norm=head half in place": (dict(norm="head", rope="half"), {"IN_PLACE": True}),
+    "bf16 D128 H24 norm=all int64": (dict(norm="all"), {"INT64": True}),
 }
 
 
@@ -183,6 +193,8 @@ def run(targets=(90, 80), fixed_only=False) -> list[Report]:
         for vname, kw in VARIANTS.items():
             if kw.get("fp8") and cc < 89:
                 continue  # e4m3 conversion needs sm_89+: the op dequantizes a copy there instead
+            kw = dict(kw)
+            force = kw.pop("force", {})
             rec = record_attention(**kw)
             block_d = rec.kwargs["BLOCK_D"]
             if fixed_only:
@@ -193,13 +205,15 @@ def run(targets=(90, 80), fixed_only=False) -> list[Report]:
                 configs = [c for c in attention_configs()
                            if c[0]["BLOCK_M"] * block_d <= 128 * 128 and c[0]["BLOCK_N"] * block_d <= 128 * 128]
             for overrides, w, st in configs:
-                reports.append(compile_recorded("attention", vname, rec, cc, w, st, overrides))
-        for norm in ("head", "all"):
-            rec = record_prologue(norm=norm)
+                reports.append(compile_recorded("attention", vname, rec, cc, w, st, {**overrides, **force}))
+        for vname, (kw, force) in PROLOGUE_VARIANTS.items():
+            rec = record_prologue(**kw)
             w = rec.kwargs.get("num_warps", 4)
-            reports.append(compile_recorded("qk_norm_rope", f"bf16 D128 H24 norm={norm}", rec, cc, w, 1, {}))
+            reports.append(compile_recorded("qk_norm_rope", vname, rec, cc, w, 1, force))
         if cc >= 89:
-            reports.append(compile_recorded("quantize_fp8", "bf16 D128 H24", record_quantize(), cc, 4, 1, {}))
+            rec = record_quantize()
+            reports.append(compile_recorded("quantize_fp8", "bf16 D128 H24", rec, cc, 4, 1, {}))
+            reports.append(compile_recorded("quantize_fp8", "bf16 D128 H24 int64", rec, cc, 4, 1, {"INT64": True}))
     return reports
 
 
