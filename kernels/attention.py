@@ -275,8 +275,10 @@ if HAVE_TRITON:
 # and bf16 compile to wgmma with no register spills for D <= 128; for D = 256 (SD 1.5's head dim
 # 160 pads to it) 64x32 is spill-free on sm_90 and 32x32 nearly so on sm_80. fp32 (IEEE) runs on
 # FMAs and spills with every tile; 32x32 spills least.
-# fp8 segments convert each K/V tile to q's dtype in registers: on sm_90 at D = 128 only 128x32
-# (8 warps, 3 stages) stays spill-free (128x64 spills 208 B).
+# fp8 segments convert each K/V tile to q's dtype in registers (values through fp32, to apply their
+# scale before rounding): on sm_90 at D = 128 only 128x32 (8 warps, 3 stages) stays spill-free
+# (241 registers; 128x64 spills 192 B). INT64 (tensors past 2**31 elements) keeps the fixed
+# configs spill-free on sm_90.
 GPU_CONFIGS = [
     (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2),
     (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2), (128, 32, 8, 3),
