@@ -464,7 +464,7 @@ def test_flux_shaped_with_cached_condition(dtype):
     out = triton(q, k, v, extra_kv=extra, extra_bias=math.log(1.5))
     kk = torch.cat([k, extra[0][0].expand(B, -1, -1, -1)], 2)
     vv = torch.cat([v, extra[0][1].expand(B, -1, -1, -1)], 2)
-    mask = torch.cat([torch.zeros(n), torch.full((n_cond,), math.log(1.5))]).to(DEVICE)
+    mask = torch.cat([torch.zeros(n), torch.full((n_cond,), math.log(1.5))]).to(DEVICE)[None]  # (1, Nk)
     ref = F.scaled_dot_product_attention(q.float(), kk.float(), vv.float(), attn_mask=mask)
     pt = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask.to(dtype))
     assert_within_pytorch_error(out, ref, pt)
