@@ -78,6 +78,8 @@ def test_every_autotune_config_is_correct(dtype, D, fp8, monkeypatch):
     from fastgen.ops import quantize_kv
 
     on_gpu = DEVICE.type == "cuda"
+    if fp8 and on_gpu and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("e4m3 conversion in registers needs sm_89+ (the op dequantizes a copy there)")
     dtype = dtype if on_gpu else torch.float16
     (B, H), (nq, nk, nc) = ((2, 3), (300, 257, 129)) if on_gpu else ((1, 1), (130, 70, 40))
     g = torch.Generator().manual_seed(D)

@@ -166,6 +166,16 @@ def test_outputs_overlapping_inputs_are_correct(case, backend):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("backend", ["torch"] + KERNEL_BACKENDS)
+def test_swapped_outputs_with_nothing_to_do(backend):
+    # norm and rope None: the PyTorch path returns q and k themselves, which must not be overwritten
+    # before they are read
+    kw = inputs(1, 4, 2, 16, torch.float32, None, None, seed=49)
+    q, k = kw["q"].clone(), kw["k"].clone()
+    fastgen.ops.qk_norm_rope(**dict(kw, q=q, k=k), backend=backend, out=(k, q))
+    assert torch.equal(k, kw["q"]) and torch.equal(q, kw["k"])
+
+
 def test_overlapping_outputs_raise():
     kw = inputs(1, 4, 2, 16, torch.float32, "head", "interleaved", seed=47)
     with pytest.raises(ValueError, match="out_q and out_k overlap"):
