@@ -9,14 +9,14 @@ import torch
 from fastgen import flux_latents as fl
 from fastgen.condition import ConditionConfig
 from fastgen.condition.branches import BranchState, branch_forward
-from fastgen.edit import BackgroundKV, KVEditor, PinnedArena
+from fastgen.edit import BackgroundKV, EditConfig, KVEditor, PinnedArena
 from helpers import DEVICE
 from test_condition import SIDE, _forward_inputs, _image, _rel, _tiny_flux_pipeline
 
 
 @pytest.fixture(scope="module")
 def editor():
-    return KVEditor(_tiny_flux_pipeline(), ConditionConfig(attention_backend="triton", prologue_backend="triton"))
+    return KVEditor(_tiny_flux_pipeline(), EditConfig(attention_backend="triton", prologue_backend="triton"))
 
 
 def _prompts():
@@ -186,8 +186,9 @@ def test_bad_input_raises(editor):
         editor.edit(_image(), _mask(), inversion_free=True, attention_mask=True, **_prompts())
     with pytest.raises(ValueError, match="source_prompt"):
         editor.edit(_image(), _mask())
+    src = {k: v for k, v in _prompts().items() if k.startswith("source")}
     with pytest.raises(ValueError, match="target_prompt"):
-        editor.edit(_image(), _mask(), source_prompt_embeds=_prompts()["source_prompt_embeds"])
+        editor.edit(_image(), _mask(), **src)
 
 
 @pytest.mark.gpu

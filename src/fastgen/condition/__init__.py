@@ -8,7 +8,16 @@ Conditions are extra token branches of the transformer with asymmetric attention
 computed at the first step and read in place at every later step (``ConditionConfig``).
 """
 
+import importlib
+
 from fastgen.condition.config import Condition, ConditionConfig, Fill
-from fastgen.condition.pipeline import FluxConditionPipeline, generate
 
 __all__ = ["Condition", "ConditionConfig", "Fill", "FluxConditionPipeline", "generate"]
+
+
+def __getattr__(name: str):
+    # The pipeline subclasses diffusers' FluxPipeline, whose module imports transformers' image
+    # processors (which print torchvision notices): it loads on first use, not with this package.
+    if name in ("FluxConditionPipeline", "generate"):
+        return getattr(importlib.import_module("fastgen.condition.pipeline"), name)
+    raise AttributeError(f"module 'fastgen.condition' has no attribute {name!r}")

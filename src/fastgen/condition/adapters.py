@@ -21,31 +21,32 @@ def _tuner_layers(module: torch.nn.Module) -> list:
 class AdapterSwitch:
     """Selects, per module, the adapters of the main branch or of one condition.
 
-    Main branch (text and image tokens): the adapters active when the generation started, minus
-    every condition's adapter. Condition branch: its own adapter alone, or none. The adapters
-    active before are restored by ``restore``.
+    Main branch (text and image tokens): the adapters active when the forward started, minus
+    every condition's adapter. Condition branch: its own adapter alone, or none. ``begin`` reads
+    the active adapters at the start of each forward (a callback may switch them between steps)
+    and ``restore`` puts them back at its end.
     """
 
     def __init__(self, model: torch.nn.Module, condition_adapters: list[str | None]):
-        names = {a for a in condition_adapters if a is not None}
-        loaded = set(getattr(model, "peft_config", {}) or {})
-        missing = sorted(names - loaded)
-        if missing:
-            have = sorted(loaded) or "none"
-            raise ValueError(f"unknown LoRA adapter(s) {missing}: the transformer has {have}. Load one with "
-                             "pipe.load_lora_weights(path, adapter_name=...)")
+        self._names = {a for a in condition_adapters if a is not None}
+        check_adapters(model, self._names)
+        self._model = model
         self._layers: dict[int, list] = {}
         self._original: dict[int, list[str]] = {}
-        self.enabled = bool(names) or bool(loaded)
+        self.enabled = False
+
+    def begin(self) -> None:
+        """Read the active adapters of every LoRA layer (the main branch's, before any switch)."""
+        self._layers.clear()
+        self._original.clear()
+        self.enabled = bool(self._names) or bool(getattr(self._model, "peft_config", None))
         if not self.enabled:
             return
-        for layer in _tuner_layers(model):
-            if getattr(layer, "merged", False) and names:
+        for layer in self._layers_of(self._model):
+            if getattr(layer, "merged", False) and self._names:
                 raise ValueError("a LoRA adapter is fused into the base weights (fuse_lora): per-condition adapters "
                                  "need them unfused; call pipe.unfuse_lora() first")
             self._original[id(layer)] = list(layer.active_adapters)
-        self._names = names
-        self._model = model
 
     def _layers_of(self, module: torch.nn.Module) -> list:
         key = id(module)
@@ -70,4 +71,19 @@ class AdapterSwitch:
         if not self.enabled:
             return
         for layer in self._layers_of(self._model):
-            layer._active_adapter = self._original[id(layer)]
+            if id(layer) in self._original:  # every layer, unless ``begin`` raised half-way
+                layer._active_adapter = self._original[id(layer)]
+
+
+def check_adapters(model: torch.nn.Module, names, what: str = "conditions") -> None:
+    """Every adapter in ``names`` is loaded on ``model`` and unfused, or ``ValueError`` naming what is."""
+    names = {a for a in names if a is not None}
+    loaded = set(getattr(model, "peft_config", {}) or {})
+    missing = sorted(names - loaded)
+    if missing:
+        have = sorted(loaded) or "none"
+        raise ValueError(f"unknown LoRA adapter(s) {missing} in {what}: the transformer has {have}. Load one with "
+                         "pipe.load_lora_weights(path, adapter_name=...)")
+    if names and any(getattr(layer, "merged", False) for layer in _tuner_layers(model)):
+        raise ValueError("a LoRA adapter is fused into the base weights (fuse_lora): per-condition adapters "
+                         "need them unfused; call pipe.unfuse_lora() first")

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 import torch
 
 import fastgen.ops as ops
-from fastgen.condition.adapters import AdapterSwitch
-from fastgen.condition.cache import ConditionKVCache
-from fastgen.condition.config import ConditionConfig
 from fastgen._hooks import call_as_forward
+from fastgen._validity import ambient_key, tensor_key, why_no_reuse
+from fastgen.condition.adapters import AdapterSwitch
+from fastgen.condition.cache import ConditionKVCache, weights_key
+from fastgen.condition.config import ConditionConfig
 from fastgen.patching.config import PatchConfig
 from fastgen.patching.core import TokenGroup, heads_view, project_groups, prologue, split_heads_output
 
@@ -57,7 +58,7 @@ class BranchState:
     config: ConditionConfig
     switch: AdapterSwitch
     cache: ConditionKVCache | None = None
-    image_ids: torch.Tensor | None = None  # fill mode: ids of the generated tokens only
+    generate: torch.Tensor | None = None  # fill mode: indices of the generated tokens in the canvas
     pooled: torch.Tensor | None = None  # the first call's pooled text embedding (the prompt's)
     batch: int = 1  # the current forward's batch
     n_txt: int = 0  # the current forward's text tokens
@@ -65,20 +66,84 @@ class BranchState:
     token_split: int | None = None  # fastgen.edit's inversion mask: image tokens are [this many fg, bg]
     forwards: int = 0
     branch_forwards: int = 0  # forwards that ran the condition branches
+    cache_mode: str | None = None  # this forward: "store" (fills the cache), "read" (serves it) or None
     _rope: list = field(default_factory=list)
     patch_config: PatchConfig = field(default_factory=PatchConfig)  # the attention settings, built once
 
     @classmethod
-    def create(cls, model, branches: list[Branch], config: ConditionConfig, image_ids=None) -> BranchState:
+    def create(cls, model, branches: list[Branch], config: ConditionConfig, generate=None) -> BranchState:
         switch = AdapterSwitch(model, [b.adapter for b in branches])
         cache = ConditionKVCache(config.cache_dtype) if (config.use_cache and branches) else None
-        return cls(branches, config, switch, cache, image_ids, patch_config=config.patch_config())
+        return cls(branches, config, switch, cache, generate, patch_config=config.patch_config())
+
+    def cache_key(self, model, x: torch.Tensor, guidance) -> tuple:
+        """What the condition K/V depend on besides the branches' own tokens and ids: the ambient
+        state (grad / inference mode, autocast), the state of every module the branches run (LoRA
+        scale and adapters included: the key is taken after the call's LoRA scale is applied and
+        before any branch switches adapters), the pooled embedding, the compute dtype and device."""
+        return (ambient_key(), weights_key(condition_modules(model)), tensor_key(self.pooled), x.dtype, x.device,
+                guidance is None, tuple((tensor_key(b.tokens), tensor_key(b.ids)) for b in self.branches))
+
+    def begin_forward(self, model, x: torch.Tensor, guidance) -> bool:
+        """Decide how this forward uses the cache (``cache_mode``); True when it runs the branches.
+
+        The cache serves a forward only under the key it was filled under, and neither serves nor
+        stores while reuse is unsafe (``torch.compile`` tracing, CUDA-graph capture, autograd,
+        training-mode dropout: ``fastgen._validity.why_no_reuse``); the branches then run as
+        without a cache."""
+        self.cache_mode = None
+        if not self.branches:
+            return False
+        if self.cache is None or why_no_reuse(condition_modules(model)) is not None:
+            return True
+        key = self.cache_key(model, x, guidance)
+        if self.cache.serves(key):
+            self.cache_mode = "read"
+            return False
+        self.cache.refill(key)
+        self.cache_mode = "store"
+        return True
 
     def clear(self) -> None:
         if self.cache is not None:
             self.cache.clear()
         self.pooled = None
         self._rope = []
+
+
+def condition_modules(model) -> list:
+    """The modules a condition branch runs: the image stream of every block (double blocks'
+    context-stream modules excepted; their attention's added projections come along, harmlessly)."""
+    mods = [model.x_embedder, model.time_text_embed]
+    for b in model.transformer_blocks:
+        mods += [b.norm1, b.attn, b.norm2, b.ff]
+    mods += list(model.single_transformer_blocks)
+    return mods
+
+
+def check_transformer(transformer, what: str = "conditions", processors: bool = True, pipe=None) -> None:
+    """``ValueError`` unless ``transformer`` is a Flux transformer running Flux's own (or fastgen's)
+    attention processors (``processors``): the branch forward is written for it. ``pipe``: the
+    pipeline it came from, named in the error."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    from fastgen.patching.processors.flux import FastgenFluxAttnProcessor
+
+    if not isinstance(transformer, FluxTransformer2DModel):
+        got = "no transformer" if transformer is None else f"a {type(transformer).__name__}"
+        if pipe is not None:
+            denoiser = getattr(pipe, "unet", None)
+            got = f"a {type(pipe).__name__} with {got}" + (f" (its denoiser is a {type(denoiser).__name__})"
+                                                          if transformer is None and denoiser is not None else "")
+        raise ValueError(f"{what}: only Flux is supported, i.e. a pipeline whose transformer is a "
+                         f"FluxTransformer2DModel (FluxPipeline, or a pipeline built from its components); got {got}")
+    if not processors:
+        return
+    for name, proc in transformer.attn_processors.items():
+        if not isinstance(proc, (FluxAttnProcessor, FastgenFluxAttnProcessor)):
+            raise ValueError(f"{name} runs {type(proc).__name__}: {what} replace Flux's attention and would "
+                             "silently drop it (IP-Adapter?); unload it first")
 
 
 def _rope_of(model, ids: torch.Tensor):
@@ -120,24 +185,7 @@ def _attend(layer: int, attn, main_groups: list[TokenGroup], conds: list[_Live],
     d = attn.head_dim
     sizes = [g.query.shape[1] for g in main_groups]
     if state.config.attention == "symmetric":
-        # Every token sees every token: one joint query buffer over all branches; the condition
-        # bias applies to main queries only (condition queries see their peers unbiased).
-        groups = main_groups + cond_groups
-        q, keys, values = project_groups(groups, d, cfg)
-        n_main = sum(sizes)
-        biases = [0.0] * (len(main_groups) - 1) + [c.branch.bias for c in conds]
-        segs = list(zip(keys[1:], values[1:]))
-        if any(biases):
-            out_main = ops.attention(q[:, :, :n_main], keys[0], values[0], extra_kv=segs, extra_bias=biases,
-                                     backend=cfg.attention_backend)
-            out_cond = ops.attention(q[:, :, n_main:], keys[0], values[0], extra_kv=segs, backend=cfg.attention_backend)
-            outs = split_heads_output(out_main, sizes)
-            cond_out = split_heads_output(out_cond, [g.query.shape[1] for g in cond_groups])
-        else:
-            out = ops.attention(q, keys[0], values[0], extra_kv=segs or None, backend=cfg.attention_backend)
-            every = split_heads_output(out, sizes + [g.query.shape[1] for g in cond_groups])
-            outs, cond_out = every[: len(sizes)], every[len(sizes) :]
-        return outs, cond_out
+        return _symmetric(attn, main_groups, conds, cond_groups, state, sizes)
 
     # Asymmetric: each condition attends to itself; its K/V become segments of the main attention.
     cond_out, entries = [], []
@@ -146,9 +194,9 @@ def _attend(layer: int, attn, main_groups: list[TokenGroup], conds: list[_Live],
         vc = heads_view(g.value, d)
         cond_out.append(split_heads_output(ops.attention(qc, kc, vc, backend=cfg.attention_backend), [qc.shape[2]])[0])
         entries.append((kc, vc))
-        if state.cache is not None:
+        if state.cache_mode == "store":
             state.cache.store(layer, kc, vc)
-    if not conds and state.cache is not None:
+    if state.cache_mode == "read":
         entries = state.cache.segments(layer)  # (k, v) pairs or fastgen.ops.Fp8KV, read in place
     q, keys, values = project_groups(main_groups, d, cfg)
     biases = [b.bias for b in state.branches][: len(entries)]
@@ -169,6 +217,38 @@ def _attend(layer: int, attn, main_groups: list[TokenGroup], conds: list[_Live],
     out = ops.attention(q, keys[0], values[0], extra_kv=segs or None, extra_bias=biases or None,
                         backend=cfg.attention_backend)
     return split_heads_output(out, sizes), cond_out
+
+
+def _symmetric(attn, main_groups: list[TokenGroup], conds: list[_Live], cond_groups: list[TokenGroup],
+               state: BranchState, sizes: list[int]):
+    """The original OminiControl's attention: every token sees every token, and ``log(scale)`` of
+    a condition is added to the logits between that condition's tokens and the text and image
+    tokens, in both directions (as its ``c_factor`` bias; none between conditions)."""
+    cfg = state.patch_config
+    groups = main_groups + cond_groups
+    q, keys, values = project_groups(groups, attn.head_dim, cfg)
+    n_main, n_groups = sum(sizes), len(main_groups)
+    cond_sizes = [g.query.shape[1] for g in cond_groups]
+    biases = [c.branch.bias for c in conds]
+    segs = list(zip(keys[1:], values[1:]))  # the main groups after the first, then every condition
+    if not any(biases):
+        out = ops.attention(q, keys[0], values[0], extra_kv=segs or None, backend=cfg.attention_backend)
+        every = split_heads_output(out, sizes + cond_sizes)
+        return every[: len(sizes)], every[len(sizes) :]
+    zeros = [0.0] * (n_groups - 1)
+    # text and image queries: + log(scale_c) on condition c's keys
+    out_main = ops.attention(q[:, :, :n_main], keys[0], values[0], extra_kv=segs, extra_bias=zeros + biases,
+                             backend=cfg.attention_backend)
+    # condition c's queries: + log(scale_c) on the text and image keys. The first segment takes no
+    # bias, and softmax does not change when a row's logits all move by the same amount: add
+    # -log(scale_c) to every condition's keys instead.
+    cond_out, start = [], n_main
+    for b, n in zip(biases, cond_sizes):
+        out = ops.attention(q[:, :, start : start + n], keys[0], values[0], extra_kv=segs,
+                            extra_bias=zeros + [-b] * len(conds), backend=cfg.attention_backend)
+        cond_out.append(split_heads_output(out, [n])[0])
+        start += n
+    return split_heads_output(out_main, sizes), cond_out
 
 
 def _split_attention(q, keys, values, n_txt: int, n_fg: int, backend: str) -> torch.Tensor:
@@ -300,7 +380,18 @@ def branch_forward(
         raise ValueError(f"joint_attention_kwargs {sorted(kwargs)} are not supported with conditions")
     scale_lora_layers(model, lora_scale)
     try:
+        # the cache key sees the LoRA scale just applied and the adapters as the caller left them
+        state.switch.begin()
+        if state.pooled is None:
+            state.pooled = pooled_projections.detach()
+        run_branches = state.begin_forward(model, hidden_states, guidance)
+        if state.background is not None:
+            state.background.begin_forward(model, hidden_states)
         state.switch.select(model, None, main=True)
+        canvas = None
+        if state.generate is not None:  # fill: the pipeline's latents are the canvas, generated are the hole's
+            canvas, idx = hidden_states, state.generate.to(hidden_states.device)
+            hidden_states = canvas.index_select(1, idx)
         x = model.x_embedder(hidden_states)
         ts = timestep.to(x.dtype) * 1000
         g = guidance.to(x.dtype) * 1000 if guidance is not None else None
@@ -308,15 +399,12 @@ def branch_forward(
         c = model.context_embedder(encoder_hidden_states)
         txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
         img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
-        if state.image_ids is not None:  # fill: the pipeline's ids cover the canvas, tokens only the hole
-            img_ids = state.image_ids.to(device=img_ids.device, dtype=img_ids.dtype)
+        if canvas is not None:
+            img_ids = img_ids[idx.to(img_ids.device)]
         if img_ids.shape[0] != x.shape[1]:
             raise ValueError(f"{x.shape[1]} image tokens but {img_ids.shape[0]} image ids")
         rope = model.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
-        if state.pooled is None:
-            state.pooled = pooled_projections.detach()
         state.batch, state.n_txt = x.shape[0], c.shape[1]
-        run_branches = bool(state.branches) and (state.cache is None or not state.cache.filled)
         conds = _start_branches(model, state, x.dtype, guidance) if run_branches else []
 
         for i, block in enumerate(model.transformer_blocks):
@@ -336,11 +424,14 @@ def branch_forward(
                 k = _controlnet_index(model.single_transformer_blocks, controlnet_single_block_samples, j)
                 h = torch.cat([h[:, :n_txt], h[:, n_txt:] + controlnet_single_block_samples[k]], dim=1)
         x = h[:, n_txt:]
-        if state.cache is not None and run_branches:
+        if state.cache_mode == "store":
             state.cache.filled = True
         state.forwards += 1
         state.branch_forwards += int(run_branches)
         out = model.proj_out(model.norm_out(x, temb))
+        if canvas is not None:  # known tokens: zero velocity, so any sampler leaves them where they are
+            full = out.new_zeros(canvas.shape[0], canvas.shape[1], out.shape[2])
+            out = full.index_copy_(1, idx, out)
     finally:
         state.switch.restore()
         unscale_lora_layers(model, lora_scale)

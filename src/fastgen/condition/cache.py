@@ -1,10 +1,56 @@
-"""Per-layer K/V of every condition for one generation, in the compute dtype or in fp8."""
+"""Per-layer K/V of every condition for one generation, in the compute dtype or in fp8, and the key
+that says when they may be served again."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 
 import fastgen.ops as ops
+from fastgen._validity import version
+
+
+def _tuner_layer_type():
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # no peft: no LoRA layers
+        return ()
+    return BaseTunerLayer
+
+
+def _lora_knobs(m: torch.nn.Module, tuner) -> tuple | None:
+    # A PEFT tuner layer's settings that change its output without touching a parameter. Only tuner
+    # layers: a diffusers model has methods of the same names (active_adapters, disable_adapters).
+    if not isinstance(m, tuner):
+        return None
+    scaling = getattr(m, "scaling", None)
+    return (tuple(sorted(scaling.items())) if isinstance(scaling, dict) else None, tuple(m.active_adapters),
+            tuple(getattr(m, "merged_adapters", ()) or ()), bool(m.disable_adapters))
+
+
+def weights_key(modules: Iterable[torch.nn.Module]) -> tuple:
+    """What the weights of ``modules`` (and everything beneath them) compute with, in a form that
+    offloading leaves unchanged: each submodule's identity and PEFT knobs (LoRA scales, active,
+    merged and disabled adapters), and each parameter's and buffer's in-place version, dtype,
+    device and shape.
+
+    ``fastgen._validity.modules_key`` also keys on each parameter's identity and storage. Offload
+    hooks change both between calls without changing a value: accelerate's sequential offload and
+    its simulation in the tests make a new ``Parameter`` per load (meta in between), and model or
+    group offload move ``param.data`` to another storage and back (after a decode has offloaded the
+    transformer, the next KV-Edit denoise would meet new pointers). Keyed on those, a cache under
+    offload would refill at every step and an inversion could never be denoised twice. Left out
+    with them: a ``param.data = other`` swap or a ``.data`` write, which bump no version (as in
+    ``modules_key``, writes through ``.data`` are invisible; fusing a LoRA shows in its knobs).
+    """
+    tuner, out = _tuner_layer_type(), []
+    for root in modules:
+        for m in root.modules():
+            tensors = tuple((version(t), t.dtype, t.device, tuple(t.shape))
+                            for t in (*m._parameters.values(), *m._buffers.values()) if t is not None)
+            out.append((id(m), _lora_knobs(m, tuner), tensors))
+    return tuple(out)
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:
@@ -18,14 +64,19 @@ class ConditionKVCache:
     """Layer index -> one entry per condition: a (k, v) pair (B or 1, H, N, D), post-norm and
     post-RoPE, or a ``fastgen.ops.Fp8KV`` (e4m3 with per-token scales) when ``dtype="fp8"``.
 
-    Filled by the first forward of a generation (``filled`` then turns True); emptied by ``clear``
-    at the end of the generation.
+    Lives inside one generation. Filled by its first forward (``filled`` then turns True) under
+    ``key``: the ambient state, the state of the modules the condition branches run and their
+    inputs (``BranchState.cache_key``). A later forward under another key (a callback changed the
+    LoRA scale or the adapters, autocast changed) empties it and fills it again (``refills``).
+    Emptied by ``clear`` at the end of the generation.
     """
 
     def __init__(self, dtype: str = "compute"):
         self.dtype = dtype
         self.filled = False
+        self.key: tuple | None = None
         self.reads = 0
+        self.refills = 0
         self._layers: dict[int, list] = {}
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -35,6 +86,17 @@ class ConditionKVCache:
     def segments(self, layer: int) -> list:
         self.reads += 1
         return self._layers[layer]
+
+    def serves(self, key: tuple) -> bool:
+        """Whether the entries were computed under ``key``."""
+        return self.filled and self.key == key
+
+    def refill(self, key: tuple) -> None:
+        """Start filling the cache anew under ``key`` (entries from another key are dropped)."""
+        if self.filled:
+            self.refills += 1
+        self._layers.clear()
+        self.filled, self.key = False, key
 
     def __len__(self) -> int:
         return len(self._layers)
@@ -51,4 +113,4 @@ class ConditionKVCache:
 
     def clear(self) -> None:
         self._layers.clear()
-        self.filled = False
+        self.filled, self.key = False, None

@@ -8,21 +8,25 @@ from typing import Any
 
 from fastgen.ops.attention import BACKENDS as ATTENTION_BACKENDS
 from fastgen.ops.prologue import BACKENDS as PROLOGUE_BACKENDS
-from fastgen.patching.config import PatchConfig, build_config
+from fastgen.patching.config import PatchConfig, build_config, validated
 
 ATTENTION_MODES = ("asymmetric", "symmetric")
 CACHE_DTYPES = ("compute", "fp8")
 
 
+@validated
 @dataclass(frozen=True)
 class ConditionConfig:
     """How conditions run.
 
     Attributes:
         attention: ``"asymmetric"`` (OminiControl2: text and image tokens attend to every
-            condition, each condition only to itself) or ``"symmetric"`` (the original
-            OminiControl: every token attends to every token; conditions then change every step,
-            so nothing can be cached).
+            condition, each condition only to itself; a condition's ``log(scale)`` is added to the
+            logits of its keys for text and image queries) or ``"symmetric"`` (the original
+            OminiControl: every token attends to every token, and ``log(scale)`` is added to the
+            logits between a condition's tokens and the text and image tokens in both directions,
+            none between conditions, as OminiControl's ``c_factor`` bias; conditions then change
+            every step, so nothing can be cached).
         kv_cache: compute each condition's post-RoPE K/V in every attention layer at the first
             forward of a generation and drop the condition branches from every later forward;
             text and image queries read the cached K/V in place. Exact w.r.t. the asymmetric
@@ -71,6 +75,10 @@ class ConditionConfig:
         return build_config(cls, config, overrides, "fastgen.condition.ConditionConfig")
 
 
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _check_scale(scale: float, what: str) -> float:
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"{what}.scale must be a positive finite number, got {scale!r}")
@@ -82,7 +90,8 @@ class Condition:
     """An image condition: its tokens join the generation as an extra branch of the transformer.
 
     Attributes:
-        image: PIL image, array (H, W, 3) or tensor (3, H, W) / (B, 3, H, W) in [0, 1]. Its sides
+        image: PIL image, array (H, W, 3) or tensor (3, H, W) / (B, 3, H, W), float in [0, 1]
+            or uint8 (other float ranges are refused); B is 1 or the generation's batch. Its sides
             must be multiples of 16 px. A smaller image than the output is a *compact* condition:
             fewer tokens, each placed at the centre of the output cell it covers.
         position_delta: (rows, cols) added to the condition's position ids, in output tokens:
@@ -91,7 +100,8 @@ class Condition:
             adapter_name=...)``) that applies to this condition's tokens only; text and image
             tokens never see it. None: the condition runs the base weights.
         scale: condition strength; ``log(scale)`` is added to the logits of this condition's keys
-            for text and image queries (1.0: unchanged).
+            for text and image queries and, with symmetric attention, to the logits of text and
+            image keys for this condition's queries (1.0: unchanged).
         position_scale: output tokens per condition token along each axis. None: the ratio of the
             output size to the condition size (which must then have the output's aspect ratio).
     """
@@ -104,9 +114,10 @@ class Condition:
 
     def __post_init__(self):
         _check_scale(self.scale, "Condition")
-        if len(tuple(self.position_delta)) != 2:
-            raise ValueError(f"position_delta must be (rows, cols), got {self.position_delta!r}")
-        if self.position_scale is not None and not self.position_scale > 0:
+        delta = tuple(self.position_delta) if isinstance(self.position_delta, (tuple, list)) else ()
+        if len(delta) != 2 or not all(_finite(d) for d in delta):
+            raise ValueError(f"position_delta must be (rows, cols), two finite numbers, got {self.position_delta!r}")
+        if self.position_scale is not None and not (_finite(self.position_scale) and self.position_scale > 0):
             raise ValueError(f"position_scale must be positive, got {self.position_scale!r}")
         if self.adapter is not None and not isinstance(self.adapter, str):
             raise ValueError(f"adapter must be an adapter name (str) or None, got {self.adapter!r}")
@@ -119,7 +130,8 @@ class Fill:
     written back into the result unchanged.
 
     Attributes:
-        image: the image to fill, at the output size (PIL, array or tensor as for ``Condition``).
+        image: the image to fill, at the output size (PIL, array or tensor as for ``Condition``),
+            one image or one per generated image.
         mask: the region to generate, at the image's size: PIL image, array or tensor (H, W);
             nonzero (> 0.5 for floats) marks a pixel to generate. A token is generated when any of
             its 16 x 16 pixels is marked.
