@@ -47,9 +47,10 @@ def _call(pipe, conditions=(), steps=2, cfg=False, **kw):
     if cfg:
         embeds.update(negative_prompt_embeds=torch.randn(1, 7, 32, generator=g).to(DEVICE),
                       negative_pooled_prompt_embeds=torch.randn(1, 32, generator=g).to(DEVICE), true_cfg_scale=2.0)
-    kw.setdefault("output_type", "latent")
-    return pipe(conditions=conditions, height=SIDE, width=SIDE, num_inference_steps=steps, guidance_scale=3.5,
-                generator=torch.Generator("cpu").manual_seed(1), **embeds, **kw).images
+    for k, v in dict(output_type="latent", height=SIDE, width=SIDE,
+                     generator=torch.Generator("cpu").manual_seed(1)).items():
+        kw.setdefault(k, v)
+    return pipe(conditions=conditions, num_inference_steps=steps, guidance_scale=3.5, **embeds, **kw).images
 
 
 def _rel(a, b) -> float:
@@ -330,3 +331,270 @@ def test_bad_arguments_raise(pipe):
         ConditionConfig.build(cache="fp8")
     with pytest.raises(ValueError, match="cache_dtype"):
         ConditionConfig(cache_dtype="int4")
+
+
+# --------------------------------------------------------------------------------------------
+# Symmetric attention: the original OminiControl
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_symmetric_attention_is_ominicontrol_with_its_bias(pipe, backend):
+    # OminiControl's reference: one joint sequence [text, image, cond_1, cond_2], every token sees
+    # every token, log(scale_c) added to the logits between condition c and the text and image
+    # tokens in both directions, none between conditions: diffusers' own forward over the
+    # concatenated tokens with that additive mask. Conditions run at timestep 0 and guidance 1,
+    # so here the image does too (one embedding for every token, as in a single forward).
+    model = pipe.transformer
+    scales = (8.0, 0.125)  # large: the bias on condition queries reaches the image through later layers only
+    branches = _branches(2)
+    for b, s in zip(branches, scales):
+        b.bias = float(np.log(s))
+    g = torch.Generator().manual_seed(4)
+    x, txt = torch.randn(1, 16, 16, generator=g).to(DEVICE), torch.randn(1, 7, 32, generator=g).to(DEVICE)
+    common = dict(encoder_hidden_states=txt, pooled_projections=torch.randn(1, 32, generator=g).to(DEVICE),
+                  timestep=torch.zeros(1, device=DEVICE), txt_ids=torch.zeros(7, 3, device=DEVICE),
+                  guidance=torch.ones(1, device=DEVICE))
+    n_cond = [b.tokens.shape[1] for b in branches]
+    n_main = 7 + 16
+
+    def bias(both_ways: bool) -> torch.Tensor:
+        m = torch.zeros(n_main + sum(n_cond), n_main + sum(n_cond), device=DEVICE)
+        start = n_main
+        for b, n in zip(branches, n_cond):
+            m[:n_main, start : start + n] = b.bias  # text and image queries, condition keys
+            if both_ways:
+                m[start : start + n, :n_main] = b.bias  # condition queries, text and image keys
+            start += n
+        return m[None, None]
+
+    joint = dict(common, hidden_states=torch.cat([x] + [b.tokens for b in branches], dim=1),
+                 img_ids=torch.cat([fl.grid_ids(4, 4, device=DEVICE)] + [b.ids for b in branches]))
+    with torch.no_grad():
+        state = BranchState.create(model, branches, ConditionConfig(attention="symmetric", attention_backend=backend))
+        out = branch_forward(model, state, **common, hidden_states=x, img_ids=fl.grid_ids(4, 4, device=DEVICE)).sample
+        ref = model(**joint, joint_attention_kwargs={"attention_mask": bias(True)}).sample[:, :16]
+        one_way = model(**joint, joint_attention_kwargs={"attention_mask": bias(False)}).sample[:, :16]
+    assert _rel(out, ref) <= 1e-5, _rel(out, ref)
+    assert _rel(one_way, ref) > 1e-4, "the bias on the condition queries' logits matters: the test can tell"
+
+
+# --------------------------------------------------------------------------------------------
+# The schedule: FluxPipeline's at the output size
+# --------------------------------------------------------------------------------------------
+
+
+def dynamic_scheduler():
+    """Flux-dev's scheduler settings: the shift mu depends on the image's token count."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
+                                           max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+
+
+def _record_forwards(model, seen: list):
+    # what a pipeline passes to the transformer at every step (the condition pipeline's hook
+    # replaces the forward, but torch's pre-hooks still see the call)
+    return model.register_forward_pre_hook(
+        lambda m, args, kw: seen.append((kw["timestep"].clone(), kw["hidden_states"].clone())), with_kwargs=True)
+
+
+def test_fill_schedule_and_noise_are_flux_pipeline_at_the_output_size(pipe):
+    from diffusers import FluxPipeline
+
+    components = dict(pipe.components, scheduler=dynamic_scheduler())
+    plain, fill_pipe = FluxPipeline(**components), FluxConditionPipeline(**components)
+    for p in (plain, fill_pipe):
+        p.set_progress_bar_config(disable=True)
+    mask = torch.zeros(SIDE, SIDE)
+    mask[:32, 16:48] = 1  # 4 of 16 tokens
+    hole = fl.token_mask(mask, SIDE, SIDE).to(DEVICE)
+    ref_seen, seen = [], []
+    handle = _record_forwards(pipe.transformer, ref_seen)
+    try:
+        _call(_Adapter(plain), steps=3)
+        ref_sigmas = plain.scheduler.sigmas.clone()
+        handle.remove()
+        handle = _record_forwards(pipe.transformer, seen)
+        out = _call(fill_pipe, fill=Fill(_image(seed=9), mask), steps=3)
+    finally:
+        handle.remove()
+    assert torch.equal(fill_pipe.scheduler.sigmas, ref_sigmas), "the sigmas of a FluxPipeline at 64x64"
+    assert len(seen) == len(ref_seen) == 3
+    for (t, _), (t_ref, _) in zip(seen, ref_seen):
+        assert torch.equal(t, t_ref), "the timesteps it gives the transformer"
+    start, start_ref = seen[0][1], ref_seen[0][1]
+    assert torch.equal(start[:, hole], start_ref[:, hole]), "the noise it starts from, at the generated tokens"
+    known, _ = fl.encode_image(pipe, _image(seed=9))
+    assert torch.equal(start[:, ~hole], known[:, ~hole]) and torch.equal(out[:, ~hole], known[:, ~hole])
+    assert fill_pipe.last_condition_stats["generated_tokens"] == 4
+
+
+# --------------------------------------------------------------------------------------------
+# Every argument checked before any model runs
+# --------------------------------------------------------------------------------------------
+
+
+class ModelRuns:
+    """Counts calls of the transformer (any forward, branch forwards included) and of the VAE encoder."""
+
+    def __init__(self, pipe):
+        self.calls = 0
+
+        def count(*_):
+            self.calls += 1
+
+        self.handles = [pipe.transformer.x_embedder.register_forward_pre_hook(count),
+                        pipe.vae.encoder.register_forward_pre_hook(count)]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("kw,match", [
+    (lambda: dict(fill=Fill(torch.rand(2, 3, SIDE, SIDE), torch.ones(SIDE, SIDE))),
+     r"fill.image is a batch of 2 images but the generation makes 1 .*give 1 image or 1"),
+    (lambda: dict(fill=Fill(_image(32), torch.ones(32, 32)), height=SIDE, width=SIDE),
+     r"fill.image is 32x32 px but the output is 64x64: give a \(3, 64, 64\) image"),
+    (lambda: dict(fill=Fill(_image(), torch.ones(32, 32))), r"fill.mask is 32x32 pixels .*give a \(64, 64\) mask"),
+    (lambda: dict(fill=Fill(_image() * 255, torch.ones(SIDE, SIDE))),
+     r"fill.image must have values in \[0, 1\], got values in \[.*\] \(0-255 values\? divide by 255\)"),
+    (lambda: dict(conditions=[Condition(_image()), Condition(torch.rand(3, 3, SIDE, SIDE))]),
+     r"conditions\[1\].image is a batch of 3 images"),
+    (lambda: dict(conditions=[Condition(_image()), Condition(_image() * 2 - 1)]),
+     r"conditions\[1\].image must have values in \[0, 1\]"),
+    (lambda: dict(conditions=[Condition(_image()), Condition(_image(), adapter="missing")]), "unknown LoRA adapter"),
+    (lambda: dict(conditions=[Condition(_image())], generator=[torch.Generator()] * 3), "generator is a list of 3"),
+    (lambda: dict(conditions=[Condition(_image())], joint_attention_kwargs={"ip_adapter_image_embeds": 0}),
+     "not supported with conditions"),
+    (lambda: dict(conditions=[Condition(_image(), position_scale=1.0)], height=72),
+     "height and width must be multiples of 16"),
+    (lambda: dict(fill=Fill(_image(), torch.cat([torch.zeros(16, SIDE), torch.full((48, SIDE), 255.0)]))),
+     r"fill.mask is a float mask with values in \[0, 255\]: float masks must be in \[0, 1\]"),
+])
+def test_bad_arguments_raise_before_any_model_runs(pipe, kw, match):
+    # e.g. a fill image batch that does not match the generation's used to fail inside attention
+    with ModelRuns(pipe) as runs, pytest.raises(ValueError, match=match):
+        _call(pipe, **kw())
+    assert runs.calls == 0, "no VAE encode, no transformer forward before the error"
+
+
+def test_float_images_outside_0_1_raise_and_uint8_is_read_as_0_255(pipe):
+    img = _image()
+    with pytest.raises(ValueError, match=r"conditions\[0\].image must have values in \[0, 1\]"):
+        _call(pipe, [Condition(img * 255)])
+    u8 = (img * 255).round().to(torch.uint8)
+    a = fl.image_tensor(pipe, u8)
+    b = fl.image_tensor(pipe, u8.float() / 255)
+    c = fl.image_tensor(pipe, u8.permute(1, 2, 0).numpy())  # (H, W, 3) uint8 array
+    assert torch.equal(a, b) and torch.equal(a, c) and a.min() >= -1 and a.max() <= 1
+
+
+# --------------------------------------------------------------------------------------------
+# Pipelines: Flux only, from_pipe, import
+# --------------------------------------------------------------------------------------------
+
+
+def _sd_pipeline():
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from fastgen.demo import _vae
+    from tiny_models import unet
+
+    return StableDiffusionPipeline(vae=_vae(4).eval(), text_encoder=None, tokenizer=None, unet=unet()[0],
+                                   scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def test_non_flux_pipelines_are_refused_naming_what_is_supported():
+    from fastgen.condition import generate
+
+    sd = _sd_pipeline()
+    for call in (lambda: FluxConditionPipeline.from_pipe(sd), lambda: generate(sd, "a cat", [Condition(_image())])):
+        with pytest.raises(ValueError, match=r"only Flux is supported.*FluxTransformer2DModel.*got a "
+                                             r"StableDiffusionPipeline with no transformer \(its denoiser is a "
+                                             r"UNet2DConditionModel\)"):
+            call()
+
+
+def test_from_pipe_keeps_the_progress_bar_config(pipe):
+    from diffusers import FluxPipeline
+
+    plain = FluxPipeline(**pipe.components)
+    plain.set_progress_bar_config(disable=True, desc="flux")
+    cp = FluxConditionPipeline.from_pipe(plain)
+    assert cp._progress_bar_config == {"disable": True, "desc": "flux"}
+    assert cp._progress_bar_config is not plain._progress_bar_config
+
+
+def test_importing_conditions_and_kv_edit_prints_nothing():
+    # transformers prints torchvision notices when diffusers' pipelines load: fastgen's imports
+    # must not load them (the pipeline class loads on first use)
+    import subprocess
+    import sys
+
+    code = ("import fastgen.condition, fastgen.edit\n"
+            "from fastgen.condition import Condition, ConditionConfig, Fill\n"
+            "from fastgen.edit import EditConfig, KVEditor\n"
+            "import sys; assert 'diffusers.pipelines.flux.pipeline_flux' not in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "" and r.stderr == "", (r.stdout, r.stderr)
+
+
+# --------------------------------------------------------------------------------------------
+# Cache validity: one generation, keyed on everything that changes the condition K/V
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change", ["joint_attention_kwargs scale", "set_adapters weight"])
+def test_cache_refills_when_the_lora_changes_mid_generation(change):
+    pipe = _tiny_flux_pipeline()
+    tr = _with_lora(pipe)  # "cond": the condition's adapter (text and image never run it)
+
+    def callback(p, i, t, kw):
+        if i == 0:
+            if change.startswith("joint"):
+                p._joint_attention_kwargs["scale"] = 0.5
+            else:
+                p.transformer.set_adapters(["cond"], weights=[0.5])
+        return {}
+
+    def run(config, cb=callback):
+        tr.set_adapters(["cond"], weights=[1.0])
+        return _call(pipe, [Condition(_image(), adapter="cond")], steps=3, condition_config=config,
+                     callback_on_step_end=cb, joint_attention_kwargs={"scale": 1.0})
+
+    ref = run(ConditionConfig(kv_cache=False))
+    out = run(ConditionConfig())
+    stats = pipe.last_condition_stats
+    stale = run(ConditionConfig(), cb=None)  # what a cache filled at step 0 and never refilled serves
+    assert _rel(out, ref) <= 1e-5, _rel(out, ref)
+    assert stats["branch_forwards"] == 2 and stats["cache_refills"] == 1, stats
+    assert _rel(stale, ref) > 1e-4, "the change matters: a stale cache would be wrong"
+
+
+def test_cache_neither_serves_nor_stores_when_reuse_is_unsafe(pipe, monkeypatch):
+    model, inputs = pipe.transformer, _forward_inputs(pipe)
+    state = BranchState.create(model, _branches(1), ConditionConfig())
+    with torch.enable_grad():  # autograd on: the branches run, nothing is stored
+        branch_forward(model, state, **inputs)
+    assert not state.cache.filled and len(state.cache) == 0 and state.branch_forwards == 1
+    with torch.no_grad():
+        branch_forward(model, state, **inputs)  # fills
+        branch_forward(model, state, **inputs)  # serves
+        assert state.branch_forwards == 2 and state.cache.reads == 3
+        with monkeypatch.context() as m:  # as under torch.compile: no serving, no storing
+            m.setattr(torch.compiler, "is_compiling", lambda: True)
+            branch_forward(model, state, **inputs)
+        assert state.branch_forwards == 3 and state.cache.reads == 3 and state.cache.filled
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):  # another ambient state: refilled
+            out = branch_forward(model, state, **inputs).sample
+            ref = branch_forward(model, BranchState.create(model, _branches(1), ConditionConfig(kv_cache=False)),
+                                 **inputs).sample
+        assert state.branch_forwards == 4 and state.cache.refills == 1
+        assert torch.equal(out, ref)
