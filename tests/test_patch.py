@@ -1,6 +1,7 @@
 """fastgen.patch over every supported denoiser (one shared tester, tiny configs): patched ==
 unpatched within attention tolerance, unpatch bit-exact, idempotent, per-instance, reversible,
-composes with LoRA and torch.compile; cross-attention K/V cache hits and misses; bad input."""
+composes with LoRA; nested patches and stale handles; shared components; bad input. The caches are
+tested in test_generation_cache.py, torch.compile in test_compile.py."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import fastgen
 from fastgen import FastgenFallbackWarning
 from helpers import DEVICE
 from offload_sim import MetaParams
-from tiny_models import BUILDERS, CROSS, run
+from tiny_models import BUILDERS, run
 
 # Patched outputs may differ from upstream only by attention/prologue rounding (fp32 here).
 TOL = 2e-5
@@ -73,12 +74,25 @@ def test_patch_is_idempotent_and_tells_the_truth(tiny):
     assert h2.state is h1.state and len(h2.state.replaced) == n, "same config: same patch"
     assert fastgen.is_patched(model)
     assert "Fastgen" in str(model) and "wraps=" in str(model), "print(model) shows what was patched"
-    h3 = fastgen.patch(model, fuse_prologue=False)  # another config re-patches from the originals
+    h3 = fastgen.patch(model, fuse_prologue=False)  # another config goes on top, from the originals
     assert h3.state is not h1.state and len(h3.state.replaced) == n
     assert all(not type(old).__name__.startswith("Fastgen") for _, old, _, _ in h3.state.replaced)
-    h3.remove()
+    h2.remove()  # a handle that did not create the patch does not own it
+    assert _running_config(model) == h3.config
+    h3.remove()  # what was there before comes back
+    assert fastgen.is_patched(model) and _running_config(model) == h1.config
+    h1.remove()
     assert not fastgen.is_patched(model)
     assert torch.equal(run(model, inputs), ref)
+
+
+def _running_config(model):
+    """The config of the fastgen processors in place in ``model`` (one for all of them)."""
+    from fastgen.patching.processors.base import FastgenProcessor
+
+    configs = {m.processor.config for m in model.modules() if isinstance(getattr(m, "processor", None), FastgenProcessor)}
+    assert len(configs) == 1, configs
+    return configs.pop()
 
 
 def test_context_manager_restores(tiny):
@@ -155,88 +169,8 @@ def test_lora_changes_output_exactly_as_unpatched(tiny, when):
 
 
 # --------------------------------------------------------------------------------------------
-# Cross-attention K/V cache (UNet, Wan)
+# Bad input
 # --------------------------------------------------------------------------------------------
-
-
-def _cache_run(name):
-    model, inputs = BUILDERS[name]()
-    ref = run(model, inputs)
-    handle = fastgen.patch(model)
-    return model, inputs, ref, handle.state.kv_cache
-
-
-@pytest.mark.parametrize("name", list(CROSS))
-def test_cross_attention_kv_hits_on_later_steps(name):
-    model, inputs, ref, cache = _cache_run(name)
-    n_cross = sum(1 for p, _ in model.named_modules() if p.endswith("attn2"))
-    out1 = run(model, inputs)
-    n = cache.misses
-    assert cache.hits == 0 and n >= n_cross, "step 1 computes every cross-attention K/V"
-    for step in range(2, 4):
-        out = run(model, inputs)
-        assert (cache.hits, cache.misses) == ((step - 1) * n, n), f"step {step} reuses all"
-        assert torch.equal(out, out1), "a cached K/V gives the very same output"
-    assert (out1 - ref).abs().max().item() <= TOL
-    assert cache.nbytes() > 0
-
-
-@pytest.mark.parametrize("change", ["new prompt", "new batch", "in-place edit", "new lora"])
-@pytest.mark.parametrize("name", list(CROSS))
-def test_cross_attention_kv_misses_when_anything_changes(name, change):
-    model, inputs, ref, cache = _cache_run(name)
-    run(model, inputs)
-    n = cache.misses
-    key = CROSS[name]
-    inputs = dict(inputs)
-    if change == "new prompt":
-        inputs[key] = inputs[key].clone() * -1
-    elif change == "new batch":
-        inputs = {k: torch.cat([v, v[:1]]) if torch.is_tensor(v) and v.dim() else v for k, v in inputs.items()}
-    elif change == "in-place edit":
-        inputs[key].mul_(0.5)
-    else:
-        from peft import LoraConfig
-
-        model.add_adapter(LoraConfig(r=2, target_modules=["to_k"], init_lora_weights=False), adapter_name="a")
-    out = run(model, inputs)
-    expected = n if change != "new lora" else sum(1 for p, _ in model.named_modules() if p.endswith("attn2"))
-    assert cache.misses == n + expected, f"{change}: every affected K/V must recompute"
-    fastgen.unpatch(model)
-    assert torch.equal(out, run(model, inputs)), f"{change}: the patched output equals the unpatched one"
-
-
-@pytest.mark.parametrize("name", list(CROSS))
-def test_cache_is_freed_on_unpatch_and_when_the_prompt_dies(name):
-    model, inputs, ref, cache = _cache_run(name)
-    key = CROSS[name]
-    ctx = inputs.pop(key).clone()
-    run(model, dict(inputs, **{key: ctx}))
-    assert len(cache) > 0
-    shape = ctx.shape
-    del ctx
-    assert len(cache) == 0, "entries die with their embeddings"
-    ctx2 = torch.randn(shape, device=DEVICE)
-    run(model, dict(inputs, **{key: ctx2}))
-    assert len(cache) > 0
-    fastgen.unpatch(model)
-    assert len(cache) == 0
-
-
-# --------------------------------------------------------------------------------------------
-# torch.compile, bad input
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_torch_compile_of_a_patched_model():
-    model, inputs = BUILDERS["flux"]()
-    ref = run(model, inputs)
-    fastgen.patch(model, attention_backend="triton", prologue_backend="triton")
-    compiled = torch.compile(model, fullgraph=True)
-    with torch.no_grad():
-        out = compiled(**inputs, return_dict=False)[0]
-    assert (out - ref).abs().max().item() <= TOL
 
 
 def test_unsupported_targets_name_the_supported_ones():
@@ -349,3 +283,162 @@ def test_norms_whose_weights_a_hook_places_are_called_not_read(name):
         restore()
     err = (out - ref).abs().max().item()
     assert err <= TOL, f"{name}: max difference {err:.3e}"
+
+
+# --------------------------------------------------------------------------------------------
+# Nested patches, stale handles, shared components
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("level", ["model", "pipeline"])
+def test_a_context_manager_restores_what_was_there_before(level):
+    from fastgen import demo
+
+    pipe, _ = demo.build_pipeline("flux", "tiny")
+    target = pipe if level == "pipeline" else pipe.transformer
+    outer = fastgen.patch(target)
+    with fastgen.patch(target, attention_backend="sdpa") as inner:
+        assert inner.owns and _running_config(pipe.transformer).attention_backend == "sdpa"
+    assert fastgen.is_patched(target) and _running_config(pipe.transformer) == outer.config
+    with fastgen.patch(target) as same:  # already patched so: the block leaves it patched
+        assert not same.owns and same.state is outer.state
+    assert fastgen.is_patched(target) and _running_config(pipe.transformer) == outer.config
+    outer.remove()
+    assert not fastgen.is_patched(target) and not fastgen.is_patched(pipe)
+    assert "_fastgen_scoped" not in type(pipe).__dict__
+
+
+def test_a_stale_handle_never_undoes_a_newer_patch():
+    model, inputs = BUILDERS["flux"]()
+    ref = run(model, inputs)
+    h1 = fastgen.patch(model)
+    h2 = fastgen.patch(model, fuse_prologue=False)
+    h1.remove()  # h1 is beneath h2: h2 stays in force
+    assert fastgen.is_patched(model) and _running_config(model) == h2.config
+    h2.remove()  # and h1 does not come back
+    assert not fastgen.is_patched(model)
+    assert torch.equal(run(model, inputs), ref)
+    h1.remove()  # removing twice is harmless
+    h2.remove()
+    assert not fastgen.is_patched(model)
+
+
+def test_a_model_patch_under_a_pipeline_patch_comes_back():
+    from fastgen import demo
+
+    pipe, _ = demo.build_pipeline("flux", "tiny")
+    model_level = fastgen.patch(pipe.transformer, attention_backend="sdpa")
+    pipe_level = fastgen.patch(pipe)
+    assert _running_config(pipe.transformer) == pipe_level.config
+    pipe_level.remove()
+    assert _running_config(pipe.transformer) == model_level.config
+    fastgen.unpatch(pipe)  # everything fastgen put on the models the pipeline runs
+    assert not fastgen.is_patched(pipe.transformer)
+
+
+def test_is_patched_answers_for_the_models_a_pipeline_runs():
+    from diffusers import FluxPipeline
+
+    from fastgen import demo
+
+    pipe, _ = demo.build_pipeline("flux", "tiny")
+    other = FluxPipeline(**pipe.components)  # shares every model
+    assert not fastgen.is_patched(pipe) and not fastgen.is_patched(other)
+    with fastgen.patch(pipe.transformer):
+        assert fastgen.is_patched(pipe) and fastgen.is_patched(other), "their transformer runs fastgen's processors"
+    assert not fastgen.is_patched(pipe) and not fastgen.is_patched(other)
+    with fastgen.patch(pipe):
+        assert fastgen.is_patched(other)
+    assert not fastgen.is_patched(other)
+
+
+def test_config_errors_are_value_errors():
+    with pytest.raises(ValueError, match="unknown PatchConfig option.*foo"):
+        fastgen.PatchConfig(foo=1)
+    with pytest.raises(ValueError, match="positional"):
+        fastgen.PatchConfig("auto", True, "auto", True, False, 1)
+    model, _ = BUILDERS["flux"]()
+    with pytest.raises(ValueError, match="unknown PatchConfig option.*foo"):
+        fastgen.patch(model, foo=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Requests that cannot be honoured say so; diffusers' own processor APIs keep working
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", [{"attention_backend": "cuda"}, {"attention_backend": "xformers"},
+                                    {"prologue_backend": "cuda"}], ids=["attention-cuda", "xformers", "prologue-cuda"])
+def test_an_explicit_backend_that_cannot_run_warns_once(option):
+    model, inputs = BUILDERS["flux"]()
+    ref = run(model, inputs)
+    fastgen.patch(model, **option)
+    with pytest.warns(FastgenFallbackWarning, match=f"{next(iter(option.items()))[1]}' cannot run on cpu") as rec:
+        out = run(model, inputs)
+        run(model, inputs)
+    assert len([w for w in rec if "cannot run" in str(w.message)]) == 1
+    assert (out - ref).abs().max().item() <= TOL
+
+
+def test_explicit_triton_without_the_interpreter_warns():
+    # A CPU without TRITON_INTERPRET: Triton cannot run; the patched model says so once.
+    import subprocess
+    import sys
+
+    code = ("import sys, warnings; sys.path.insert(0, 'tests'); import torch, fastgen; from tiny_models import flux, run\n"
+            "m, x = flux(); ref = run(m, x); fastgen.patch(m, attention_backend='triton')\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always'); out = run(m, x)\n"
+            "print([str(i.message) for i in w]); assert (out - ref).abs().max() < 2e-5")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert res.returncode == 0, res.stderr
+    assert "attention_backend='triton' cannot run on cpu" in res.stdout and "CUDA device" in res.stdout, res.stdout
+
+
+def test_set_attention_backend_on_a_patched_model_is_honoured(monkeypatch):
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    from fastgen.patching.processors.base import FastgenProcessor
+
+    monkeypatch.setattr(_AttentionBackendRegistry, "_active_backend", _AttentionBackendRegistry._active_backend)
+    model, inputs = BUILDERS["flux"]()
+    ref = run(model, inputs)
+    fastgen.patch(model, attention_backend="triton", prologue_backend="triton")
+    ran = []
+    upstream = FastgenProcessor.upstream
+    monkeypatch.setattr(FastgenProcessor, "upstream", lambda self, *a, **k: ran.append(1) or upstream(self, *a, **k))
+    model.set_attention_backend("native")
+    procs = [m.processor for m in model.modules() if isinstance(getattr(m, "processor", None), FastgenProcessor)]
+    assert procs and all(p.original._attention_backend is not None for p in procs)
+    out = run(model, inputs)
+    assert len(ran) == len(procs), "the chosen diffusers backend runs, in every attention"
+    assert (out - ref).abs().max().item() <= TOL
+    model.reset_attention_backend()
+    ran.clear()
+    run(model, inputs)
+    assert not ran, "back to fastgen's attention"
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_processors_diffusers_recreates_keep_working(name):
+    # IP-Adapter load/unload rebuild every processor they do not replace with type(processor)().
+    from fastgen.patching.processors.base import FastgenProcessor
+
+    model, inputs = BUILDERS[name]()
+    ref = run(model, inputs)
+    fastgen.patch(model, attention_backend="triton", prologue_backend="triton")
+    attns = {path: m for path, m in model.named_modules() if hasattr(m, "set_processor")}
+    procs = {path: m.processor for path, m in attns.items()}
+    for path, m in attns.items():  # as diffusers' set_attn_processor does it
+        m.set_processor(type(procs[path])())
+    assert all(m.processor.state is None for m in attns.values() if isinstance(m.processor, FastgenProcessor))
+    assert fastgen.is_patched(model)
+    assert (run(model, inputs) - ref).abs().max().item() <= TOL
+    fastgen.unpatch(model)
+    assert not fastgen.is_patched(model)
+    assert not any(isinstance(m.processor, FastgenProcessor) for m in attns.values())
+    assert torch.equal(run(model, inputs), ref)
+    fresh = [type(p)() for p in procs.values() if isinstance(p, FastgenProcessor)][0]
+    assert fresh.config is None and "follows the patch" in repr(fresh)

@@ -80,6 +80,21 @@ def wan():
     return m, inputs
 
 
+def wan_i2v():
+    """Wan image-to-video: cross-attention over [image tokens, 512 text tokens] (upstream fixes the
+    text length at 512 for I2V), the image context from its own embedder."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                              out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2,
+                              rope_max_seq_len=32, image_dim=8, added_kv_proj_dim=32).to(DEVICE).eval()
+    B = 2
+    inputs = dict(hidden_states=_r(B, 4, 2, 4, 4, seed=1), encoder_hidden_states=_r(B, 512, 16, seed=2),
+                  encoder_hidden_states_image=_r(B, 5, 8, seed=3), timestep=torch.full((B,), 500.0, device=DEVICE))
+    return m, inputs
+
+
 _HUNYUAN = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
                 num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size_t=1, qk_norm="rms_norm",
                 guidance_embeds=True, text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(4, 4, 8))
@@ -121,8 +136,9 @@ def framepack():
 
 BUILDERS = {"flux": flux, "sd3": sd3, "sd35": sd35, "unet": unet, "wan": wan, "hunyuan": hunyuan,
             "framepack": framepack}
-# Models with cross-attention over the text, whose K/V fastgen caches: (builder, context key)
-CROSS = {"unet": "encoder_hidden_states", "wan": "encoder_hidden_states"}
+# Models with cross-attention over the text, whose K/V fastgen caches: builder name -> context key
+CROSS = {"unet": "encoder_hidden_states", "wan": "encoder_hidden_states", "wan_i2v": "encoder_hidden_states"}
+EXTRA = {"wan_i2v": wan_i2v}  # built where a test asks for them, not part of every shared tester
 
 
 def run(model, inputs) -> torch.Tensor:

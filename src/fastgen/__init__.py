@@ -12,11 +12,10 @@ from fastgen._version import __version__
 from fastgen._warnings import FastgenFallbackWarning
 
 __all__ = [
-    "Condition", "FastgenFallbackWarning", "PatchConfig", "__version__", "benchmarks", "condition", "edit", "is_patched",
-    "ops",
-    "patch", "unpatch",
+    "Condition", "FastgenFallbackWarning", "PatchConfig", "__version__", "benchmarks", "condition", "edit", "generation",
+    "is_patched", "ops", "patch", "unpatch",
 ]
-_PATCH_API = ("patch", "unpatch", "is_patched", "PatchConfig", "PatchHandle")
+_PATCH_API = ("patch", "unpatch", "is_patched", "generation", "PatchConfig", "PatchHandle")
 
 
 def __getattr__(name: str):

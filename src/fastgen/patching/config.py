@@ -3,12 +3,37 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, fields
 
 from fastgen.ops.attention import BACKENDS as ATTENTION_BACKENDS
 from fastgen.ops.prologue import BACKENDS as PROLOGUE_BACKENDS
 
 
+def validated(cls):
+    """Make a config dataclass's constructor raise ``ValueError`` (naming the known options) for
+    unknown or surplus arguments, as ``build`` does, instead of Python's ``TypeError``."""
+    init = cls.__init__
+    names = [f.name for f in fields(cls) if f.init]
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} option(s) {unknown}; the options are {sorted(names)}")
+        if len(args) > len(names):
+            raise ValueError(f"{cls.__name__} takes at most {len(names)} positional arguments ({', '.join(names)}), "
+                             f"got {len(args)}")
+        twice = sorted(set(names[: len(args)]) & set(kwargs))
+        if twice:
+            raise ValueError(f"{cls.__name__} got {twice} both by position and by name")
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+@validated
 @dataclass(frozen=True)
 class PatchConfig:
     """What ``fastgen.patch`` does. The defaults apply only exact optimizations.

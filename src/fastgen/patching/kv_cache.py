@@ -1,93 +1,119 @@
-"""Exact reuse of cross-attention K/V over the text embeddings across denoising steps.
+"""Exact reuse of step-invariant results (cross-attention K/V over the text, Wan's prompt and image
+projections) across the denoising steps of one generation.
 
 In a UNet or Wan cross-attention, ``to_k(text)`` and ``to_v(text)`` are the same at every step of
-one generation: the pipeline passes the very same embeddings tensor each step. The cache keeps one
-entry per attention module, valid only for *that tensor object* (held by weak reference, so a
-freed tensor whose memory is reused can never match), at the same in-place version, shape, dtype
-and device, with the same projection parameters (identity and version) and LoRA state. Anything
-else recomputes. Entries die with their embeddings, at the end of a generation, and on unpatch.
+one generation: the pipeline passes the very same embeddings tensor each step. ``StepCache`` keeps
+one entry per (module, slot, input tensors), and serves it again only
+
+- inside a generation (``open``: a pipeline call, or ``fastgen.generation(model)``); outside one it
+  neither serves nor stores, so a model called on its own computes exactly what upstream computes;
+- while every input is the very same tensor object (held by weak reference, so a freed tensor
+  whose memory is reused can never match), at the same in-place version, shape, strides, dtype,
+  device and storage;
+- under the same ambient state (grad / inference mode, autocast enabled and dtype per device type)
+  and the same state of every module the computation runs (parameters, LoRA scales, active,
+  merged and disabled adapters: ``fastgen._validity``);
+- when reuse is allowed at all: never while ``torch.compile`` traces, during CUDA-graph capture,
+  with autograd on, or with dropout in training mode.
+
+Entries die with their inputs, when the generation ends, and on unpatch.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
-
-def _module_state(m: torch.nn.Module) -> tuple:
-    # Parameters by identity and in-place version, plus the PEFT knobs that change a LoRA layer's
-    # output without touching a parameter (scale, active adapters, merged, disabled).
-    params = tuple((id(p), p._version) for p in m.parameters())
-    scaling = getattr(m, "scaling", None)
-    peft = (
-        tuple(sorted(scaling.items())) if isinstance(scaling, dict) else None,
-        tuple(getattr(m, "active_adapters", ()) or ()),
-        getattr(m, "merged", None),
-        getattr(m, "disable_adapters", None),
-    )
-    return (id(m), params, peft)
+from fastgen._validity import ambient_key, modules_key, tensor_key, why_no_reuse
 
 
 class _Entry:
-    __slots__ = ("ref", "key", "k", "v")
+    __slots__ = ("refs", "key", "value")
 
-    def __init__(self, ref, key, k, v):
-        self.ref, self.key, self.k, self.v = ref, key, k, v
+    def __init__(self, refs, key, value):
+        self.refs, self.key, self.value = refs, key, value
 
 
-class CrossKVCache:
-    """K/V of cross-attention per attention module, for one generation at a time."""
+class StepCache:
+    """Step-invariant results per module, for one generation at a time."""
 
     def __init__(self):
-        self._entries: dict[tuple[int, str, int], _Entry] = {}
+        self._entries: dict[tuple, _Entry] = {}
+        self._depth = 0
         self.hits = 0
         self.misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
+    # --- the generation scope -----------------------------------------------------------------
+
+    @property
+    def open(self) -> bool:
+        """Whether a generation is running (entries may be served and stored)."""
+        return self._depth > 0
+
+    def begin(self) -> None:
+        """A generation starts (scopes nest; the outermost one owns the entries)."""
+        if self._depth == 0:
+            self._entries.clear()
+        self._depth += 1
+
+    def end(self) -> None:
+        """A generation ends: its entries go with it."""
+        self._depth = max(0, self._depth - 1)
+        if self._depth == 0:
+            self._entries.clear()
+
+    # --- lookups --------------------------------------------------------------------------------
+
     def get(
         self,
         module: torch.nn.Module,
-        context: torch.Tensor,
-        compute: Callable[[], tuple[torch.Tensor, torch.Tensor]],
-        projections: tuple[torch.nn.Module, ...],
+        inputs: torch.Tensor | Sequence[torch.Tensor],
+        compute: Callable[[], object],
+        modules: Sequence[torch.nn.Module],
         slot: str = "",
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``compute()`` or its cached result for this module (and ``slot``, when one module caches
-        several K/V pairs) and this very ``context`` tensor. ``projections``: the modules whose
-        parameters and LoRA state ``compute`` depends on."""
-        if torch.compiler.is_compiling() or context.requires_grad:
-            # Under torch.compile the cache would be traced as Python state; with grad it would keep
-            # graphs alive. Both compute afresh, which is what the unpatched model does.
+    ):
+        """``compute()``, or its result cached for this ``module`` (and ``slot``, when one module
+        caches several results) and these very ``inputs`` in this generation.
+
+        ``modules``: every module ``compute`` runs (their parameters and LoRA state are in the key).
+        """
+        if not self.open or why_no_reuse(modules) is not None:
             return compute()
-        key = (
-            context._version, tuple(context.shape), context.stride(), context.dtype, context.device,
-            torch.is_autocast_enabled(), tuple(_module_state(p) for p in projections),
-        )
-        # One entry per (module, slot, context): pipelines that run CFG as two calls (Wan) alternate
+        inputs = (inputs,) if torch.is_tensor(inputs) else tuple(inputs)
+        key = (ambient_key(), tuple(tensor_key(t) for t in inputs), modules_key(modules))
+        # One entry per (module, slot, inputs): pipelines that run CFG as two calls (Wan) alternate
         # between two embeddings tensors, and both stay cached.
-        mid = (id(module), slot, id(context))
-        entry = self._entries.get(mid)
-        if entry is not None and entry.ref() is context and entry.key == key:
+        eid = (id(module), slot) + tuple(id(t) for t in inputs)
+        entry = self._entries.get(eid)
+        if entry is not None and entry.key == key and all(r() is t for r, t in zip(entry.refs, inputs)):
             self.hits += 1
-            return entry.k, entry.v
+            return entry.value
         self.misses += 1
-        k, v = compute()
+        value = compute()
         entries = self._entries
 
-        def forget(_ref, mid=mid):
-            e = entries.get(mid)
-            if e is not None and e.ref is _ref:
-                del entries[mid]
+        def forget(ref, eid=eid):
+            e = entries.get(eid)
+            if e is not None and ref in e.refs:
+                del entries[eid]
 
-        self._entries[mid] = _Entry(weakref.ref(context, forget), key, k, v)
-        return k, v
+        self._entries[eid] = _Entry(tuple(weakref.ref(t, forget) for t in inputs), key, value)
+        return value
 
     def clear(self) -> None:
         self._entries.clear()
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for e in self._entries.values() for t in (e.k, e.v) if t is not None)
+        def size(v):
+            if torch.is_tensor(v):
+                return v.numel() * v.element_size()
+            if isinstance(v, (tuple, list)):
+                return sum(size(x) for x in v)
+            return 0
+
+        return sum(size(e.value) for e in self._entries.values())

@@ -22,6 +22,10 @@ class Architecture:
     # submodules whose output depends only on the prompt (not the step): reused while the very same
     # embeddings tensor comes in, so cross-attention downstream sees one context tensor all along
     step_invariant: tuple[str, ...] = ()
+    # a submodule returning (..., text, image) whose two contexts the model's forward joins as
+    # torch.concat([image, text], dim=1) and uses only so: the join is done (and reused) by its hook,
+    # which returns (..., joined, None), so the joined context is one tensor all generation long
+    joined_context: str = ""
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (
@@ -30,7 +34,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                  {"JointAttnProcessor2_0": FastgenJointAttnProcessor, "AttnProcessor2_0": FastgenAttnProcessor}),
     Architecture("flux", ("FluxTransformer2DModel",), {"FluxAttnProcessor": FastgenFluxAttnProcessor}),
     Architecture("wan", ("WanTransformer3DModel",), {"WanAttnProcessor": FastgenWanAttnProcessor},
-                 step_invariant=("condition_embedder.text_embedder", "condition_embedder.image_embedder")),
+                 step_invariant=("condition_embedder.text_embedder", "condition_embedder.image_embedder"),
+                 # WanTransformer3DModel.forward: encoder_hidden_states = torch.concat([image, text], dim=1)
+                 joined_context="condition_embedder"),
     # The token refiner's Attention (AttnProcessor2_0) runs with a square mask: left to upstream.
     Architecture("hunyuanvideo", ("HunyuanVideoTransformer3DModel", "HunyuanVideoFramepackTransformer3DModel"),
                  {"HunyuanVideoAttnProcessor2_0": FastgenHunyuanVideoAttnProcessor,

@@ -24,6 +24,7 @@ def split_rope(image_rotary_emb, start: int, stop: int, mode: str = "interleaved
 
 class FastgenFluxAttnProcessor(FastgenProcessor):
     technique = "fused qk-norm+rope into a joint query buffer, text/image K/V as in-place segments"
+    wraps = ("diffusers.models.transformers.transformer_flux", "FluxAttnProcessor")
 
     def __call__(
         self,
@@ -33,14 +34,19 @@ class FastgenFluxAttnProcessor(FastgenProcessor):
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if (attention_mask is not None or _get_qkv_projections is None or self.unsupported()
-                or not self.kernels_here(hidden_states)):
-            return self.upstream(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        args = (attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        state = self.bound(attn)
+        if (state is None or attention_mask is not None or self.unsupported()
+                or not self.kernels_here(hidden_states, state.config)):
+            return self.upstream(*args)
+        if _get_qkv_projections is None:
+            return self.defer("this diffusers has no transformer_flux._get_qkv_projections (fastgen is tested "
+                              "with diffusers 0.42)", *args)
         joint_text = encoder_hidden_states is not None
-        if (image_rotary_emb is not None and not isinstance(image_rotary_emb, (tuple, list))) or (
-            joint_text != (attn.added_kv_proj_dim is not None)
-        ):  # complex RoPE tables, or text without its own projections: not a layout fastgen knows
-            return self.upstream(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if image_rotary_emb is not None and not isinstance(image_rotary_emb, (tuple, list)):
+            return self.defer("complex RoPE tables are not a layout fastgen reads", *args)
+        if joint_text != (attn.added_kv_proj_dim is not None):
+            return self.defer("text tokens without their own projections are not a layout fastgen reads", *args)
         query, key, value, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         groups = []
         n_txt = 0
@@ -50,7 +56,7 @@ class FastgenFluxAttnProcessor(FastgenProcessor):
                                      split_rope(image_rotary_emb, 0, n_txt)))
         n_all = n_txt + query.shape[1]
         groups.append(TokenGroup(query, key, value, attn.norm_q, attn.norm_k, split_rope(image_rotary_emb, n_txt, n_all)))
-        outs = joint_attention(groups, attn.head_dim, self.config)
+        outs = joint_attention(groups, attn.head_dim, state.config)
 
         if joint_text:
             txt, img = outs

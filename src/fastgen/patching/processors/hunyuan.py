@@ -13,6 +13,7 @@ from fastgen.patching.processors.base import FastgenProcessor
 
 class FastgenHunyuanVideoAttnProcessor(FastgenProcessor):
     technique = "fused qk-norm+rope into a joint query buffer, video/text K/V as in-place segments, padding as key lengths"
+    wraps = ("diffusers.models.transformers.transformer_hunyuan_video", "HunyuanVideoAttnProcessor2_0")
 
     def __call__(
         self,
@@ -23,21 +24,23 @@ class FastgenHunyuanVideoAttnProcessor(FastgenProcessor):
         image_rotary_emb: torch.Tensor | None = None,
     ) -> torch.Tensor:
         args = (attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        if (self.unsupported() or not self.kernels_here(hidden_states)
-                or (image_rotary_emb is not None and not isinstance(image_rotary_emb, (tuple, list)))):
+        state = self.bound(attn)
+        if state is None or self.unsupported() or not self.kernels_here(hidden_states, state.config):
             return self.upstream(*args)
+        if image_rotary_emb is not None and not isinstance(image_rotary_emb, (tuple, list)):
+            return self.defer("complex RoPE tables are not a layout fastgen reads", *args)
         B = hidden_states.shape[0]
         n_txt = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else 0
         single = attn.add_q_proj is None and encoder_hidden_states is not None
         n_vid = hidden_states.shape[1]
-        lengths = self.state.key_lengths(attention_mask, B, n_vid + n_txt)
+        lengths = state.key_lengths(attention_mask, B, n_vid + n_txt)
         if lengths is False:
             return self.upstream(*args)
         rope = None
         if image_rotary_emb is not None:
             cos, sin = image_rotary_emb
             if cos.shape[0] != n_vid:
-                return self.upstream(*args)
+                return self.defer("RoPE tables that do not cover exactly the video tokens", *args)
             rope = (cos, sin, "interleaved")
 
         x = torch.cat([hidden_states, encoder_hidden_states], dim=1) if single else hidden_states
@@ -47,7 +50,7 @@ class FastgenHunyuanVideoAttnProcessor(FastgenProcessor):
         if encoder_hidden_states is not None and not single:
             groups.append(TokenGroup(attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
                                      attn.add_v_proj(encoder_hidden_states), attn.norm_added_q, attn.norm_added_k))
-        outs = joint_attention(groups, head_dim, self.config, lengths)
+        outs = joint_attention(groups, head_dim, state.config, lengths)
 
         if encoder_hidden_states is None:
             return outs[0], None

@@ -11,6 +11,7 @@ from fastgen.patching.processors.base import FastgenProcessor
 
 class FastgenJointAttnProcessor(FastgenProcessor):
     technique = "fused qk-norm into a joint query buffer, sample/context K/V as in-place segments"
+    wraps = ("diffusers.models.attention_processor", "JointAttnProcessor2_0")
 
     def __call__(
         self,
@@ -21,7 +22,9 @@ class FastgenJointAttnProcessor(FastgenProcessor):
         *args,
         **kwargs,
     ) -> torch.FloatTensor:
-        if attention_mask is not None or args or kwargs or self.unsupported() or not self.kernels_here(hidden_states):
+        state = self.bound(attn)
+        if (state is None or attention_mask is not None or args or kwargs or self.unsupported()
+                or not self.kernels_here(hidden_states, state.config)):
             return self.upstream(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         key = attn.to_k(hidden_states)
         head_dim = key.shape[-1] // attn.heads
@@ -29,7 +32,7 @@ class FastgenJointAttnProcessor(FastgenProcessor):
         if encoder_hidden_states is not None:
             groups.append(TokenGroup(attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
                                      attn.add_v_proj(encoder_hidden_states), attn.norm_added_q, attn.norm_added_k))
-        outs = joint_attention(groups, head_dim, self.config)
+        outs = joint_attention(groups, head_dim, state.config)
         hidden_states = outs[0]
         if encoder_hidden_states is not None:
             encoder_hidden_states = outs[1]

@@ -13,6 +13,7 @@ from fastgen.patching.processors.base import FastgenProcessor
 
 class FastgenAttnProcessor(FastgenProcessor):
     technique = "cross-attention K/V cached per generation, fastgen attention"
+    wraps = ("diffusers.models.attention_processor", "AttnProcessor2_0")
 
     def __call__(
         self,
@@ -24,9 +25,13 @@ class FastgenAttnProcessor(FastgenProcessor):
         *args,
         **kwargs,
     ) -> torch.Tensor:
-        cached = encoder_hidden_states is not None and self.config.cache_cross_attention_kv
-        if (attention_mask is not None or args or kwargs or self.unsupported()
-                or not (cached or self.kernels_here(hidden_states))):
+        state = self.bound(attn)
+        config = state.config if state is not None else None
+        cached = (encoder_hidden_states is not None and config is not None and config.cache_cross_attention_kv
+                  and state.kv_cache.open)
+        # an attention mask (the token refiner's, a user's) runs upstream: fastgen's op takes none
+        if (state is None or attention_mask is not None or args or kwargs or self.unsupported()
+                or not (cached or self.kernels_here(hidden_states, config))):
             return self.upstream(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -48,16 +53,16 @@ class FastgenAttnProcessor(FastgenProcessor):
                 c = attn.norm_encoder_hidden_states(context) if attn.norm_cross else context
                 return attn.to_k(c), attn.to_v(c)
 
-            if self.config.cache_cross_attention_kv:
+            if config.cache_cross_attention_kv:
                 mods = (attn.to_k, attn.to_v) + ((attn.norm_cross,) if attn.norm_cross else ())
-                key, value = self.state.kv_cache.get(attn, context, project, mods)
+                key, value = state.kv_cache.get(attn, context, project, mods)
             else:
                 key, value = project()
 
         head_dim = key.shape[-1] // attn.heads
         q, k = prologue(heads_view(query, head_dim), heads_view(key, head_dim), attn.norm_q, attn.norm_k, None,
-                        None, self.config)
-        out = ops.attention(q, k, heads_view(value, head_dim), backend=self.config.attention_backend)
+                        None, config)
+        out = ops.attention(q, k, heads_view(value, head_dim), backend=config.attention_backend)
         hidden_states = out.transpose(1, 2).flatten(2).to(query.dtype)
 
         hidden_states = attn.to_out[0](hidden_states)

@@ -29,6 +29,7 @@ def wan_rope(rotary_emb):
 
 class FastgenWanAttnProcessor(FastgenProcessor):
     technique = "fused all-heads qk-norm+rope, cross-attention K/V cached per generation"
+    wraps = ("diffusers.models.transformers.transformer_wan", "WanAttnProcessor")
 
     def __call__(
         self,
@@ -38,15 +39,24 @@ class FastgenWanAttnProcessor(FastgenProcessor):
         attention_mask: torch.Tensor | None = None,
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        args = (attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        state = self.bound(attn)
+        config = state.config if state is not None else None
+        cached = (encoder_hidden_states is not None and config is not None and config.cache_cross_attention_kv
+                  and state.kv_cache.open)
+        if (state is None or attention_mask is not None or self.unsupported()
+                or not (cached or self.kernels_here(hidden_states, config))):
+            return self.upstream(*args)
+        if _get_qkv_projections is None:
+            return self.defer("this diffusers has no transformer_wan._get_qkv_projections (fastgen is tested with "
+                              "diffusers 0.42)", *args)
         rope = wan_rope(rotary_emb) if rotary_emb is not None else None
-        cached = encoder_hidden_states is not None and self.config.cache_cross_attention_kv
-        if (attention_mask is not None or _get_qkv_projections is None or self.unsupported()
-                or (rotary_emb is not None and rope is None) or not (cached or self.kernels_here(hidden_states))):
-            return self.upstream(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        if rotary_emb is not None and rope is None:
+            return self.defer("RoPE tables of a shape other than Wan's (1, S, 1, D)", *args)
         if encoder_hidden_states is None:  # self-attention
             query, key, value = _get_qkv_projections(attn, hidden_states, None)
             (out,) = joint_attention([TokenGroup(query, key, value, attn.norm_q, attn.norm_k, rope)],
-                                     query.shape[-1] // attn.heads, self.config)
+                                     query.shape[-1] // attn.heads, config)
             return attn.to_out[1](attn.to_out[0](out.type_as(query)))
 
         # The cache is keyed on the tensor the caller passed; its slices are new objects every step.
@@ -66,26 +76,27 @@ class FastgenWanAttnProcessor(FastgenProcessor):
                 k, v = attn.to_k(text), attn.to_v(text)
             return attn.norm_k(k), v
 
-        key, value = self._cached(attn, context, text_kv, "text")
+        key, value = self._cached(state, attn, context, text_kv, "text")
         q = heads_view(query, head_dim)
         out = ops.attention(q, heads_view(key, head_dim), heads_view(value, head_dim),
-                            backend=self.config.attention_backend).transpose(1, 2).flatten(2).type_as(query)
+                            backend=config.attention_backend).transpose(1, 2).flatten(2).type_as(query)
         if image_ctx is not None:
 
             def image_kv():
                 k, v = _get_added_kv_projections(attn, image_ctx)
                 return attn.norm_added_k(k), v
 
-            key_img, value_img = self._cached(attn, context, image_kv, "image")
+            key_img, value_img = self._cached(state, attn, context, image_kv, "image")
             out_img = ops.attention(q, heads_view(key_img, head_dim), heads_view(value_img, head_dim),
-                                    backend=self.config.attention_backend)
+                                    backend=config.attention_backend)
             out = out + out_img.transpose(1, 2).flatten(2).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
-    def _cached(self, attn, context, compute, slot):
-        if not self.config.cache_cross_attention_kv:
+    @staticmethod
+    def _cached(state, attn, context, compute, slot):
+        if not state.config.cache_cross_attention_kv:
             return compute()
         mods = tuple(m for m in (getattr(attn, n, None) for n in ("to_k", "to_v", "to_kv", "norm_k", "add_k_proj",
                                                                      "add_v_proj", "to_added_kv", "norm_added_k"))
                      if isinstance(m, torch.nn.Module))
-        return self.state.kv_cache.get(attn, context, compute, mods, slot=slot)
+        return state.kv_cache.get(attn, context, compute, mods, slot=slot)
