@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import numpy as np
 import pytest
 import torch
 
+import fastgen.edit
+import fastgen.ops
 from fastgen import flux_latents as fl
 from fastgen.condition import ConditionConfig
 from fastgen.condition.branches import BranchState, branch_forward
 from fastgen.edit import BackgroundKV, EditConfig, KVEditor, PinnedArena
 from helpers import DEVICE
-from test_condition import SIDE, _forward_inputs, _image, _rel, _tiny_flux_pipeline
+from test_condition import (SIDE, ModelRuns, _forward_inputs, _image, _record_forwards, _rel, _sd_pipeline,
+                            _tiny_flux_pipeline, _with_lora, dynamic_scheduler)
 
 
 @pytest.fixture(scope="module")
 def editor():
     return KVEditor(_tiny_flux_pipeline(), EditConfig(attention_backend="triton", prologue_backend="triton"))
+
+
+@pytest.fixture(scope="module")
+def fast_editor():
+    """Default settings (SDPA on a CPU): for checks that are not about the kernels."""
+    return KVEditor(_tiny_flux_pipeline())
 
 
 def _prompts():
@@ -25,6 +37,14 @@ def _prompts():
                 source_pooled_prompt_embeds=torch.randn(1, 32, generator=g).to(DEVICE),
                 target_prompt_embeds=torch.randn(1, 7, 32, generator=g).to(DEVICE),
                 target_pooled_prompt_embeds=torch.randn(1, 32, generator=g).to(DEVICE))
+
+
+def _source():
+    return {k: v for k, v in _prompts().items() if k.startswith("source")}
+
+
+def _target():
+    return {k: v for k, v in _prompts().items() if k.startswith("target")}
 
 
 def _mask(kind="quarter"):
@@ -191,25 +211,250 @@ def test_bad_input_raises(editor):
         editor.edit(_image(), _mask(), **src)
 
 
+def _edit(editor, steps, **opt):
+    return editor.edit(_image(), _mask(), num_inference_steps=steps, skip_steps=1, output_type="latent", **opt,
+                       **_prompts())
+
+
+def _offloaded_edit(editor, steps, monkeypatch):
+    with monkeypatch.context() as m:
+        if DEVICE.type != "cuda":  # the CPU is the compute device here: force the offload path anyway
+            m.setattr(fastgen.edit, "BackgroundKV", functools.partial(BackgroundKV, offload=True))
+        return _edit(editor, steps, cache_device="cpu")
+
+
+def test_offloaded_cache_is_the_device_cache_moved(fast_editor, monkeypatch):
+    # Everything of the GPU test below that needs no CUDA: the offloaded path (arena, copies out
+    # and in, the next layer's prefetch) gives the device cache's result with at most two layers
+    # resident. On a CPU it runs forced (storage == compute), without streams or pinned memory.
+    dev = _edit(fast_editor, 3)
+    off = _offloaded_edit(fast_editor, 3, monkeypatch)
+    assert torch.equal(off.latents, dev.latents), "the offloaded cache is the device cache, moved"
+    assert 1 <= off.stats["max_resident_layers"] <= 2 and dev.stats["max_resident_layers"] == 0
+    assert off.stats["host_cache_bytes"] >= off.stats["cache_bytes"] == dev.stats["cache_bytes"] > 0
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="peak GPU memory of the offloaded cache needs a CUDA GPU")
-def test_offloaded_cache_peak_gpu_memory_does_not_grow_with_steps(editor):
-    def peak(steps, **opt):
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="peak GPU memory readings need a CUDA GPU (the rest "
+                    "of this check runs in test_offloaded_cache_is_the_device_cache_moved)")
+def test_offloaded_cache_peak_gpu_memory_does_not_grow_with_steps(fast_editor, monkeypatch):
+    def peak(steps, offload):
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        out = editor.edit(_image(), _mask(), num_inference_steps=steps, skip_steps=1, output_type="latent", **opt,
-                          **_prompts())
+        out = _offloaded_edit(fast_editor, steps, monkeypatch) if offload else _edit(fast_editor, steps)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before, out
 
-    (short, _), (long, b) = peak(3, cache_device="cpu"), peak(9, cache_device="cpu")
-    (dev_short, _), (dev_long, c) = peak(3), peak(9)
-    assert torch.equal(b.latents, c.latents), "the offloaded cache is the device cache, moved"
-    assert b.stats["max_resident_layers"] <= 2 and b.stats["host_cache_bytes"] >= b.stats["cache_bytes"]
+    (short, _), (long, b) = peak(3, True), peak(9, True)
+    (dev_short, _), (dev_long, c) = peak(3, False), peak(9, False)
+    assert torch.equal(b.latents, c.latents)
     per_step = c.stats["cache_bytes"] // 8
     assert dev_long - dev_short >= 5 * per_step, "the device cache grows with the steps"
     assert long - short < per_step, f"offloaded: {short} -> {long} bytes of peak GPU memory"
+
+
+# --------------------------------------------------------------------------------------------
+# The schedule and the noise: FluxPipeline's
+# --------------------------------------------------------------------------------------------
+
+
+def _pipe_with(scheduler):
+    pipe = _tiny_flux_pipeline()
+    pipe.scheduler = scheduler
+    return pipe
+
+
+def test_schedule_is_flux_pipeline_at_the_image_size(monkeypatch):
+    from diffusers import FluxPipeline
+
+    pipe = _pipe_with(dynamic_scheduler())
+    plain = FluxPipeline(**pipe.components)
+    plain.set_progress_bar_config(disable=True)
+    ref_seen = []
+    handle = _record_forwards(pipe.transformer, ref_seen)
+    try:
+        p = _prompts()
+        plain(prompt_embeds=p["source_prompt_embeds"], pooled_prompt_embeds=p["source_pooled_prompt_embeds"],
+              height=SIDE, width=SIDE, num_inference_steps=4, output_type="latent")
+    finally:
+        handle.remove()
+    ref_sigmas, ref_t = plain.scheduler.sigmas.clone(), [t for t, _ in ref_seen]
+    seen = []
+
+    def spy(model, state, **kw):
+        seen.append(kw["timestep"].clone())
+        return branch_forward(model, state, **kw)
+
+    monkeypatch.setattr(fastgen.edit, "branch_forward", spy)
+    editor = KVEditor(pipe)
+    with editor.invert(_image(), _mask(), num_inference_steps=4, skip_steps=1, **_source()) as inv:
+        assert torch.equal(inv.sigmas, ref_sigmas), "a FluxPipeline's sigmas at 64x64 (mu from all 16 tokens)"
+        inverted, seen[:] = list(seen), []
+        editor.denoise(inv, output_type="latent", **_target())
+    zero = torch.zeros_like(ref_t[0])
+    # inversion: from t_(i+1) back to t_i at the later time of each step, i = 3, 2, 1 (t_4 = 0)
+    assert all(torch.equal(a, b) for a, b in zip(inverted, [zero, ref_t[3], ref_t[2]], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(seen, ref_t[1:], strict=True)), "the timesteps of its steps 1-3"
+
+
+def test_noise_is_flux_pipeline_noise_drawn_by_diffusers(fast_editor, monkeypatch):
+    import diffusers.utils.torch_utils as tu
+
+    calls, real = [], tu.randn_tensor
+
+    def spy(shape, generator=None, device=None, dtype=None, layout=None):
+        calls.append((tuple(shape), generator, torch.device(device)))
+        return real(shape, generator=generator, device=device, dtype=dtype, layout=layout)
+
+    monkeypatch.setattr(tu, "randn_tensor", spy)
+    g = torch.Generator().manual_seed(3)
+    for opt in (dict(re_init=True), dict(inversion_free=True)):
+        _edit(fast_editor, 3, generator=g, **opt)
+        # diffusers' randn_tensor on the latents' device: a CUDA generator draws there (torch.randn
+        # without a device, as before, fails with one)
+        assert calls.pop() == ((1, 4, 8, 8), g, DEVICE) and not calls
+    lat, _ = fast_editor.pipe.prepare_latents(1, 4, SIDE, SIDE, torch.float32, DEVICE, torch.Generator().manual_seed(3))
+    noise = fl.initial_noise(fast_editor.pipe, 1, 4, 4, torch.Generator().manual_seed(3), DEVICE, torch.float32)
+    assert torch.equal(noise, lat), "the noise a FluxPipeline starts from with the same generator"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA generator needs a CUDA GPU (the CPU-generator "
+                    "path of the same code runs in test_noise_is_flux_pipeline_noise_drawn_by_diffusers)")
+def test_cuda_generator(fast_editor):
+    def run(**opt):
+        return _edit(fast_editor, 3, generator=torch.Generator("cuda").manual_seed(3), **opt).latents
+
+    for opt in (dict(re_init=True), dict(inversion_free=True)):
+        assert torch.equal(run(**opt), run(**opt))
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments, config, pipelines
+# --------------------------------------------------------------------------------------------
+
+
+class _CudaLabelled(torch.Generator):
+    @property
+    def device(self):
+        return torch.device("cuda")
+
+
+@pytest.mark.parametrize("kw,match", [
+    (lambda: dict(image=torch.rand(2, 3, SIDE, SIDE)), r"image must be one image \(3, H, W\), got a batch of 2"),
+    (lambda: dict(image=_image() * 255), r"image must have values in \[0, 1\].*divide by 255"),
+    (lambda: dict(mask=np.ones((32, 32))), r"mask is 32x32 pixels but the image is 64x64; give a \(64, 64\) mask"),
+    (lambda: dict(mask=_mask() * 255), r"mask is a float mask .* must be in \[0, 1\]"),
+    (lambda: dict(cache_device="cuda:64" if torch.cuda.is_available() else "cuda"), "cache_device='cuda"),
+    (lambda: dict(cache_device="gpu0"), "cache_device must be a device"),
+    (lambda: dict(target_prompt_embeds=torch.zeros(1, 7, 31)), r"target_prompt_embeds must be \(1, S, 32\)"),
+    (lambda: dict(source_pooled_prompt_embeds=torch.zeros(2, 32)), r"source_pooled_prompt_embeds must be \(1, 32\)"),
+    (lambda: dict(source_prompt="a cat", source_prompt_embeds=None), "the pipeline has no text encoders"),
+    (lambda: dict(output_type="jpeg"), "output_type must be one of"),
+    (lambda: dict(attn_scale=float("nan")), "attn_scale must be a finite number"),
+    (lambda: dict(num_inference_steps=0), "num_inference_steps must be a positive integer"),
+    (lambda: dict(generator=[torch.Generator()] * 2), "generator is a list of 2"),
+    (lambda: dict(re_init=1), "re_init must be True or False"),
+])
+def test_bad_arguments_raise_before_any_model_runs(fast_editor, kw, match):
+    args = dict(image=_image(), mask=_mask(), **_prompts(), num_inference_steps=3, skip_steps=1)
+    args.update(kw())
+    with ModelRuns(fast_editor.pipe) as runs, pytest.raises(ValueError, match=match):
+        fast_editor.edit(**args)
+    assert runs.calls == 0, "no VAE encode, no transformer forward before the error"
+
+
+def test_bad_denoise_arguments_raise_before_any_model_runs(fast_editor):
+    with fast_editor.invert(_image(), _mask(), num_inference_steps=3, skip_steps=1, **_source()) as inv:
+        with ModelRuns(fast_editor.pipe) as runs:
+            with pytest.raises(ValueError, match=r"target_prompt_embeds must be \(1, S, 32\)"):
+                fast_editor.denoise(inv, target_prompt_embeds=torch.zeros(2, 7, 32),
+                               target_pooled_prompt_embeds=torch.zeros(1, 32))
+            if DEVICE.type != "cuda":  # a generator on another device than the latents'
+                with pytest.raises(ValueError, match="generator is a cuda generator but the latents are on cpu"):
+                    fast_editor.denoise(inv, re_init=True, generator=_CudaLabelled(), **_target())
+            with pytest.raises(ValueError, match="inversion must be what KVEditor.invert returned"):
+                fast_editor.denoise(inv.z, **_target())
+        assert runs.calls == 0
+
+
+def test_kv_editor_takes_its_own_config(monkeypatch):
+    pipe = _tiny_flux_pipeline()
+    with pytest.raises(ValueError, match="takes a fastgen.edit.EditConfig.*condition fields .* do not apply"):
+        KVEditor(pipe, ConditionConfig(attention="symmetric"))
+    with pytest.raises(ValueError, match="unknown EditConfig option"):
+        EditConfig(kv_cache=False)
+    with pytest.raises(ValueError, match="attention_backend must be one of"):
+        EditConfig(attention_backend="flash")
+    backends = []
+    real = fastgen.ops.attention
+
+    def spy(*args, backend="auto", **kw):
+        backends.append(backend)
+        return real(*args, backend=backend, **kw)
+
+    monkeypatch.setattr(fastgen.ops, "attention", spy)
+    KVEditor(pipe, EditConfig(attention_backend="sdpa")).edit(_image(), _mask(), num_inference_steps=2, skip_steps=1,
+                                                              output_type="latent", **_prompts())
+    assert backends and set(backends) == {"sdpa"}, "the config's backend is the one every attention call uses"
+
+
+def test_non_flux_pipelines_are_refused_naming_what_is_supported():
+    with pytest.raises(ValueError, match=r"KVEditor: only Flux is supported.*FluxTransformer2DModel.*got a "
+                                         r"StableDiffusionPipeline with no transformer"):
+        KVEditor(_sd_pipeline())
+
+
+# --------------------------------------------------------------------------------------------
+# An inversion serves denoising under the state it was made under, only
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change,match", [
+    ("lora scale", "the LoRA state"),
+    ("adapters disabled", "the LoRA state"),
+    ("lora fused", "the LoRA state"),
+    ("weights in place", "the transformer's weights"),
+    ("dtype", "the transformer's weights"),
+    ("autocast", "autocast"),
+    ("another editor", "the transformer"),
+])
+def test_denoise_under_another_state_than_the_inversion_raises(change, match):
+    pipe = _tiny_flux_pipeline()
+    tr = _with_lora(pipe)
+    editor = KVEditor(pipe)
+    inv = editor.invert(_image(), _mask(), num_inference_steps=2, skip_steps=0, **_source())
+    undo = contextlib.nullcontext()
+    if change == "lora scale":
+        tr.set_adapters(["cond"], weights=[0.5])
+    elif change == "adapters disabled":
+        tr.disable_adapters()
+    elif change == "lora fused":
+        tr.fuse_lora()
+    elif change == "weights in place":
+        with torch.no_grad():
+            tr.single_transformer_blocks[0].proj_out.base_layer.weight.mul_(1.0)  # same values, a new version
+    elif change == "dtype":
+        tr.to(torch.float64)
+    elif change == "autocast":
+        undo = torch.autocast(DEVICE.type, dtype=torch.bfloat16)
+    elif change == "another editor":
+        editor = KVEditor(_tiny_flux_pipeline())
+    with ModelRuns(pipe) as runs, undo, pytest.raises(ValueError, match=f"{match}.* changed since the inversion.*"
+                                                                          "invert the image again"):
+        editor.denoise(inv, output_type="latent", **_target())
+    assert runs.calls == 0, "raised before any layer ran"
+
+
+def test_denoise_under_the_inversion_state_runs():
+    # the control of the test above: the same steps, nothing changed in between
+    pipe = _tiny_flux_pipeline()
+    _with_lora(pipe)
+    editor = KVEditor(pipe)
+    with editor.invert(_image(), _mask(), num_inference_steps=2, skip_steps=0, **_source()) as inv:
+        out = editor.denoise(inv, output_type="latent", **_target())
+    assert torch.isfinite(out.latents).all()
 
 
 def test_edit_benchmark_suite_reports_every_path(monkeypatch):

@@ -54,7 +54,8 @@ def _check_values(x: torch.Tensor, what: str) -> torch.Tensor:
     if x.numel():
         lo, hi = float(x.min()), float(x.max())
         if not (0.0 <= lo and hi <= 1.0):  # NaN fails too
-            hint = " (0-255 values? divide by 255)" if hi > 1.0 else " ([-1, 1] values? give (x + 1) / 2)" if lo < 0 else ""
+            hint = (" (0-255 values? divide by 255)" if hi > 1.0 else
+                    " ([-1, 1] values? give (x + 1) / 2)" if lo < 0 else "")
             raise ValueError(f"{what} must have values in [0, 1], got values in [{lo:g}, {hi:g}]{hint}")
     return x
 
@@ -142,8 +143,8 @@ def initial_noise(pipe, batch: int, rows: int, cols: int, generator, device, dty
     from diffusers.utils.torch_utils import randn_tensor
 
     channels = pipe.transformer.config.in_channels // 4
-    noise = randn_tensor((batch, channels, PATCH * rows, PATCH * cols), generator=generator, device=torch.device(device),
-                         dtype=dtype)
+    shape = (batch, channels, PATCH * rows, PATCH * cols)
+    noise = randn_tensor(shape, generator=generator, device=torch.device(device), dtype=dtype)
     return pack(noise)
 
 

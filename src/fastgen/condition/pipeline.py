@@ -151,7 +151,8 @@ class FluxConditionPipeline(FluxPipeline):
         unsupported = sorted(set(kwargs.get("joint_attention_kwargs") or {}) - {"scale"})
         unsupported += [k for k in _IP_ADAPTER_ARGS if kwargs.get(k) is not None]
         if unsupported:
-            raise ValueError(f"{unsupported} are not supported with conditions (joint_attention_kwargs takes 'scale' only)")
+            raise ValueError(f"{unsupported} are not supported with conditions "
+                             "(joint_attention_kwargs takes 'scale' only)")
 
         # every condition checked before any is encoded
         cond_x, cond_ids = [], []
@@ -167,7 +168,8 @@ class FluxConditionPipeline(FluxPipeline):
                 raise ValueError("fill generates its own starting latents; do not pass latents with it")
             if tuple(fill_x.shape[2:]) != (height, width):
                 raise ValueError(f"fill.image is {fill_x.shape[2]}x{fill_x.shape[3]} px but the output is "
-                                 f"{height}x{width}: give a (3, {height}, {width}) image, or leave height and width out")
+                                 f"{height}x{width}: give a (3, {height}, {width}) image, or leave height and "
+                                 "width out")
             _check_batch(fill_x, batch, "fill.image")
             hole = fl.token_mask(fill.mask, height, width, px, what="fill.mask")
 
