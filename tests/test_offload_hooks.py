@@ -100,6 +100,8 @@ def test_conditions_run_inside_the_offload_hooks(cache):
         out = _call(pipe, conds, steps=3, condition_config=config)
         assert _all_meta(pipe.transformer), "every hook's post-forward ran"
         assert root.loads == 3 and all(b.loads == 3 for b in blocks), "one load per forward, every block"
+        # the cache key is stable under offload (new meta parameters per call): filled once, then served
+        assert pipe.last_condition_stats["branch_forwards"] == (1 if cache else 3), pipe.last_condition_stats
     finally:
         restore()
     assert torch.equal(out, ref)
@@ -116,9 +118,15 @@ def test_kv_edit_runs_inside_the_offload_hooks():
         out_free = editor.edit(_image(), _mask(), inversion_free=True, generator=torch.Generator().manual_seed(3), **kw)
         assert _all_meta(editor.pipe.transformer)
         assert root.loads == 3 + 3 + 2 * 3, "inversion, edit, inversion-free: a load per forward"
+        # one inversion, two edits: the hooks make new parameters at every load, the state key holds
+        src = {k: v for k, v in kw.items() if not k.startswith("target") and k != "output_type"}
+        tar = {k: v for k, v in kw.items() if k.startswith("target")}
+        with editor.invert(_image(), _mask(), **src) as inv:
+            twice = [editor.denoise(inv, output_type="latent", **tar).latents for _ in range(2)]
     finally:
         restore()
     assert torch.equal(out, ref) and torch.equal(out_free.latents, free.latents)
+    assert torch.equal(twice[0], ref) and torch.equal(twice[1], ref)
 
 
 def test_conditions_compose_with_diffusers_block_level_group_offload():
