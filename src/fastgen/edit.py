@@ -144,9 +144,9 @@ class BackgroundKV:
     # --- validity ---------------------------------------------------------------------------
 
     def begin_forward(self, model, hidden: torch.Tensor) -> None:
-        """Called by the branch forward before each forward (inside the transformer's hooks, where
-        offloaded weights are in place). A capture records the state the K/V are computed under;
-        a foreground forward under another state raises instead of mixing the two."""
+        """Called by the branch forward at the start of each forward (inside the transformer's forward
+        hooks: model offload has placed its weights). A capture records the state the K/V are
+        computed under; a foreground forward under another state raises instead of mixing the two."""
         if self.mode not in ("capture", "use"):
             return
         now = state_of(model, hidden)

@@ -429,7 +429,7 @@ def branch_forward(
         state.forwards += 1
         state.branch_forwards += int(run_branches)
         out = model.proj_out(model.norm_out(x, temb))
-        if canvas is not None:  # known tokens: zero velocity, so any sampler leaves them where they are
+        if canvas is not None:  # known tokens: zero velocity (Euler keeps them; the pipeline writes them back)
             full = out.new_zeros(canvas.shape[0], canvas.shape[1], out.shape[2])
             out = full.index_copy_(1, idx, out)
     finally:
