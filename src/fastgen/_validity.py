@@ -4,8 +4,8 @@ Every fastgen cache (cross-attention K/V, step-invariant module outputs, conditi
 background K/V) lives inside one generation and keys its entries on everything that changes the
 result: the input tensors (identity, in-place version, shape, strides, dtype, device, storage),
 the *ambient* state (grad and inference mode, autocast enabled and dtype per device type), and the
-state of every module the cached computation runs (parameter identity, version and storage; the
-PEFT knobs of every LoRA layer beneath it: scales, active adapters, merged, disabled). This module
+state of every module the cached computation runs (parameters' in-place version, dtype, device and
+shape; the PEFT knobs of every LoRA layer beneath it: scales, active adapters, merged, disabled). This module
 computes those keys, in one place, for all of them.
 
 Some changes cannot be seen: writes through ``tensor.data`` or into an inference tensor bypass the
@@ -44,29 +44,41 @@ def ambient_key() -> tuple:
     )
 
 
-def _peft_knobs(m: torch.nn.Module) -> tuple | None:
-    # A PEFT tuner layer's settings that change its output without touching a parameter.
-    scaling = getattr(m, "scaling", None)
-    if not isinstance(scaling, dict) and not hasattr(m, "active_adapters"):
+def _tuner_layer_type():
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # no peft: no LoRA layers
+        return ()
+    return BaseTunerLayer
+
+
+def _lora_knobs(m: torch.nn.Module, tuner) -> tuple | None:
+    # A PEFT tuner layer's settings that change its output without touching a parameter. Only tuner
+    # layers: a diffusers model has methods of the same names (active_adapters, disable_adapters).
+    if not isinstance(m, tuner):
         return None
-    return (
-        tuple(sorted(scaling.items())) if isinstance(scaling, dict) else None,
-        tuple(getattr(m, "active_adapters", ()) or ()),
-        tuple(getattr(m, "merged_adapters", ()) or ()),
-        bool(getattr(m, "disable_adapters", False)),
-    )
+    scaling = getattr(m, "scaling", None)
+    return (tuple(sorted(scaling.items())) if isinstance(scaling, dict) else None, tuple(m.active_adapters),
+            tuple(getattr(m, "merged_adapters", ()) or ()), bool(m.disable_adapters))
 
 
 def modules_key(modules: Iterable[torch.nn.Module]) -> tuple:
-    """The state of every module in ``modules`` and beneath them: each submodule's identity and
-    PEFT knobs, each parameter's and buffer's identity, version and storage."""
-    out = []
+    """What ``modules`` (and everything beneath them) compute with, in a form offloading leaves
+    unchanged: each submodule's identity and PEFT knobs (LoRA scales, active, merged and disabled
+    adapters), and each parameter's and buffer's in-place version, dtype, device and shape.
+
+    Not the parameters' identity or storage: offload hooks change both between calls without
+    changing a value (accelerate's sequential offload makes a new ``Parameter`` per load, model and
+    group offload move ``param.data`` to another storage and back), and a cache keyed on them would
+    never hit under offload. Left out with them: a ``param.data = other`` swap or a write through
+    ``.data``, which bump no version (fusing a LoRA shows in its knobs).
+    """
+    tuner, out = _tuner_layer_type(), []
     for root in modules:
         for m in root.modules():
-            knobs = _peft_knobs(m)
-            tensors = tuple((id(p), version(p), p.data_ptr()) for p in m._parameters.values() if p is not None)
-            buffers = tuple((id(b), version(b), b.data_ptr()) for b in m._buffers.values() if b is not None)
-            out.append((id(m), knobs, tensors, buffers))
+            tensors = tuple((version(t), t.dtype, t.device, tuple(t.shape))
+                            for t in (*m._parameters.values(), *m._buffers.values()) if t is not None)
+            out.append((id(m), _lora_knobs(m, tuner), tensors))
     return tuple(out)
 
 

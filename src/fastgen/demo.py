@@ -128,7 +128,7 @@ def build_pipeline(family: str = "flux", size: str = "small"):
             norm_num_groups=8, **(dict(addition_embed_type="text_time", addition_time_embed_dim=8,
                                        projection_class_embeddings_input_dim=64 + 6 * 8) if xl else {}),
         )
-        sched = EulerDiscreteScheduler()
+        sched = EulerDiscreteScheduler(steps_offset=1)  # as released SD checkpoints configure it (0 is deprecated)
         if xl:
             pipe = StableDiffusionXLPipeline(vae=_vae(4), text_encoder=None, text_encoder_2=None, tokenizer=None,
                                              tokenizer_2=None, unet=unet, scheduler=sched)

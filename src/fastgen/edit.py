@@ -26,9 +26,8 @@ import torch
 
 from fastgen import flux_latents as fl
 from fastgen._hooks import call_as_forward
-from fastgen._validity import ambient_key
+from fastgen._validity import ambient_key, modules_key
 from fastgen.condition.branches import BranchState, branch_forward, check_transformer
-from fastgen.condition.cache import weights_key
 from fastgen.condition.config import CACHE_DTYPES, ConditionConfig
 from fastgen.ops.fp8 import Fp8KV, quantize_kv
 from fastgen.patching.config import build_config, validated
@@ -257,8 +256,8 @@ class BackgroundKV:
 def state_of(model, hidden: torch.Tensor) -> dict:
     """What KV-Edit's background K/V depend on besides the latents and text, by what a user would
     have changed: the key of ``fastgen._validity`` (ambient state; weights and PEFT state, in the
-    form offloading leaves unchanged: ``fastgen.condition.cache.weights_key``)."""
-    modules = weights_key([model])
+    form offloading leaves unchanged: ``fastgen._validity.modules_key``)."""
+    modules = modules_key([model])
     return {
         "the transformer": id(model),
         "the LoRA state (scales, active, merged or disabled adapters)": tuple((m[0], m[1]) for m in modules),

@@ -22,9 +22,9 @@ import torch
 
 import fastgen.ops as ops
 from fastgen._hooks import call_as_forward
-from fastgen._validity import ambient_key, tensor_key, why_no_reuse
+from fastgen._validity import ambient_key, modules_key, tensor_key, why_no_reuse
 from fastgen.condition.adapters import AdapterSwitch
-from fastgen.condition.cache import ConditionKVCache, weights_key
+from fastgen.condition.cache import ConditionKVCache
 from fastgen.condition.config import ConditionConfig
 from fastgen.patching.config import PatchConfig
 from fastgen.patching.core import TokenGroup, heads_view, project_groups, prologue, split_heads_output
@@ -81,7 +81,7 @@ class BranchState:
         state (grad / inference mode, autocast), the state of every module the branches run (LoRA
         scale and adapters included: the key is taken after the call's LoRA scale is applied and
         before any branch switches adapters), the pooled embedding, the compute dtype and device."""
-        return (ambient_key(), weights_key(condition_modules(model)), tensor_key(self.pooled), x.dtype, x.device,
+        return (ambient_key(), modules_key(condition_modules(model)), tensor_key(self.pooled), x.dtype, x.device,
                 guidance is None, tuple((tensor_key(b.tokens), tensor_key(b.ids)) for b in self.branches))
 
     def begin_forward(self, model, x: torch.Tensor, guidance) -> bool:

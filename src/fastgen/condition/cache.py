@@ -3,54 +3,9 @@ that says when they may be served again."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 
 import fastgen.ops as ops
-from fastgen._validity import version
-
-
-def _tuner_layer_type():
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # no peft: no LoRA layers
-        return ()
-    return BaseTunerLayer
-
-
-def _lora_knobs(m: torch.nn.Module, tuner) -> tuple | None:
-    # A PEFT tuner layer's settings that change its output without touching a parameter. Only tuner
-    # layers: a diffusers model has methods of the same names (active_adapters, disable_adapters).
-    if not isinstance(m, tuner):
-        return None
-    scaling = getattr(m, "scaling", None)
-    return (tuple(sorted(scaling.items())) if isinstance(scaling, dict) else None, tuple(m.active_adapters),
-            tuple(getattr(m, "merged_adapters", ()) or ()), bool(m.disable_adapters))
-
-
-def weights_key(modules: Iterable[torch.nn.Module]) -> tuple:
-    """What the weights of ``modules`` (and everything beneath them) compute with, in a form that
-    offloading leaves unchanged: each submodule's identity and PEFT knobs (LoRA scales, active,
-    merged and disabled adapters), and each parameter's and buffer's in-place version, dtype,
-    device and shape.
-
-    ``fastgen._validity.modules_key`` also keys on each parameter's identity and storage. Offload
-    hooks change both between calls without changing a value: accelerate's sequential offload and
-    its simulation in the tests make a new ``Parameter`` per load (meta in between), and model or
-    group offload move ``param.data`` to another storage and back (after a decode has offloaded the
-    transformer, the next KV-Edit denoise would meet new pointers). Keyed on those, a cache under
-    offload would refill at every step and an inversion could never be denoised twice. Left out
-    with them: a ``param.data = other`` swap or a ``.data`` write, which bump no version (as in
-    ``modules_key``, writes through ``.data`` are invisible; fusing a LoRA shows in its knobs).
-    """
-    tuner, out = _tuner_layer_type(), []
-    for root in modules:
-        for m in root.modules():
-            tensors = tuple((version(t), t.dtype, t.device, tuple(t.shape))
-                            for t in (*m._parameters.values(), *m._buffers.values()) if t is not None)
-            out.append((id(m), _lora_knobs(m, tuner), tensors))
-    return tuple(out)
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:
