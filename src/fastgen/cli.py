@@ -59,6 +59,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    _quiet_transformers()
     device = _device_arg(args.device)
     _prepare_interpreter(device, args.interpret)
     from tqdm import tqdm
@@ -78,7 +79,14 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _quiet_transformers() -> None:
+    # Importing diffusers' pipelines makes transformers log notices about its optional image backends
+    # (torchvision); this program uses none of them. Set TRANSFORMERS_VERBOSITY to see them.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
 def cmd_demo(args) -> int:
+    _quiet_transformers()
     import torch
     from tqdm import tqdm
 
@@ -92,15 +100,16 @@ def cmd_demo(args) -> int:
     if args.task != "patch" and not args.model and args.family != "flux":
         raise SystemExit(f"--task {args.task} runs on Flux; drop --family {args.family}")
     if args.model:
-        pipe, call = demo.load_pipeline(args.model)
+        pipe, call = demo.load_pipeline(args.model, dtype)
         what = f"{type(pipe).__name__} from {args.model}"
+        demo.place(pipe, device)
     else:
         size = args.size or ("large" if device.type == "cuda" else "small")
         pipe, call = demo.build_pipeline(args.family, size)
         what = f"built-in {args.family} pipeline ({size}, random weights), {call['height']}x{call['width']}"
+        demo.place(pipe, device, dtype)
     if args.height:
         call.update(height=args.height, width=args.width or args.height)
-    pipe.to(device, dtype)
     call = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
             for k, v in call.items()}
     what += f", {args.steps} steps, {dtype}"

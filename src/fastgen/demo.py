@@ -147,12 +147,24 @@ def build_pipeline(family: str = "flux", size: str = "small"):
     return pipe, call
 
 
-def load_pipeline(path: str):
-    """A local diffusers checkpoint (no download); the call uses a fixed prompt."""
+def load_pipeline(path: str, dtype: torch.dtype = torch.float32):
+    """A local diffusers checkpoint (no download) in ``dtype`` (modules the checkpoint keeps in
+    float32 stay so); the call uses a fixed prompt."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
+    pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
     return pipe, dict(prompt="a photograph of a red fox in fresh snow, golden hour")
+
+
+def place(pipe, device: torch.device, dtype: torch.dtype | None = None) -> None:
+    """Move a pipeline to ``device``, and its models built in code to ``dtype``. Cast as torch casts
+    a module: diffusers' ``ModelMixin.to(dtype)`` warns about modules to keep in float32 even when a
+    model has none (these have none); a checkpoint gets its dtype from ``load_pipeline`` instead."""
+    pipe.to(device)
+    if dtype is not None:
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                torch.nn.Module.to(module, dtype=dtype)
 
 
 @dataclass
