@@ -7,6 +7,9 @@ import torch
 # Must happen before any Triton kernel is defined: the interpreter is chosen at @triton.jit time.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # The suite's models are tiny: one intra-op thread runs them fastest, and a second thread that
+    # spins on a busy 2-core machine made a 7 ms UNet forward take 0.8 s. FASTGEN_TEST_THREADS overrides.
+    torch.set_num_threads(int(os.environ.get("FASTGEN_TEST_THREADS", "1")))
 
 import pytest  # noqa: E402
 

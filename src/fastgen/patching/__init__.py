@@ -265,11 +265,12 @@ def _top(obj):
 
 def _pipeline_models(pipe) -> list[torch.nn.Module]:
     """The models a pipeline runs (its registered components that are modules), each once. Read from
-    its config's keys, as ``components`` does, without the signature check that may raise there."""
+    its config's keys, as ``components`` does, without the signature check that may raise there, and
+    from the instance's own attributes (other config keys read as attributes are deprecated)."""
     seen, out = set(), []
     config = getattr(pipe, "config", None)
     names = [k for k in config.keys() if not k.startswith("_")] if config is not None else list(pipe.components)
-    for value in (getattr(pipe, name, None) for name in names):
+    for value in (vars(pipe).get(name) for name in names):
         if isinstance(value, torch.nn.Module) and id(value) not in seen:
             seen.add(id(value))
             out.append(value)
