@@ -24,6 +24,15 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -p no:cacheprovider --benchmark-disable $(PYTEST_ARGS)
 
+# diffusers' own model tests for the six supported denoisers, unpatched, then with every model patched
+# (default path, kernel path), listing the tests patching breaks (tools/diffusers_suite/README.md). Not
+# part of `make test`: it needs a checkout of diffusers' tests at the installed version, which CI cannot
+# fetch. make diffusers-suite DIFFUSERS_TESTS=/path/to/diffusers SUITE_ARGS="--modes unpatched,default"
+DIFFUSERS_TESTS ?= build/diffusers-tests
+.PHONY: diffusers-suite
+diffusers-suite: setup
+	$(BIN)/python tools/diffusers_suite/run.py --tests $(DIFFUSERS_TESTS) $(SUITE_ARGS)
+
 # Timed benchmarks on this machine; tables and JSON into bench/results/local.
 bench: setup
 	$(BIN)/python -m pytest bench -p no:cacheprovider --fastgen-out bench/results/local

@@ -112,7 +112,7 @@ def _say_unhonoured(config, x: torch.Tensor) -> None:
         why = available_backends(x.device).get(config.attention_backend) or f"{x.dtype} inputs"
         warn_once(f"patch-attention:{config.attention_backend}:{x.device.type}:{x.dtype}",
                   f"fastgen.patch: attention_backend={config.attention_backend!r} cannot run on {x.device.type} "
-                  f"{x.dtype} inputs ({why}); the patched model runs diffusers' attention there")
+                  f"{x.dtype} inputs ({why}); PyTorch's attention runs there instead")
     if (config.fuse_prologue and config.prologue_backend not in ("auto", "torch")
             and not prologue_uses_kernel(config.prologue_backend, x.device, x.dtype)):
         warn_once(f"patch-prologue:{config.prologue_backend}:{x.device.type}:{x.dtype}",
