@@ -18,7 +18,8 @@ else:
 
 HAVE_TRITON = triton is not None
 
-# Read once, as Triton itself does: the interpreter is chosen when ``@triton.jit`` runs.
+# Read once. Set TRITON_INTERPRET before Triton is first imported (importing diffusers imports it):
+# Triton 3.7 set later runs simple kernels but fails on kernels that call other @triton.jit functions.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

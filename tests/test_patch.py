@@ -442,3 +442,56 @@ def test_processors_diffusers_recreates_keep_working(name):
     assert torch.equal(run(model, inputs), ref)
     fresh = [type(p)() for p in procs.values() if isinstance(p, FastgenProcessor)][0]
     assert fresh.config is None and "follows the patch" in repr(fresh)
+
+
+def _ip_adapter_state_dict(unet, seed=0):
+    """IP-Adapter weights for ``unet`` in the layout diffusers loads: a projection of image embeddings
+    into 4 tokens, and to_k_ip / to_v_ip per cross-attention, keyed 1, 3, 5, ... in processor order."""
+    g = torch.Generator().manual_seed(seed)
+    dim = unet.config.cross_attention_dim
+    adapter, key = {}, 1
+    for name, module in ((n, m) for n, m in unet.named_modules() if hasattr(m, "set_processor")):
+        if name.endswith("attn2"):
+            shape = module.to_k.weight.shape
+            adapter[f"{key}.to_k_ip.weight"] = torch.randn(shape, generator=g) * 0.1
+            adapter[f"{key}.to_v_ip.weight"] = torch.randn(shape, generator=g) * 0.1
+            key += 2
+    proj = {"proj.weight": torch.randn(4 * dim, dim, generator=g) * 0.1, "proj.bias": torch.zeros(4 * dim),
+            "norm.weight": torch.ones(dim), "norm.bias": torch.zeros(dim)}
+    return {"image_proj": proj, "ip_adapter": adapter}
+
+
+@pytest.mark.parametrize("order", ["patch then load", "load then patch"])
+def test_ip_adapter_load_and_unload_on_a_patched_pipeline(order):
+    # diffusers re-creates every processor it does not replace with type(processor)() when it loads
+    # and unloads an IP-Adapter: that used to raise TypeError on fastgen's processors.
+    from fastgen import demo
+
+    (pipe, _), (twin, _) = demo.build_pipeline("sd15", "tiny"), demo.build_pipeline("sd15", "tiny")
+    weights = _ip_adapter_state_dict(pipe.unet)
+    unet = pipe.unet
+    x = torch.randn(2, 4, unet.config.sample_size, unet.config.sample_size, generator=torch.Generator().manual_seed(1))
+    ctx = torch.randn(2, 8, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+    image = {"image_embeds": [torch.randn(2, 1, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(3))]}
+
+    def out(p, **kw):
+        with torch.no_grad():
+            return p.unet(x, 500, encoder_hidden_states=ctx, **kw).sample
+
+    if order == "patch then load":
+        fastgen.patch(pipe, attention_backend="triton")
+    for p in (pipe, twin):
+        p.unet._load_ip_adapter_weights([weights])
+    if order == "load then patch":
+        with pytest.warns(FastgenFallbackWarning, match="IPAdapterAttnProcessor2_0 alone"):
+            fastgen.patch(pipe, attention_backend="triton")
+    assert fastgen.is_patched(pipe)
+    err = (out(pipe, added_cond_kwargs=image) - out(twin, added_cond_kwargs=image)).abs().max().item()
+    assert err <= TOL, f"with the IP-Adapter: {err:.3e}"
+    for p in (pipe, twin):
+        p.unload_ip_adapter()
+    assert fastgen.is_patched(pipe)
+    assert (out(pipe) - out(twin)).abs().max().item() <= TOL
+    fastgen.unpatch(pipe)
+    assert not fastgen.is_patched(pipe)
+    assert torch.equal(out(pipe), out(twin))

@@ -19,8 +19,8 @@ _PATCH_API = ("patch", "unpatch", "is_patched", "generation", "PatchConfig", "Pa
 
 
 def __getattr__(name: str):
-    # Submodules load on first use: importing fastgen stays cheap, and TRITON_INTERPRET (read when
-    # the kernels are defined) can still be set after ``import fastgen``.
+    # Submodules load on first use: importing fastgen stays cheap and imports no Triton, so
+    # TRITON_INTERPRET (needed before Triton is first imported) can still be set after ``import fastgen``.
     if name in ("ops", "benchmarks", "condition", "edit"):
         return importlib.import_module(f"fastgen.{name}")
     if name == "Condition":
