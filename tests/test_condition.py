@@ -459,7 +459,7 @@ class ModelRuns:
 
 @pytest.mark.parametrize("kw,match", [
     (lambda: dict(fill=Fill(torch.rand(2, 3, SIDE, SIDE), torch.ones(SIDE, SIDE))),
-     r"fill.image is a batch of 2 images but the generation makes 1 .*give 1 image or 1"),
+     r"fill.image is a batch of 2 images but the generation makes 1 .*give 1 image$"),
     (lambda: dict(fill=Fill(_image(32), torch.ones(32, 32)), height=SIDE, width=SIDE),
      r"fill.image is 32x32 px but the output is 64x64: give a \(3, 64, 64\) image"),
     (lambda: dict(fill=Fill(_image(), torch.ones(32, 32))), r"fill.mask is 32x32 pixels .*give a \(64, 64\) mask"),

@@ -209,6 +209,32 @@ def test_bad_input_raises(editor):
     src = {k: v for k, v in _prompts().items() if k.startswith("source")}
     with pytest.raises(ValueError, match="target_prompt"):
         editor.edit(_image(), _mask(), **src)
+    half = {k: v.half() if k.startswith("source") else v for k, v in _prompts().items()}
+    with pytest.raises(ValueError, match="source_prompt_embeds is torch.float16 but the transformer computes in"):
+        editor.edit(_image(), _mask(), **half)
+
+
+def test_a_diffusers_attention_backend_is_refused_not_ignored(fast_editor, monkeypatch):
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    from fastgen.condition import Condition, FluxConditionPipeline
+
+    monkeypatch.setattr(_AttentionBackendRegistry, "_active_backend", _AttentionBackendRegistry._active_backend)
+    pipe = fast_editor.pipe
+    pipe.transformer.set_attention_backend("native")
+    try:
+        with pytest.raises(ValueError, match="reset_attention_backend"):
+            fast_editor.edit(_image(), _mask(), **_prompts())
+        with pytest.raises(ValueError, match="reset_attention_backend"):
+            FluxConditionPipeline.from_pipe(pipe)(prompt_embeds=_prompts()["source_prompt_embeds"],
+                                                  pooled_prompt_embeds=_prompts()["source_pooled_prompt_embeds"],
+                                                  conditions=[Condition(_image())], num_inference_steps=1)
+    finally:
+        pipe.transformer.reset_attention_backend()
+    with pytest.raises(ValueError, match="conditions must be a list"):
+        FluxConditionPipeline.from_pipe(pipe)(prompt_embeds=_prompts()["source_prompt_embeds"],
+                                              pooled_prompt_embeds=_prompts()["source_pooled_prompt_embeds"],
+                                              conditions=torch.zeros(1, 3, 32, 32), num_inference_steps=1)
 
 
 def _edit(editor, steps, **opt):
@@ -441,9 +467,10 @@ def test_denoise_under_another_state_than_the_inversion_raises(change, match):
         undo = torch.autocast(DEVICE.type, dtype=torch.bfloat16)
     elif change == "another editor":
         editor = KVEditor(_tiny_flux_pipeline())
+    target = {k: v.to(tr.dtype) for k, v in _target().items()}  # the prompt in the (new) compute dtype
     with ModelRuns(pipe) as runs, undo, pytest.raises(ValueError, match=f"{match}.* changed since the inversion.*"
                                                                           "invert the image again"):
-        editor.denoise(inv, output_type="latent", **_target())
+        editor.denoise(inv, output_type="latent", **target)
     assert runs.calls == 0, "raised before any layer ran"
 
 

@@ -35,9 +35,9 @@ def _twins(name, lora=False):
 
 
 def _cache(model):
-    from fastgen.patching import _top
+    from fastgen.patching.patches import top
 
-    return _top(model).state.kv_cache
+    return top(model).state.kv_cache
 
 
 def _err(out, ref) -> float:
@@ -431,3 +431,56 @@ def test_pipeline_calls_interleaved_with_state_changes(family):
             out = _latents(pipe, call, steps=2, **kw)
         assert _err(out, ref) <= (TOL if s["dtype"] is None else 5e-2), f"{s}: {_err(out, ref):.3e}"
     assert _cache(pipe.unet if family == "sd15" else pipe.transformer).hits > 0
+
+
+# --------------------------------------------------------------------------------------------
+# Found in review: writes a key cannot see, parameters replaced, ambient switches
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["sd15", "wan"])
+def test_callback_rewriting_the_prompt_in_place_under_inference_mode(family):
+    # Under inference mode the prompt embeddings keep no version counter: an in-place rewrite by a
+    # step callback is invisible to a key, so entries computed from such tensors go after callbacks.
+    from fastgen import demo
+
+    (pipe, call), (twin, _) = demo.build_pipeline(family, "tiny"), demo.build_pipeline(family, "tiny")
+    other = torch.randn(call["prompt_embeds"].shape, generator=torch.Generator().manual_seed(5))
+
+    def run_with_callback(p):
+        def rewrite(_pipe, i, t, kw):
+            if i == 1:
+                kw["prompt_embeds"].copy_(other)
+            return {}
+
+        p.set_progress_bar_config(disable=True)
+        with torch.inference_mode():
+            c = dict(call, prompt_embeds=call["prompt_embeds"].clone())
+            return _latents(p, c, steps=4, callback_on_step_end=rewrite,
+                            callback_on_step_end_tensor_inputs=["prompt_embeds"])
+
+    ref = run_with_callback(twin)
+    fastgen.patch(pipe)
+    assert _err(run_with_callback(pipe), ref) <= TOL
+
+
+def test_ambient_key_holds_autocast_of_every_device_type_and_tf32():
+    from fastgen._validity import AUTOCAST_DEVICE_TYPES, ambient_key
+
+    assert {"cpu", "cuda", "mps", "xpu"} <= set(AUTOCAST_DEVICE_TYPES)
+    base = ambient_key()
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = not before
+        assert ambient_key() != base
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    precision = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium" if precision != "medium" else "highest")
+        assert ambient_key() != base
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ambient_key() != base
+    assert ambient_key() == base

@@ -492,6 +492,132 @@ def test_ip_adapter_load_and_unload_on_a_patched_pipeline(order):
         p.unload_ip_adapter()
     assert fastgen.is_patched(pipe)
     assert (out(pipe) - out(twin)).abs().max().item() <= TOL
+    # unloading put fresh AttnProcessor2_0 objects on the cross-attentions: the next generation wraps
+    # them again, so the K/V cache works as before
+    with fastgen.generation(pipe):
+        for _ in range(2):
+            assert (out(pipe) - out(twin)).abs().max().item() <= TOL
+    from fastgen.patching.patches import top
+
+    assert top(pipe.unet).state.kv_cache.hits > 0
+    assert all(type(m.processor).__name__.startswith("Fastgen") for n, m in pipe.unet.named_modules()
+               if n.endswith("attn2"))
     fastgen.unpatch(pipe)
     assert not fastgen.is_patched(pipe)
     assert torch.equal(out(pipe), out(twin))
+
+
+def test_set_default_attn_processor_on_a_patched_model():
+    # diffusers' method refuses processors that are not its own classes: fastgen steps aside first
+    from fastgen import demo
+
+    (pipe, _), (twin, _) = demo.build_pipeline("sd15", "tiny"), demo.build_pipeline("sd15", "tiny")
+    fastgen.patch(pipe, include_vae=True)
+    for p in (pipe, twin):
+        p.unet.set_default_attn_processor()
+        p.vae.set_default_attn_processor()
+    assert not fastgen.is_patched(pipe.unet) and not fastgen.is_patched(pipe.vae)
+    assert "set_default_attn_processor" not in vars(pipe.unet)
+    x = torch.randn(1, 4, 8, 8)
+    ctx = torch.randn(1, 8, pipe.unet.config.cross_attention_dim)
+    with torch.no_grad():
+        assert torch.equal(pipe.unet(x, 500, ctx).sample, twin.unet(x, 500, ctx).sample)
+
+
+def test_fuse_unpatch_unfuse_leaves_nothing_of_fastgen_running():
+    # diffusers' unfuse_qkv_projections puts back the processors it saw when fusing: fastgen's, of a
+    # patch removed since then; they run upstream's code.
+    model, inputs = BUILDERS["unet"]()
+    twin = copy.deepcopy(model)
+    fastgen.patch(model, attention_backend="triton")
+    for m in (model, twin):
+        m.fuse_qkv_projections()
+    fastgen.unpatch(model)
+    for m in (model, twin):
+        m.unfuse_qkv_projections()
+    assert not fastgen.is_patched(model)
+    assert torch.equal(run(model, inputs), run(twin, inputs))
+
+
+def test_every_denoiser_of_a_pipeline_is_patched():
+    # Wan 2.2 runs two experts (transformer, transformer_2)
+    from diffusers import WanPipeline
+
+    from fastgen import demo
+
+    pipe, _ = demo.build_pipeline("wan", "tiny")
+    two = WanPipeline(tokenizer=None, text_encoder=None, vae=pipe.vae, transformer=pipe.transformer,
+                      transformer_2=copy.deepcopy(pipe.transformer), scheduler=pipe.scheduler, boundary_ratio=0.5)
+    handle = fastgen.patch(two)
+    assert fastgen.is_patched(two.transformer) and fastgen.is_patched(two.transformer_2)
+    assert len(handle.state.model_patches) == 2
+    handle.remove()
+    assert not fastgen.is_patched(two.transformer_2)
+
+
+def test_repatching_pipelines_that_share_a_model_stacks_nothing():
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from fastgen import demo
+    from fastgen.patching.patches import top
+
+    pipe, _ = demo.build_pipeline("sd15", "tiny")
+    img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    for _ in range(3):
+        fastgen.patch(pipe)
+        fastgen.patch(img2img)
+    depth, mp = 0, top(pipe.unet)
+    while mp is not None:
+        depth, mp = depth + 1, mp.below
+    assert depth == 1, "one patch on the shared UNet, whoever asked for it"
+    assert fastgen.is_patched(img2img) and "_fastgen_scoped" in type(img2img).__dict__
+    fastgen.unpatch(pipe)
+    assert not fastgen.is_patched(img2img), "patching is per model: the UNet's patch is gone for both"
+
+
+def test_patched_pipelines_and_models_pickle_and_deepcopy():
+    import pickle
+
+    from fastgen import demo
+
+    pipe, call = demo.build_pipeline("sd15", "tiny")
+    fastgen.patch(pipe)
+    again = pickle.loads(pickle.dumps(pipe))
+    assert type(again) is type(pipe).__bases__[0], "pickled as its own class"
+    unet = pickle.loads(pickle.dumps(pipe.unet))
+    assert fastgen.is_patched(unet)
+    copied = copy.deepcopy(pipe.unet)
+    from fastgen.patching.patches import top
+
+    assert top(copied).state.pipeline in (None, pipe), "a model's copy does not copy the pipeline it came from"
+    x = torch.randn(1, 4, 8, 8)
+    ctx = torch.randn(1, 8, pipe.unet.config.cross_attention_dim)
+    with torch.no_grad():
+        ref = pipe.unet(x, 500, ctx).sample
+        assert torch.equal(unet(x, 500, ctx).sample, ref) and torch.equal(copied(x, 500, ctx).sample, ref)
+
+
+def test_unpatch_and_patch_say_what_they_take():
+    with pytest.raises(ValueError, match="pipeline or a model"):
+        fastgen.unpatch("x")
+    model, _ = BUILDERS["flux"]()
+    compiled = torch.compile(model)
+    with pytest.raises(ValueError, match="patch the model before compiling"):
+        fastgen.patch(compiled)
+
+    class Pipe:  # a pipeline whose denoiser was replaced by a compiled wrapper
+        def __init__(self):
+            self.transformer = compiled
+            self.components = {"transformer": compiled}
+
+    with pytest.raises(ValueError, match="patch the model before compiling"):
+        fastgen.patch(Pipe())
+
+
+def test_include_vae_says_when_the_vae_is_not_patched():
+    from fastgen import demo
+
+    pipe, _ = demo.build_pipeline("wan", "tiny")
+    with pytest.warns(FastgenFallbackWarning, match="AutoencoderKLWan alone"):
+        fastgen.patch(pipe, include_vae=True)
+    assert not fastgen.is_patched(pipe.vae) and fastgen.is_patched(pipe.transformer)

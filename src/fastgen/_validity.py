@@ -19,9 +19,8 @@ from collections.abc import Iterable
 
 import torch
 
-# Device types whose autocast state is read into every key (CPU autocast matters on a CPU; a CUDA
-# model may be fed under either).
-AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
+# Device types whose autocast state is read into every key (a model may be fed under any of them).
+AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 
 
 def version(t: torch.Tensor) -> int | None:
@@ -36,11 +35,15 @@ def tensor_key(t: torch.Tensor) -> tuple:
 
 
 def ambient_key() -> tuple:
-    """Grad mode, inference mode and, per device type, autocast enabled and its dtype."""
+    """Grad mode, inference mode, per device type autocast enabled and its dtype, and the fp32
+    matmul precision (TF32 switches change what an fp32 projection computes on a GPU)."""
     return (
         torch.is_grad_enabled(),
         torch.is_inference_mode_enabled(),
         tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in AUTOCAST_DEVICE_TYPES),
+        torch.get_float32_matmul_precision(),
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
     )
 
 
@@ -68,10 +71,11 @@ def modules_key(modules: Iterable[torch.nn.Module]) -> tuple:
     adapters), and each parameter's and buffer's in-place version, dtype, device and shape.
 
     Not the parameters' identity or storage: offload hooks change both between calls without
-    changing a value (accelerate's sequential offload makes a new ``Parameter`` per load, model and
-    group offload move ``param.data`` to another storage and back), and a cache keyed on them would
-    never hit under offload. Left out with them: a ``param.data = other`` swap or a write through
-    ``.data``, which bump no version (fusing a LoRA shows in its knobs).
+    changing a value (accelerate's hooks set new ``Parameter`` objects on every module beneath the
+    one they sit on, model and group offload move ``param.data`` to another storage and back), and
+    a cache keyed on them would never hit under offload. Left out with them, so not seen within one
+    generation: a ``param.data = other`` swap, a write through ``.data``, a parameter replaced by
+    assignment (``load_state_dict(assign=True)``). Fusing a LoRA shows in its knobs.
     """
     tuner, out = _tuner_layer_type(), []
     for root in modules:

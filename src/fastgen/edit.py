@@ -398,6 +398,10 @@ class KVEditor:
         if not isinstance(pooled, torch.Tensor) or tuple(pooled.shape) != (1, p):
             got = tuple(pooled.shape) if isinstance(pooled, torch.Tensor) else type(pooled).__name__
             raise ValueError(f"{what}_pooled_prompt_embeds must be (1, {p}), got {got}")
+        dtype = self.pipe.transformer.dtype
+        for name, t in ((f"{what}_prompt_embeds", embeds), (f"{what}_pooled_prompt_embeds", pooled)):
+            if t.dtype != dtype:
+                raise ValueError(f"{name} is {t.dtype} but the transformer computes in {dtype}: pass them in {dtype}")
 
     def _check_source(self, image, mask, num_inference_steps, skip_steps, inversion_guidance, cache_device,
                       cache_dtype, attention_mask):

@@ -144,6 +144,10 @@ def check_transformer(transformer, what: str = "conditions", processors: bool = 
         if not isinstance(proc, (FluxAttnProcessor, FastgenFluxAttnProcessor)):
             raise ValueError(f"{name} runs {type(proc).__name__}: {what} replace Flux's attention and would "
                              "silently drop it (IP-Adapter?); unload it first")
+        if getattr(proc, "_attention_backend", None) is not None:
+            raise ValueError(f"{what}: the condition / KV-Edit forward runs fastgen's attention (the config's "
+                             f"attention_backend), not the diffusers backend {proc._attention_backend!s} chosen with "
+                             "set_attention_backend; call transformer.reset_attention_backend() first")
 
 
 def _rope_of(model, ids: torch.Tensor):

@@ -61,7 +61,7 @@ def _batch_size(prompt, prompt_embeds, num_images_per_prompt) -> int:
 def _check_batch(x, batch: int, what: str) -> None:
     if x.shape[0] not in (1, batch):
         raise ValueError(f"{what} is a batch of {x.shape[0]} images but the generation makes {batch} "
-                         f"(prompts x num_images_per_prompt): give 1 image or {batch}")
+                         f"(prompts x num_images_per_prompt): give " + ("1 image" if batch == 1 else f"1 image or {batch}"))
 
 
 def _condition_ids(cond: Condition, r: int, c: int, rows: int, cols: int, index: int) -> torch.Tensor:
@@ -129,7 +129,11 @@ class FluxConditionPipeline(FluxPipeline):
         check_transformer(self.transformer)
         if isinstance(conditions, Condition):
             conditions = [conditions]
-        conditions = list(conditions or [])
+        if conditions is None:
+            conditions = []
+        if not isinstance(conditions, (list, tuple)):
+            raise ValueError(f"conditions must be a list of fastgen.Condition, got {type(conditions).__name__}")
+        conditions = list(conditions)
         for i, c in enumerate(conditions):
             if not isinstance(c, Condition):
                 raise ValueError(f"conditions[{i}] must be a fastgen.Condition, got {type(c).__name__}")

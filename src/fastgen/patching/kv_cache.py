@@ -108,6 +108,13 @@ class StepCache:
     def clear(self) -> None:
         self._entries.clear()
 
+    def forget_unversioned(self) -> None:
+        """Drop the entries computed from an inference tensor (one that keeps no version counter, so
+        an in-place write to it cannot be seen): after user code that may have written to it."""
+        for eid, entry in list(self._entries.items()):
+            if any(r() is None or r().is_inference() for r in entry.refs):
+                self._entries.pop(eid, None)
+
     def nbytes(self) -> int:
         def size(v):
             if torch.is_tensor(v):

@@ -18,7 +18,6 @@ class Architecture:
     name: str  # short name, e.g. for the demo's --model-family
     model_classes: tuple[str, ...]  # denoiser classes (diffusers names)
     processors: dict[str, type] = field(default_factory=dict)  # upstream processor name -> fastgen's
-    pipeline_attr: str = "transformer"  # where a pipeline keeps this denoiser
     # submodules whose output depends only on the prompt (not the step): reused while the very same
     # embeddings tensor comes in, so cross-attention downstream sees one context tensor all along
     step_invariant: tuple[str, ...] = ()
@@ -29,7 +28,7 @@ class Architecture:
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (
-    Architecture("sd15/sdxl", ("UNet2DConditionModel",), {"AttnProcessor2_0": FastgenAttnProcessor}, "unet"),
+    Architecture("sd15/sdxl", ("UNet2DConditionModel",), {"AttnProcessor2_0": FastgenAttnProcessor}),
     Architecture("sd3", ("SD3Transformer2DModel",),
                  {"JointAttnProcessor2_0": FastgenJointAttnProcessor, "AttnProcessor2_0": FastgenAttnProcessor}),
     Architecture("flux", ("FluxTransformer2DModel",), {"FluxAttnProcessor": FastgenFluxAttnProcessor}),
@@ -44,7 +43,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
 )
 
 # The VAE is patched only on request (PatchConfig.include_vae).
-VAE = Architecture("vae", ("AutoencoderKL",), {"AttnProcessor2_0": FastgenAttnProcessor}, "vae")
+VAE = Architecture("vae", ("AutoencoderKL",), {"AttnProcessor2_0": FastgenAttnProcessor})
 
 
 def architecture_of(model) -> Architecture | None:

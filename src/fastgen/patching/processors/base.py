@@ -48,8 +48,14 @@ class FastgenProcessor(torch.nn.Module):
         return self._config if self._config is not None else getattr(self.state, "config", None)
 
     def bound(self, attn):
-        """The PatchState this call runs under, or None (then only upstream runs)."""
-        return self.state if self.state is not None else attn.__dict__.get(ATTN_STATE)
+        """The PatchState this call runs under: the patch installed on ``attn``, if this processor
+        belongs to it (or follows it). None otherwise, and then only upstream runs: a processor of a
+        patch removed or suspended since, that diffusers put back (``unfuse_qkv_projections``
+        restores the processors it saw when fusing), does nothing of fastgen's."""
+        state = attn.__dict__.get(ATTN_STATE)
+        if state is None or state.removed or (self.state is not None and self.state is not state):
+            return None
+        return state
 
     # diffusers' ``set_attention_backend`` sets ``processor._attention_backend`` where the processor
     # has one (hasattr): forwarded to the wrapped processor, which then runs with that backend.
