@@ -13,6 +13,15 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# Backend decisions (fastgen.ops.autotune) go to a folder of this run, never the user's ~/.cache.
+if "FASTGEN_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["FASTGEN_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastgen-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["FASTGEN_CACHE_DIR"], True)
+
 HAS_CUDA = torch.cuda.is_available()
 
 

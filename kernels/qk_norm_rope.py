@@ -184,8 +184,9 @@ if HAVE_TRITON:
                             INT64, IN_PLACE)
 
 
-_NORM_CODE = {None: 0, "head": 1, "all": 2}
-_ROPE_CODE = {None: 0, "interleaved": 1, "half": 2}
+# Modes by name and their integer codes, shared by this kernel and the CUDA extension (csrc/qk_norm_rope.h).
+NORM_CODES = {None: 0, "head": 1, "all": 2}
+ROPE_CODES = {None: 0, "interleaved": 1, "half": 2}
 
 
 def qk_norm_rope_fwd(
@@ -237,6 +238,6 @@ def qk_norm_rope_fwd(
         *cos.stride(), *sin.stride(),
         H, S, cos.shape[0] if rope is not None else 0, float(eps),
         HEAD_DIM=D, BLOCK_H=block_h, BLOCK_D=block_d,
-        NORM=_NORM_CODE[norm], HAS_WEIGHT=has_w, ROPE=_ROPE_CODE[rope],
+        NORM=NORM_CODES[norm], HAS_WEIGHT=has_w, ROPE=ROPE_CODES[rope],
         INT64=needs_int64(q, k, out_q, out_k, cos, sin), IN_PLACE=in_place, **extra,
     )

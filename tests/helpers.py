@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+# bench/run_gpu.sh quick: the kernel tests at reduced parametrization (fewer shapes and head dims;
+# every dtype, bf16 included), so they fit one short GPU window.
+QUICK = os.environ.get("FASTGEN_QUICK") == "1"
 
 # A floor for cases where PyTorch's error is ~0 (e.g. one key: softmax is exactly 1).
 FLOOR = {torch.float16: 2e-5, torch.bfloat16: 2e-4, torch.float32: 2e-7, torch.float64: 1e-12}

@@ -13,9 +13,9 @@ from fastgen._warnings import FastgenFallbackWarning
 
 __all__ = [
     "Condition", "FastgenFallbackWarning", "PatchConfig", "__version__", "benchmarks", "condition", "edit", "generation",
-    "is_patched", "ops", "patch", "unpatch",
+    "is_patched", "ops", "patch", "tune", "unpatch",
 ]
-_PATCH_API = ("patch", "unpatch", "is_patched", "generation", "PatchConfig", "PatchHandle")
+_PATCH_API = ("patch", "unpatch", "is_patched", "generation", "tune", "PatchConfig", "PatchHandle")
 
 
 def __getattr__(name: str):

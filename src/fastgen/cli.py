@@ -1,4 +1,4 @@
-"""The ``fastgen`` command: ``fastgen info`` and ``fastgen bench``."""
+"""The ``fastgen`` command: ``fastgen info``, ``demo``, ``tune`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import os
 import platform
 import sys
+
+from fastgen.constants import ATTENTION_BACKENDS
 
 
 def _device_arg(value: str | None):
@@ -55,7 +57,20 @@ def cmd_info(args) -> int:
         print(f"diffusers {diffusers.__version__}")
     except ImportError:
         print("diffusers: missing")
+    _print_decisions(device)
     return 0
+
+
+def _print_decisions(device) -> None:
+    from fastgen.ops import autotune as tuning
+
+    state = "on" if tuning.enabled() else "off (FASTGEN_AUTOTUNE=0: the fixed table)"
+    decisions = tuning.decisions(device)
+    print(f"automatic backends: autotuning {state}; {len(decisions)} decisions for {device} in {tuning.TUNER.path}")
+    if device.type != "cuda":
+        print(f"  on {device.type} there is nothing to decide: PyTorch runs attention and the prologue")
+    for d in sorted(decisions, key=lambda d: (d.op, d.key)):
+        print("  " + tuning.describe(d))
 
 
 def cmd_bench(args) -> int:
@@ -85,20 +100,15 @@ def _quiet_transformers() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-def cmd_demo(args) -> int:
-    _quiet_transformers()
+def _pipeline(args):
+    """(pipe, call kwargs, description, device, dtype) from --model or --family/--size, --height/--width."""
     import torch
-    from tqdm import tqdm
 
-    from fastgen import benchmarks as B
     from fastgen import demo
-    from fastgen.patching.config import PatchConfig
 
     device = _device_arg(args.device)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
         args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    if args.task != "patch" and not args.model and args.family != "flux":
-        raise SystemExit(f"--task {args.task} runs on Flux; drop --family {args.family}")
     if args.model:
         pipe, call = demo.load_pipeline(args.model, dtype)
         what = f"{type(pipe).__name__} from {args.model}"
@@ -112,6 +122,43 @@ def cmd_demo(args) -> int:
         call.update(height=args.height, width=args.width or args.height)
     call = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
             for k, v in call.items()}
+    return pipe, call, what, device, dtype
+
+
+def cmd_tune(args) -> int:
+    _quiet_transformers()
+    import fastgen
+    from fastgen.ops import autotune as tuning
+
+    pipe, call, what, device, dtype = _pipeline(args)
+    if args.frames:
+        call["num_frames"] = args.frames
+    if args.batch > 1:
+        call["num_images_per_prompt"] = args.batch
+    decisions = fastgen.tune(pipe, num_inference_steps=args.steps, **call)
+    print(f"fastgen tune: {what}, {dtype}, on {device}")
+    if not decisions:
+        print(f"  nothing to decide on {device}: " + ("PyTorch runs every attention and prologue on a CPU"
+                                                      if device.type != "cuda" else "every key was decided before"))
+    for d in decisions:
+        print("  " + tuning.describe(d))
+    print(f"decisions file: {tuning.TUNER.path} ({len(tuning.decisions(device))} for this device; "
+          f"{tuning.TUNER.spent_s * 1e3:.0f} ms spent deciding here)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    _quiet_transformers()
+    import torch
+    from tqdm import tqdm
+
+    from fastgen import benchmarks as B
+    from fastgen import demo
+    from fastgen.patching.config import PatchConfig
+
+    if args.task != "patch" and not args.model and args.family != "flux":
+        raise SystemExit(f"--task {args.task} runs on Flux; drop --family {args.family}")
+    pipe, call, what, device, dtype = _pipeline(args)
     what += f", {args.steps} steps, {dtype}"
     env = B.environment(device)
     if args.task != "patch" and "height" not in call:  # a checkpoint: its default size
@@ -167,10 +214,25 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--height", type=int)
     d.add_argument("--width", type=int)
     d.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default bf16 on GPU, fp32 on CPU")
-    d.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "cuda", "sdpa", "xformers"])
+    d.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
     d.add_argument("--no-fuse-prologue", action="store_true")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("tune", help="decide the automatic backends of a pipeline at one size ahead of time")
+    t.add_argument("--device", help="cuda or cpu (default: cuda if present)")
+    t.add_argument("--family", choices=["flux", "sd3", "sd15", "sdxl", "wan", "hunyuan"], default="flux",
+                   help="architecture of the built-in pipeline (default flux)")
+    t.add_argument("--size", choices=["tiny", "small", "medium", "large"],
+                   help="built-in pipeline size (default: large on a GPU, small on a CPU)")
+    t.add_argument("--model", help="a local diffusers checkpoint folder instead of the built-in pipeline")
+    t.add_argument("--height", type=int)
+    t.add_argument("--width", type=int)
+    t.add_argument("--frames", type=int, help="num_frames, for video pipelines")
+    t.add_argument("--batch", type=int, default=1, help="images per prompt (default 1)")
+    t.add_argument("--steps", type=int, default=2, help="denoising steps to run (default 2)")
+    t.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default bf16 on GPU, fp32 on CPU")
+    t.set_defaults(func=cmd_tune)
 
     bench = sub.add_parser("bench", help="run the benchmark suites and print baseline-vs-fastgen tables")
     common(bench)

@@ -9,14 +9,18 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
 from fastgen._cuda import cuda_ext_can_run_on
 from fastgen._warnings import warn_once
+from fastgen.constants import ATTENTION_BACKENDS as BACKENDS
 from fastgen.kernels import attention as _k
 from fastgen.kernels._common import triton_can_run_on
 from fastgen.kernels.fp8 import FP8
+from fastgen.ops import autotune as tuning
+from fastgen.ops.autotune import bucket
 from fastgen.ops.fp8 import Fp8KV
 
-BACKENDS = ("auto", "triton", "cuda", "sdpa", "xformers")
 
 try:
     import xformers.ops as _xops
@@ -189,20 +193,105 @@ def _why_not_xformers(q: torch.Tensor, biases: Sequence[float], return_lse: bool
     return None
 
 
-def _auto(q, tensors) -> str:
-    # fp32 goes to SDPA: the kernel's IEEE fp32 products run on FMAs and spill registers with
-    # every tile (bench/aot_check.py), so it is correct but not the fast path there.
-    if q.device.type == "cuda" and q.dtype != torch.float32 and _why_not_triton(q, tensors) is None:
+# SDPA's own backends, timed one by one where PyTorch has them on the device.
+SDPA_BACKENDS = {
+    "flash": (SDPBackend.FLASH_ATTENTION, "flash_sdp_enabled"),
+    "efficient": (SDPBackend.EFFICIENT_ATTENTION, "mem_efficient_sdp_enabled"),
+    "cudnn": (SDPBackend.CUDNN_ATTENTION, "cudnn_sdp_enabled"),
+}
+_SDPA_ORDER = [b for b, _ in SDPA_BACKENDS.values()] + [SDPBackend.MATH]
+
+
+def sdpa_candidates(device: torch.device) -> list[str]:
+    """``"sdpa:<backend>"`` for each SDPA backend enabled on ``device`` (CUDA only: on a CPU PyTorch
+    has one kernel and picks it itself)."""
+    if device.type != "cuda":
+        return []
+    return [f"sdpa:{name}" for name, (_, flag) in SDPA_BACKENDS.items() if getattr(torch.backends.cuda, flag)()]
+
+
+def static_choice(q: torch.Tensor, tensors: Sequence[torch.Tensor], n_segments: int) -> str:
+    """The fixed table, used with ``FASTGEN_AUTOTUNE=0`` and, before a key is decided, under
+    ``torch.compile`` or CUDA-graph capture:
+
+    - fp16 / bf16 on a CUDA GPU with at least one extra segment, where the Triton kernel can run:
+      ``"triton"`` (segments read in place: no concatenation copy);
+    - everything else: ``"sdpa"`` (PyTorch's own backend choice).
+    """
+    if (n_segments and q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
+            and _why_not_triton(q, tensors) is None):
         return "triton"
     return "sdpa"
+
+
+def _candidates(q, tensors, biases, return_lse) -> list[str]:
+    # On a CPU the Triton interpreter is for correctness, never speed: PyTorch runs there.
+    if q.device.type != "cuda":
+        return ["sdpa"]
+    names = sdpa_candidates(q.device) or ["sdpa"]
+    if _why_not_triton(q, tensors) is None:
+        names.append("triton")
+    if _why_not_xformers(q, biases, return_lse) is None:
+        names.append("xformers")
+    return names
+
+
+def _shape_key(q, k, extra_kv, biases, return_lse) -> str:
+    B, H, Nq, D = q.shape
+    parts = [_DTYPE_NAMES.get(q.dtype, str(q.dtype)), f"D{D}", f"bh{bucket(B * H)}", f"q{bucket(Nq)}",
+             f"k{bucket(k.shape[2])}"]
+    for pair, b in zip(extra_kv, biases):
+        ki = pair.k if isinstance(pair, Fp8KV) else pair[0]
+        flags = ("/b1" if ki.shape[0] == 1 and B > 1 else "") + ("/fp8" if isinstance(pair, Fp8KV) else "")
+        flags += "/drop" if b == -math.inf else ("/bias" if b != 0.0 else "")
+        parts.append(f"seg{bucket(ki.shape[2])}{flags}")
+    if return_lse:
+        parts.append("lse")
+    return ",".join(parts)
+
+
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+@torch.compiler.assume_constant_result
+def _decided_while_tracing(key: str, static: str) -> str:
+    # Read at trace time and baked into the graph: no timing while compiling or capturing.
+    hit = tuning.TUNER.cached(key)
+    return hit.backend if hit is not None else static
+
+
+def _auto(q, k, v, extra_kv, biases, scale, return_lse, tensors, tune: bool | None) -> str:
+    names = _candidates(q, tensors, biases, return_lse)
+    if len(names) == 1:
+        return names[0]
+    static = static_choice(q, tensors, len(extra_kv))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return "sdpa"  # autograd: PyTorch's backward
+    if not all(type(s) is int for s in q.shape):
+        return static  # symbolic shapes while tracing: no key to look up
+    key = tuning.make_key(q.device, "attention", _shape_key(q, k, extra_kv, biases, return_lse))
+    if torch.compiler.is_compiling():
+        return _decided_while_tracing(key, static)
+
+    def candidate(name):
+        return lambda: _run(name, q, k, v, extra_kv, biases, scale, return_lse)[0]
+
+    def pytorch_error(ref):
+        up = [t.float() for t in (q, k, v)]
+        ref32 = _run("sdpa", *up, _plain(extra_kv, torch.float32), biases, scale, False)[0]
+        return tuning.relative_error(ref, ref32)
+
+    decision = tuning.TUNER.decide(
+        "attention", key, q.device, {n: candidate(n) for n in names}, candidate("sdpa"), pytorch_error, q.dtype,
+        static, allow=tuning.enabled(tune))
+    return decision.backend
 
 
 def resolve_backend(
     backend: str, q: torch.Tensor, tensors: Sequence[torch.Tensor], biases: Sequence[float] = (), return_lse: bool = False
 ) -> str:
-    """The backend that will run: the one asked for, or a correct fallback (warned once)."""
-    if backend == "auto":
-        return _auto(q, tensors)
+    """The backend that runs a request by name (not ``"auto"``): the one asked for, or a correct
+    fallback, warned once."""
     if backend == "sdpa":
         return "sdpa"
     if backend == "triton":
@@ -213,18 +302,19 @@ def resolve_backend(
         reason = _why_not_xformers(q, biases, return_lse)
     if reason is None:
         return backend
-    chosen = _auto(q, tensors)
+    chosen = "sdpa"
     warn_once(f"attention:{backend}:{reason}", f"fastgen.ops.attention: backend {backend!r} unavailable ({reason}); using {chosen!r}")
     return chosen
 
 
 def uses_kernel(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``backend`` would run one of fastgen's kernels (not PyTorch SDPA) for inputs of this
-    device and dtype. No warnings: for planning, e.g. whether a patched path is worth taking."""
+    """Whether ``backend`` may run one of fastgen's kernels (not PyTorch SDPA) for inputs of this
+    device and dtype: for ``"auto"``, whether fastgen's kernel is among the candidates it times. No
+    warnings: for planning, e.g. whether a patched path is worth taking."""
     if backend in ("auto", "triton"):
         if triton_can_run_on(device) is not None or dtype not in _k.SUPPORTED_DTYPES:
             return False
-        return backend == "triton" or (device.type == "cuda" and dtype != torch.float32)
+        return backend == "triton" or device.type == "cuda"
     if backend == "xformers":
         return _xops is not None and device.type == "cuda"
     return False  # "sdpa"; "cuda" has no attention kernel yet
@@ -314,6 +404,7 @@ def attention(
     scale: float | None = None,
     backend: str = "auto",
     return_lse: bool = False,
+    autotune: bool | None = None,
 ):
     """Scaled dot-product attention whose keys come in segments read in place.
 
@@ -329,9 +420,12 @@ def attention(
             ``log(condition_scale)``, KV-Edit's ``attn_scale``). ``-inf`` drops a segment.
             Default 0. A tensor is read on the host (one sync on a GPU).
         scale: logit scale, default ``D ** -0.5``.
-        backend: ``"auto"`` (Triton on a GPU, SDPA on a CPU), ``"triton"``, ``"cuda"``,
-            ``"sdpa"`` (concatenate, then PyTorch; the reference), or ``"xformers"``. A backend
-            that cannot take these inputs falls back to a correct one with one warning.
+        backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"sdpa"`` (concatenate, then PyTorch; the
+            reference), or ``"xformers"``. ``"auto"`` on a GPU times fastgen's kernel and each SDPA
+            backend the first time it meets a new key (device, versions, dtype, head dim, shape
+            bucket, segment layout) and keeps the fastest correct one (``fastgen.ops.autotune``);
+            on a CPU it is SDPA. A named backend that cannot take these inputs falls back to a
+            correct one with one warning.
         return_lse: also return the natural-log log-sum-exp of each query row's logits,
             (B, H, Nq) float32, to merge partial attention over disjoint keys
             (``fastgen.ops.merge_partials``).
@@ -348,21 +442,34 @@ def attention(
     """
     extra_kv, biases, scale = _check_inputs(q, k, v, extra_kv, extra_bias, scale, backend)
     tensors = [q, k, v] + [t for pair in extra_kv for t in ((pair.k, pair.v) if isinstance(pair, Fp8KV) else pair)]
-    name = resolve_backend(backend, q, tensors, biases, return_lse)
+    if backend == "auto":
+        name = _auto(q, k, v, extra_kv, biases, scale, return_lse, tensors, autotune)
+    else:
+        name = resolve_backend(backend, q, tensors, biases, return_lse)
+    out, lse = _run(name, q, k, v, extra_kv, biases, scale, return_lse)
+    return (out, lse) if return_lse else out
+
+
+def _run(name: str, q, k, v, extra_kv, biases, scale, return_lse):
+    """(out, lse or None) of backend ``name``: ``"triton"``, ``"xformers"``, ``"sdpa"`` (PyTorch picks
+    its kernel) or ``"sdpa:<backend>"`` (that SDPA backend first, the others after it)."""
     if name == "triton":
         if not _fp8_in_kernel(q.device):
             extra_kv = _plain(extra_kv, q.dtype)
         fp8 = [isinstance(p, Fp8KV) for p in extra_kv]
-        out, lse = torch.ops.fastgen.attention_triton(
+        return torch.ops.fastgen.attention_triton(
             q, k, v, [p.k if f else p[0] for p, f in zip(extra_kv, fp8)], [p.v if f else p[1] for p, f in zip(extra_kv, fp8)],
             biases, scale, [p.k_scale if f else None for p, f in zip(extra_kv, fp8)],
             [p.v_scale if f else None for p, f in zip(extra_kv, fp8)],
         )
-        return (out, lse) if return_lse else out
     extra_kv = _plain(extra_kv, q.dtype)
     if name == "xformers":
-        out, lse = _xformers(q, k, v, extra_kv, biases, scale), None
-    else:
-        kept = [(p, b) for p, b in zip(extra_kv, biases) if b != -math.inf]
-        out, lse = _sdpa(q, k, v, [p for p, _ in kept], [b for _, b in kept], scale, return_lse)
-    return (out, lse) if return_lse else out
+        return _xformers(q, k, v, extra_kv, biases, scale), None
+    kept = [(p, b) for p, b in zip(extra_kv, biases) if b != -math.inf]
+    extra_kv, biases = [p for p, _ in kept], [b for _, b in kept]
+    if name == "sdpa":
+        return _sdpa(q, k, v, extra_kv, biases, scale, return_lse)
+    first = SDPA_BACKENDS[name.split(":", 1)[1]][0]
+    # The measured backend first; the others after it, so a shape it cannot take still runs.
+    with sdpa_kernel([first] + [b for b in _SDPA_ORDER if b != first], set_priority=True):
+        return _sdpa(q, k, v, extra_kv, biases, scale, return_lse)

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from fastgen.kernels import fp8 as _k
+from fastgen.constants import KERNEL_BACKENDS as BACKENDS
 from fastgen.ops.prologue import choose_backend
-
-BACKENDS = ("auto", "triton", "cuda", "torch")
 
 
 @torch.library.custom_op("fastgen::quantize_fp8_triton", mutates_args=("out", "scale"))

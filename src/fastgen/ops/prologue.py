@@ -6,12 +6,12 @@ import torch
 
 from fastgen._cuda import cuda_ext_can_run_on
 from fastgen._warnings import warn_once
+from fastgen.constants import KERNEL_BACKENDS as BACKENDS
 from fastgen.kernels import qk_norm_rope as _k
 from fastgen.kernels._common import overlap, same_storage, triton_can_run_on
+from fastgen.ops import autotune as tuning
 
-BACKENDS = ("auto", "triton", "cuda", "torch")
-_NORM_CODE = {None: 0, "head": 1, "all": 2}
-_ROPE_CODE = {None: 0, "interleaved": 1, "half": 2}
+NORM_CODES, ROPE_CODES = _k.NORM_CODES, _k.ROPE_CODES
 
 
 @torch.library.custom_op("fastgen::qk_norm_rope_triton", mutates_args=("out_q", "out_k"))
@@ -114,10 +114,10 @@ def _check(q, k, q_weight, k_weight, cos, sin, eps, norm, rope, backend):
             f"q and k must share shape, dtype and device; got {tuple(q.shape)} {q.dtype} {q.device} "
             f"and {tuple(k.shape)} {k.dtype} {k.device}"
         )
-    if norm not in _NORM_CODE:
-        raise ValueError(f"norm must be one of {tuple(_NORM_CODE)}, got {norm!r}")
-    if rope not in _ROPE_CODE:
-        raise ValueError(f"rope must be one of {tuple(_ROPE_CODE)}, got {rope!r}")
+    if norm not in NORM_CODES:
+        raise ValueError(f"norm must be one of {tuple(NORM_CODES)}, got {norm!r}")
+    if rope not in ROPE_CODES:
+        raise ValueError(f"rope must be one of {tuple(ROPE_CODES)}, got {rope!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not eps > 0:
@@ -209,6 +209,7 @@ def qk_norm_rope(
     rope: str | None = "interleaved",
     backend: str = "auto",
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    autotune: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RMS-norm q and k, then apply rotary embedding; one pass, both tensors, one launch.
 
@@ -223,13 +224,18 @@ def qk_norm_rope(
         norm: ``"head"``, ``"all"`` or ``None``.
         rope: ``"interleaved"`` (pairs 2i, 2i+1; Flux/Wan/HunyuanVideo), ``"half"`` (i, i+D/2)
             or ``None``.
-        backend: ``"auto"`` (CUDA extension, else Triton on a GPU; PyTorch on a CPU),
-            ``"cuda"``, ``"triton"`` or ``"torch"`` (the unfused sequence).
+        backend: ``"auto"``, ``"cuda"``, ``"triton"`` or ``"torch"`` (the unfused sequence).
+            ``"auto"`` on a GPU times the fused kernels against the unfused sequence the first
+            time it meets a new key (device, versions, dtype, heads, head dim, token bucket, modes)
+            and keeps the fastest correct one (``fastgen.ops.autotune``); on a CPU it is PyTorch.
         out: optional (out_q, out_k) to write into, each of q's shape and dtype, any strides
             (e.g. the text and image slices of one joint query buffer). ``out=(q, k)`` works in
             place on every backend. Outputs that overlap the inputs any other way (e.g. ``out_q``
             over ``k``) are computed into temporaries first, then copied (checked in eager mode;
             under ``torch.compile`` pass outputs that are the inputs or share nothing with them).
+        autotune: whether ``"auto"`` may time candidates; default: unless ``FASTGEN_AUTOTUNE=0``.
+            Off, keys not decided yet follow the fixed table: the CUDA extension where built, else
+            Triton on a GPU, else PyTorch.
 
     Returns:
         (q_out, k_out): each (B, H, S, D) in q's dtype, ready for attention; unless ``out`` is
@@ -244,11 +250,18 @@ def qk_norm_rope(
     out = _check_out(out, q)
     if out is not None and _needs_temporaries(q, k, out):
         a, b = qk_norm_rope(q, k, q_weight=q_weight, k_weight=k_weight, cos=tables[0], sin=tables[1], eps=eps,
-                            norm=norm, rope=rope, backend=backend)
+                            norm=norm, rope=rope, backend=backend, autotune=autotune)
         # with nothing to do, the PyTorch path returns q and k themselves: copy them before writing
         a, b = (t.clone() if same_storage(t, q) or same_storage(t, k) else t for t in (a, b))
         return out[0].copy_(a), out[1].copy_(b)
-    name = choose_backend(backend, q, "qk_norm_rope", "qk_norm_rope")
+    if backend == "auto":
+        name = _auto(q, k, q_weight, k_weight, cos, sin, eps, norm, rope, full, autotune)
+    else:
+        name = choose_backend(backend, q, "qk_norm_rope", "qk_norm_rope")
+    return _run(name, q, k, q_weight, k_weight, cos, sin, eps, norm, rope, full, out)
+
+
+def _run(name, q, k, q_weight, k_weight, cos, sin, eps, norm, rope, full, out):
     if name == "torch":
         a, b = qk_norm_rope_torch(q, k, q_weight, k_weight, cos, sin, eps, norm, rope, full)
         return (out[0].copy_(a), out[1].copy_(b)) if out is not None else (a, b)
@@ -257,6 +270,59 @@ def qk_norm_rope(
         torch.ops.fastgen.qk_norm_rope_triton(q, k, q_weight, k_weight, cos, sin, float(eps), norm, rope, out_q, out_k)
     else:
         torch.ops.fastgen_C.qk_norm_rope(
-            q, k, q_weight, k_weight, cos, sin, float(eps), _NORM_CODE[norm], _ROPE_CODE[rope], out_q, out_k
+            q, k, q_weight, k_weight, cos, sin, float(eps), NORM_CODES[norm], ROPE_CODES[rope], out_q, out_k
         )
     return out_q, out_k
+
+
+def _candidates(q: torch.Tensor) -> list[str]:
+    # The automatic choice times the fused kernels against the unfused sequence on a GPU; on a CPU
+    # (the Triton interpreter is for correctness) PyTorch's sequence runs.
+    if q.device.type != "cuda" or q.dtype not in _KERNEL_DTYPES:
+        return ["torch"]
+    names = ["torch"]
+    if triton_can_run_on(q.device) is None:
+        names.append("triton")
+    if cuda_ext_can_run_on(q.device, "qk_norm_rope") is None:
+        names.append("cuda")
+    return names
+
+
+@torch.compiler.assume_constant_result
+def _decided_while_tracing(key: str, static: str) -> str:
+    # Read at trace time and baked into the graph: no timing while compiling or capturing.
+    hit = tuning.TUNER.cached(key)
+    return hit.backend if hit is not None else static
+
+
+def _auto(q, k, q_weight, k_weight, cos, sin, eps, norm, rope, full, tune) -> str:
+    names = _candidates(q)
+    if len(names) == 1:
+        return names[0]
+    static = choose_backend("auto", q, "qk_norm_rope", "qk_norm_rope")
+    if not all(type(s) is int for s in q.shape):
+        return static
+    B, H, S, D = q.shape
+    n_rope = 0 if cos is None else cos.shape[0]
+    shape = (f"{_DTYPE_NAMES[q.dtype]},H{H},D{D},n{tuning.bucket(B * S)},norm={norm},rope={rope}"
+             f"{',part' if 0 < n_rope < S else ''},w={'y' if q_weight is not None else 'n'}")
+    key = tuning.make_key(q.device, "qk_norm_rope", shape)
+    if torch.compiler.is_compiling():
+        return _decided_while_tracing(key, static)
+
+    def candidate(name):  # into new buffers: the caller's ``out`` may be q and k themselves
+        return lambda: torch.cat([t.flatten() for t in _run(name, q, k, q_weight, k_weight, cos, sin, eps, norm,
+                                                             rope, full, None)])
+
+    def pytorch_error(ref):
+        up = [None if t is None else t.float() for t in (q, k, q_weight, k_weight)]
+        full32 = None if full is None else tuple(t.float() for t in full)
+        a, b = qk_norm_rope_torch(*up, cos, sin, eps, norm, rope, full32)
+        return tuning.relative_error(ref, torch.cat([a.flatten(), b.flatten()]))
+
+    decision = tuning.TUNER.decide("qk_norm_rope", key, q.device, {n: candidate(n) for n in names},
+                                   candidate("torch"), pytorch_error, q.dtype, static, allow=tuning.enabled(tune))
+    return decision.backend
+
+
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}

@@ -25,6 +25,7 @@ from fastgen.patching.generation import generation, is_pipeline, pipeline_models
 from fastgen.patching.patches import STATE, ModelPatch, PatchState, take_off, top
 from fastgen.patching.processors.base import ATTN_STATE, FastgenProcessor
 from fastgen.patching.registry import VAE, architecture_of, supported_models
+from fastgen.patching.tune import tune
 
 
 class PatchHandle:
@@ -231,4 +232,4 @@ def is_patched(target) -> bool:
     return False
 
 
-__all__ = ["PatchConfig", "PatchHandle", "generation", "is_patched", "patch", "unpatch"]
+__all__ = ["PatchConfig", "PatchHandle", "generation", "is_patched", "patch", "tune", "unpatch"]

@@ -6,8 +6,8 @@ import dataclasses
 import functools
 from dataclasses import dataclass, fields
 
-from fastgen.ops.attention import BACKENDS as ATTENTION_BACKENDS
-from fastgen.ops.prologue import BACKENDS as PROLOGUE_BACKENDS
+from fastgen.constants import ATTENTION_BACKENDS
+from fastgen.constants import KERNEL_BACKENDS as PROLOGUE_BACKENDS
 
 
 def validated(cls):

@@ -1,0 +1,401 @@
+"""Measured backend choice for ``backend="auto"``.
+
+The first time an op meets a new *key* (device name and capability; torch, triton and fastgen
+versions; dtype; head dim; shape bucket; segment layout) it runs every candidate backend once on
+the very inputs it was given, checks each result against PyTorch's (within that dtype's tolerance,
+relative to PyTorch's own error), times the correct ones and keeps the fastest, like cuDNN's
+benchmark mode and Triton's autotuner: a few milliseconds per new shape, then a dictionary lookup.
+A candidate that runs but is wrong is never chosen, and one ``FastgenFallbackWarning`` names it; one
+that cannot run these inputs at all (SDPA's flash backend under a mask) is simply not a candidate.
+
+Decisions live in memory and in one JSON file, ``$FASTGEN_CACHE_DIR/autotune.json`` (default
+``$XDG_CACHE_HOME/fastgen`` or ``~/.cache/fastgen``). Writes merge with what other processes wrote
+under an exclusive lock, then replace the file atomically (temporary file + ``os.replace``); a
+corrupt or foreign file is ignored with one warning and rewritten. Keys carry every version, so an
+upgrade of torch, triton, fastgen or the driver's device decides again.
+
+No timing ever runs while ``torch.compile`` traces or a CUDA graph is captured, nor with
+``FASTGEN_AUTOTUNE=0`` (or ``autotune=False`` on the op, ``PatchConfig(autotune=False)``): the
+decision already made for that key is used, else the fixed table documented in ``static_choice``
+of each op. ``fastgen tune`` makes the decisions of a pipeline ahead of time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+
+from fastgen._version import __version__
+from fastgen._warnings import warn_once
+
+ENV_SWITCH = "FASTGEN_AUTOTUNE"
+ENV_CACHE_DIR = "FASTGEN_CACHE_DIR"
+FILE_NAME = "autotune.json"
+FORMAT = "fastgen-autotune"
+SCHEMA = 1
+MAX_ENTRIES = 4096  # oldest entries (other devices, older versions) go first
+TIME_BUDGET_S = 2e-3  # timed runs per candidate: about this long, 3 to 25 of them
+
+# Error of a candidate vs PyTorch's result, relative to the result's largest magnitude, is allowed
+# to be this much, or 4x the error PyTorch's own result has against a float32 reference, whichever is
+# larger. fp32 allows TF32 (PyTorch's kernels may use it where the user enabled it).
+TOLERANCE = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """One choice of backend for one key.
+
+    Attributes:
+        op: ``"attention"`` or ``"qk_norm_rope"``.
+        key: the key it was decided for (see the module doc).
+        backend: the backend that runs, e.g. ``"triton"``, ``"cuda"``, ``"sdpa:cudnn"``, ``"torch"``.
+        source: ``"measured"`` (timed here), ``"cached"`` (read from the file), ``"static"`` (the
+            fixed table: autotuning off, or no timing allowed now), ``"only candidate"``.
+        why: one line for people (``fastgen info``, the demo).
+        times_ms: median milliseconds per candidate timed (empty unless measured).
+        rejected: candidates left out, with the reason (cannot run here, or wrong result).
+    """
+
+    op: str
+    key: str
+    backend: str
+    source: str
+    why: str
+    times_ms: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    rejected: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"op": self.op, "backend": self.backend, "why": self.why, "times_ms": dict(self.times_ms),
+                "rejected": dict(self.rejected), "t": time.time()}
+
+
+def enabled(override: bool | None = None) -> bool:
+    """Whether ``auto`` may time candidates: ``override`` when given, else ``FASTGEN_AUTOTUNE`` (on
+    unless ``"0"``)."""
+    if override is not None:
+        return bool(override)
+    return os.environ.get(ENV_SWITCH, "1") != "0"
+
+
+def cache_path() -> Path:
+    """The decisions file: ``$FASTGEN_CACHE_DIR/autotune.json``, default under ``$XDG_CACHE_HOME``
+    or ``~/.cache``, in a folder ``fastgen``."""
+    root = os.environ.get(ENV_CACHE_DIR)
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fastgen")
+    return Path(root) / FILE_NAME
+
+
+def timing_allowed(device: torch.device) -> str | None:
+    """Why no candidate may be timed now, or None: ``torch.compile`` tracing, CUDA-graph capture."""
+    if torch.compiler.is_compiling():
+        return "torch.compile is tracing"
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return "a CUDA graph is being captured"
+    return None
+
+
+def bucket(n: int) -> int:
+    """Shape bucket of a size: the next power of two (0 stays 0)."""
+    return 0 if n <= 0 else 1 << (int(n) - 1).bit_length()
+
+
+_DEVICE_PREFIX: dict[tuple[str, int | None], str] = {}
+
+
+def device_prefix(device: torch.device) -> str:
+    """What every key starts with on ``device``: its name and capability, and the versions."""
+    slot = (device.type, device.index)
+    prefix = _DEVICE_PREFIX.get(slot)
+    if prefix is None:
+        try:
+            import triton
+
+            tv = triton.__version__
+        except ImportError:
+            tv = "none"
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            cap = "%d.%d" % torch.cuda.get_device_capability(index)
+            name = f"{torch.cuda.get_device_name(index)} sm{cap}"
+        else:
+            name = device.type
+        prefix = f"{name}|torch {torch.__version__}|triton {tv}|fastgen {__version__}"
+        _DEVICE_PREFIX[slot] = prefix
+    return prefix
+
+
+def make_key(device: torch.device, op: str, shape: str) -> str:
+    """``device_prefix(device)|op|shape``; ``shape`` (the op's dtype, sizes and layout) has no ``|``."""
+    return f"{device_prefix(device)}|{op}|{shape}"
+
+
+def shape_of(key: str) -> str:
+    """The op-specific part of a key: dtype, buckets, layout."""
+    return key.rsplit("|", 1)[-1]
+
+
+def time_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Median milliseconds of ``fn()`` (already warmed up): CUDA events on a GPU, the wall clock
+    elsewhere; about ``TIME_BUDGET_S`` of runs, 3 to 25."""
+    if device.type == "cuda":
+        def once() -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        torch.cuda.synchronize(device)
+    else:
+        def once() -> float:
+            t = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t) * 1e3
+    first = once()
+    reps = max(3, min(25, int(TIME_BUDGET_S * 1e3 / max(first, 1e-3))))
+    return statistics.median([first] + [once() for _ in range(reps - 1)])
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref| (inf where out has a NaN or another shape)."""
+    if out.shape != ref.shape:
+        return math.inf
+    diff = (out.float() - ref.float()).abs().amax()
+    if not bool(torch.isfinite(diff)):
+        return math.inf
+    return float(diff) / max(float(ref.float().abs().amax()), 1e-6)
+
+
+class Tuner:
+    """Decisions in memory and on disk; ``decide`` measures what is not decided yet.
+
+    ``timer(name, fn, device) -> ms`` times candidate ``name``; ``time_ms`` unless given (tests
+    inject timings).
+    """
+
+    def __init__(self, path: Path | str | None = None, timer: Callable | None = None):
+        self._path = Path(path) if path is not None else None
+        self.timer = timer or (lambda name, fn, device: time_ms(fn, device))
+        self._memory: dict[str, Decision] = {}
+        self._disk: dict[str, dict] = {}
+        self._disk_stamp: tuple | None = None
+        self._lock = threading.Lock()
+        self.spent_s = 0.0  # wall time spent deciding in this process (checks and timing)
+        self.log: list[Decision] = []  # every decision made or read in this process, in order
+
+    @property
+    def path(self) -> Path:
+        return self._path if self._path is not None else cache_path()
+
+    # ---------------------------------------------------------------- lookup
+
+    def cached(self, key: str) -> Decision | None:
+        """The decision made for ``key``, in memory or on disk (another process may have made it)."""
+        hit = self._memory.get(key)
+        if hit is not None:
+            return hit
+        self._reload()
+        entry = self._disk.get(key)
+        if not isinstance(entry, dict) or not isinstance(entry.get("backend"), str):
+            return None
+        hit = Decision(entry.get("op", ""), key, entry["backend"], "cached",
+                       f"measured earlier: {entry.get('why', '')}".strip(),
+                       entry.get("times_ms") or {}, entry.get("rejected") or {})
+        self._memory[key] = hit
+        self.log.append(hit)
+        return hit
+
+    def _reload(self) -> None:
+        path = self.path
+        try:
+            st = path.stat()
+        except OSError:
+            self._disk, self._disk_stamp = {}, None
+            return
+        stamp = (str(path), st.st_mtime_ns, st.st_size)
+        if stamp != self._disk_stamp:
+            self._disk = self._read(path)
+            self._disk_stamp = stamp
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, dict]:
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            warn_once(f"autotune-file:{path}", f"fastgen autotune: ignoring the unreadable decisions file {path} "
+                      f"({type(exc).__name__}: {exc}); it is rewritten with the next decision")
+            return {}
+        if not (isinstance(data, dict) and data.get("format") == FORMAT and data.get("schema") == SCHEMA
+                and isinstance(data.get("entries"), dict)):
+            warn_once(f"autotune-file:{path}", f"fastgen autotune: ignoring {path}: not a fastgen decisions file of "
+                      f"schema {SCHEMA}; it is rewritten with the next decision")
+            return {}
+        return data["entries"]
+
+    # ---------------------------------------------------------------- deciding
+
+    def decide(self, op: str, key: str, device: torch.device, candidates: Mapping[str, Callable[[], torch.Tensor]],
+               reference: Callable[[], torch.Tensor], pytorch_error: Callable[[torch.Tensor], float] | None,
+               dtype: torch.dtype, static: str, allow: bool = True) -> Decision:
+        """The backend for ``key``: cached, else measured (``allow`` and timing possible), else ``static``.
+
+        Args:
+            candidates: {backend: a call that runs it on the inputs at hand and returns its output}.
+            reference: PyTorch's result on the same inputs (its plain SDPA / unfused sequence).
+            pytorch_error: given that result, its error against a float32 computation (sets the
+                tolerance); None to use the dtype's tolerance alone.
+            static: the fixed table's choice, used when nothing may be timed.
+        """
+        if len(candidates) == 1:
+            (only,) = candidates
+            hit = self._memory.get(key)
+            return hit or self._keep(Decision(op, key, only, "only candidate", f"the only backend for these inputs on {device}"))
+        hit = self.cached(key)
+        if hit is not None:
+            return hit
+        why_not = None if allow else "autotuning is off (FASTGEN_AUTOTUNE=0 or autotune=False)"
+        why_not = why_not or timing_allowed(device)
+        if why_not is not None:
+            return Decision(op, key, static, "static", f"fixed table: {why_not}")
+        with self._lock:
+            hit = self._memory.get(key)
+            if hit is not None:
+                return hit
+            t0 = time.perf_counter()
+            try:
+                decision = self._measure(op, key, device, candidates, reference, pytorch_error, dtype, static)
+            finally:
+                self.spent_s += time.perf_counter() - t0
+        return self._keep(decision, save=decision.source == "measured")
+
+    def _measure(self, op, key, device, candidates, reference, pytorch_error, dtype, static) -> Decision:
+        with torch.no_grad():
+            ref = reference()
+            tol = TOLERANCE.get(dtype, 2e-3)
+            if pytorch_error is not None:
+                tol = max(tol, 4 * pytorch_error(ref))
+            rejected, runs = {}, {}
+            for name, run in candidates.items():
+                try:
+                    out = run()  # also the warm-up: Triton compiles and autotunes its tiles here
+                except (RuntimeError, ValueError, NotImplementedError) as exc:
+                    rejected[name] = f"cannot run these inputs ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})"
+                    continue
+                err = relative_error(out, ref)
+                del out
+                if not err <= tol:
+                    rejected[name] = f"wrong result: error {err:.3g} against PyTorch's, tolerance {tol:.3g}"
+                    warn_once(f"autotune-wrong:{op}:{name}:{device_prefix(device)}",
+                              f"fastgen autotune: {op} backend {name!r} gave a wrong result on {device} "
+                              f"({shape_of(key)}: {rejected[name]}); it is never chosen for these inputs")
+                    continue
+                runs[name] = run
+            del ref
+            times = {name: float(self.timer(name, run, device)) for name, run in runs.items()}
+        if not times:
+            return Decision(op, key, static, "static", "fixed table: no candidate ran correctly", {}, rejected)
+        best = min(times, key=times.get)
+        others = ", ".join(f"{n} {t:.3g} ms" for n, t in sorted(times.items(), key=lambda x: x[1]) if n != best)
+        why = f"fastest correct: {best} {times[best]:.3g} ms" + (f" (then {others})" if others else "")
+        return Decision(op, key, best, "measured", why, times, rejected)
+
+    def _keep(self, decision: Decision, save: bool = False) -> Decision:
+        self._memory[decision.key] = decision
+        self.log.append(decision)
+        if save:
+            self._save(decision)
+        return decision
+
+    def _save(self, decision: Decision) -> None:
+        path = self.path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with _exclusive(path.with_name(path.name + ".lock")):
+                entries = self._read(path)  # what other processes wrote meanwhile is kept
+                entries[decision.key] = decision.to_json()
+                if len(entries) > MAX_ENTRIES:
+                    keep = sorted(entries, key=lambda k: entries[k].get("t", 0) if isinstance(entries[k], dict) else 0)
+                    for old in keep[: len(entries) - MAX_ENTRIES]:
+                        del entries[old]
+                fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+                try:
+                    with os.fdopen(fd, "w") as f:
+                        json.dump({"format": FORMAT, "schema": SCHEMA, "entries": entries}, f, indent=1, sort_keys=True)
+                    os.replace(tmp, path)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                    raise
+            self._disk = entries
+            st = path.stat()
+            self._disk_stamp = (str(path), st.st_mtime_ns, st.st_size)
+        except OSError as exc:  # a read-only home: decisions still hold for this process
+            warn_once(f"autotune-save:{path}", f"fastgen autotune: cannot write {path} ({exc}); decisions are kept "
+                      "in memory for this process only (set FASTGEN_CACHE_DIR to a writable folder)")
+
+    # ---------------------------------------------------------------- reading out
+
+    def decisions(self, device: torch.device | str | None = None) -> list[Decision]:
+        """Every decision known (memory and file), for one device's keys when ``device`` is given."""
+        self._reload()
+        seen = dict(self._memory)
+        for key in self._disk:
+            if key not in seen:
+                hit = self.cached(key)
+                if hit is not None:
+                    seen[key] = hit
+        out = list(seen.values())
+        if device is not None:
+            prefix = device_prefix(torch.device(device)) + "|"
+            out = [d for d in out if d.key.startswith(prefix)]
+        return out
+
+    def forget(self) -> None:
+        """Drop the in-memory decisions (the file stays)."""
+        self._memory.clear()
+        self._disk, self._disk_stamp = {}, None
+        self.log.clear()
+        self.spent_s = 0.0
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    try:
+        import fcntl
+    except ImportError:  # Windows: the rename alone is atomic; concurrent merges may drop an entry
+        yield
+        return
+    with open(lock_path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+TUNER = Tuner()
+
+
+def decisions(device: torch.device | str | None = None) -> list[Decision]:
+    """Every backend decision known to this process and its decisions file (``fastgen info``)."""
+    return TUNER.decisions(device)
+
+
+def describe(decision: Decision) -> str:
+    """One line: op, shape part of the key, backend, why."""
+    return f"{decision.op} [{shape_of(decision.key)}] -> {decision.backend} ({decision.source}; {decision.why})"

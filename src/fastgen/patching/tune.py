@@ -1,0 +1,54 @@
+"""``fastgen.tune``: decide the automatic backends of a pipeline ahead of time."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from fastgen.ops import autotune as tuning
+from fastgen.ops.autotune import Decision
+
+
+def tune(pipe, *, num_inference_steps: int = 2, config=None, **call_kwargs) -> list[Decision]:
+    """Make the ``backend="auto"`` decisions of every attention and prologue shape ``pipe`` meets at
+    one size, so the first real generation at that size spends nothing on them.
+
+    Runs ``pipe`` once for ``num_inference_steps`` steps (``output_type="latent"``, under
+    ``torch.inference_mode()``) with fastgen patched in: by ``config`` (a ``PatchConfig``) for the
+    duration of the call if the pipeline is not patched, else as it is. Decisions are measured on the
+    pipeline's device and stored in the decisions file (``fastgen.ops.autotune``), where every later
+    process finds them. Timings do not depend on the prompt, but shapes do: pass the call arguments
+    that set them (``height``, ``width``, ``num_frames``, ``num_images_per_prompt``,
+    ``guidance_scale`` for CFG batches, ``max_sequence_length``).
+
+    Args:
+        pipe: a diffusers pipeline fastgen supports.
+        num_inference_steps: steps to run (default 2: the first step also fills caches, the
+            second runs what every later step runs).
+        config: the ``PatchConfig`` to patch with if ``pipe`` is not patched (default: defaults).
+        **call_kwargs: the pipeline call's arguments; ``prompt`` defaults to ``""`` when neither it
+            nor ``prompt_embeds`` is given.
+
+    Returns:
+        The decisions made or read during the call (empty where there is nothing to decide, e.g.
+        on a CPU, where PyTorch runs every attention).
+
+    Raises:
+        RuntimeError: when autotuning is off (``FASTGEN_AUTOTUNE=0``): nothing would be decided.
+        ValueError: for ``num_inference_steps`` below 1.
+    """
+    from fastgen.patching import is_patched, patch
+
+    if not tuning.enabled():
+        raise RuntimeError("fastgen.tune: autotuning is off (FASTGEN_AUTOTUNE=0), so nothing would be decided; "
+                           "unset it to measure")
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+    if "prompt" not in call_kwargs and "prompt_embeds" not in call_kwargs:
+        call_kwargs["prompt"] = ""
+    start = len(tuning.TUNER.log)
+    scope = contextlib.nullcontext() if is_patched(pipe) else patch(pipe, config)
+    with scope, torch.inference_mode():
+        pipe(num_inference_steps=num_inference_steps, output_type="latent", **call_kwargs)
+    return tuning.TUNER.log[start:]

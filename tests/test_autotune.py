@@ -1,0 +1,350 @@
+"""Measured backend choice (fastgen.ops.autotune): injected timings and injected wrong candidates on CPU.
+
+The decision logic is device-independent; on a CPU the op-level tests widen the candidate list to
+PyTorch and the Triton interpreter, so the same code a GPU runs picks, rejects and persists here.
+"""
+
+import importlib
+import json
+import math
+import multiprocessing
+import os
+
+import pytest
+import torch
+
+import fastgen
+from fastgen import FastgenFallbackWarning
+from fastgen.ops import autotune as tuning
+
+# the modules, not the functions fastgen.ops exports under the same names
+attn_mod = importlib.import_module("fastgen.ops.attention")
+pro_mod = importlib.import_module("fastgen.ops.prologue")
+
+CPU = torch.device("cpu")
+
+
+def _timer(times, calls=None):
+    def timer(name, fn, device):
+        if calls is not None:
+            calls.append(name)
+        fn()
+        return times[name]
+    return timer
+
+
+def _ok(x):
+    return lambda: x.clone()
+
+
+@pytest.fixture
+def tuner(tmp_path, monkeypatch):
+    """A fresh tuner whose file lives in tmp_path, installed as the one the ops use."""
+    t = tuning.Tuner(tmp_path / "autotune.json")
+    monkeypatch.setattr(tuning, "TUNER", t)
+    monkeypatch.setenv("FASTGEN_AUTOTUNE", "1")  # tests/conftest.py switches it off for the kernel tests
+    return t
+
+
+def _decide(t, candidates, key="k1", static="a", allow=True, ref=None):
+    ref = torch.randn(64) if ref is None else ref
+    cands = {n: (f(ref) if callable(f) else f) for n, f in candidates.items()}
+    return t.decide("attention", tuning.make_key(CPU, "attention", key), CPU, cands, lambda: ref, None,
+                    torch.float16, static, allow=allow)
+
+
+def test_faster_correct_candidate_wins_and_wrong_one_never(tuner):
+    tuner.timer = _timer({"a": 5.0, "b": 1.0, "c": 0.1})
+    garbage = lambda ref: (lambda: ref + 1.0)  # noqa: E731
+    with pytest.warns(FastgenFallbackWarning, match="'c' gave a wrong result"):
+        d = _decide(tuner, {"a": _ok, "b": _ok, "c": garbage})
+    assert d.backend == "b" and d.source == "measured"
+    assert set(d.times_ms) == {"a", "b"} and "wrong result" in d.rejected["c"]
+    assert "fastest correct: b" in d.why
+
+
+def test_error_tolerance_is_per_dtype_and_pytorch_relative(tuner):
+    ref = torch.randn(256)
+    tuner.timer = _timer({"close": 0.5, "ref": 1.0})
+    noisy = lambda r: (lambda: r + 0.03 * r.abs().max())  # noqa: E731  # 3% off: wrong in fp16
+    with pytest.warns(FastgenFallbackWarning):
+        d = _decide(tuner, {"close": noisy, "ref": _ok}, ref=ref)
+    assert d.backend == "ref"
+    # PyTorch's own error of 1% makes 4% acceptable.
+    d = tuner.decide("attention", tuning.make_key(CPU, "attention", "k2"), CPU,
+                     {"close": noisy(ref), "ref": _ok(ref)}, lambda: ref, lambda r: 0.01, torch.float16, "ref")
+    assert d.backend == "close"
+
+
+def test_candidate_that_cannot_run_is_left_out_quietly(tuner, recwarn):
+    def broken(ref):
+        def run():
+            raise RuntimeError("No available kernel. Aborting execution.")
+        return run
+    tuner.timer = _timer({"a": 2.0})
+    d = _decide(tuner, {"a": _ok, "flash": broken})
+    assert d.backend == "a" and "cannot run" in d.rejected["flash"]
+    assert not [w for w in recwarn if issubclass(w.category, FastgenFallbackWarning)]
+
+
+def test_nothing_correct_falls_back_to_the_static_table(tuner):
+    tuner.timer = _timer({})
+    with pytest.warns(FastgenFallbackWarning):
+        d = _decide(tuner, {"a": lambda r: (lambda: r * 2), "b": lambda r: (lambda: r * 3)}, static="sdpa")
+    assert d.backend == "sdpa" and d.source == "static" and set(d.rejected) == {"a", "b"}
+
+
+def test_decisions_persist_and_are_not_measured_again(tuner, tmp_path):
+    calls = []
+    tuner.timer = _timer({"a": 3.0, "b": 1.0}, calls)
+    assert _decide(tuner, {"a": _ok, "b": _ok}).backend == "b"
+    assert sorted(calls) == ["a", "b"]
+    data = json.loads((tmp_path / "autotune.json").read_text())
+    assert data["format"] == tuning.FORMAT and len(data["entries"]) == 1
+
+    def never(ref):
+        def run():
+            raise AssertionError("a decided key was measured again")
+        return run
+    fresh = tuning.Tuner(tmp_path / "autotune.json", timer=_timer({}, calls))
+    d = _decide(fresh, {"a": never, "b": never})
+    assert (d.backend, d.source) == ("b", "cached") and len(calls) == 2
+    # and in memory: the same tuner does not even read the file again
+    assert _decide(tuner, {"a": never, "b": never}).backend == "b"
+
+
+def test_a_new_version_decides_again(tuner, monkeypatch):
+    tuner.timer = _timer({"a": 1.0, "b": 3.0})
+    first = _decide(tuner, {"a": _ok, "b": _ok})
+    monkeypatch.setattr(tuning, "__version__", "999.0")
+    monkeypatch.setattr(tuning, "_DEVICE_PREFIX", {})
+    tuner.timer = _timer({"a": 3.0, "b": 1.0})
+    second = _decide(tuner, {"a": _ok, "b": _ok})
+    assert first.key != second.key and "fastgen 999.0" in second.key
+    assert (first.backend, second.backend) == ("a", "b") and second.source == "measured"
+    assert len(json.loads(tuner.path.read_text())["entries"]) == 2
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"hello": "world"}),
+                                     json.dumps({"format": tuning.FORMAT, "schema": 0, "entries": {}}), "\xff\xfe"])
+def test_corrupt_or_foreign_file_is_ignored_with_one_warning_and_rewritten(tmp_path, content):
+    path = tmp_path / "autotune.json"
+    path.write_text(content, errors="surrogateescape") if content != "\xff\xfe" else path.write_bytes(b"\xff\xfe\x00")
+    t = tuning.Tuner(path, timer=_timer({"a": 1.0, "b": 2.0}))
+    with pytest.warns(FastgenFallbackWarning, match="ignoring") as rec:
+        d = _decide(t, {"a": _ok, "b": _ok})
+        _decide(t, {"a": _ok, "b": _ok}, key="k-other")
+    assert d.backend == "a"
+    assert len([w for w in rec if "ignoring" in str(w.message)]) == 1
+    data = json.loads(path.read_text())
+    assert data["format"] == tuning.FORMAT and len(data["entries"]) == 2
+
+
+def _writer(path, worker, n):
+    t = tuning.Tuner(path, timer=lambda name, fn, device: {"a": 1.0, "b": 2.0}[name])
+    ref = torch.zeros(4)
+    for i in range(n):
+        t.decide("attention", tuning.make_key(CPU, "attention", f"w{worker}-{i}"), CPU,
+                 {"a": lambda: ref, "b": lambda: ref}, lambda: ref, None, torch.float32, "a")
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    path = tmp_path / "autotune.json"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_writer, args=(path, w, 15)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    entries = json.loads(path.read_text())["entries"]
+    assert len(entries) == 60 and {e["backend"] for e in entries.values()} == {"a"}
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]  # no temporary left behind
+
+
+def test_unwritable_folder_keeps_decisions_in_memory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    t = tuning.Tuner(blocker / "sub" / "autotune.json", timer=_timer({"a": 1.0, "b": 2.0}))
+    with pytest.warns(FastgenFallbackWarning, match="cannot write"):
+        d = _decide(t, {"a": _ok, "b": _ok})
+    assert d.backend == "a" and t.cached(d.key) is d
+
+
+def test_switched_off_gives_the_static_table(tuner, monkeypatch):
+    calls = []
+    tuner.timer = _timer({"a": 1.0, "b": 0.5}, calls)
+    assert _decide(tuner, {"a": _ok, "b": _ok}, static="a", allow=False).source == "static"
+    monkeypatch.setenv("FASTGEN_AUTOTUNE", "0")
+    assert not tuning.enabled() and tuning.enabled(True)
+    assert calls == []
+
+
+# ------------------------------------------------------------------------ through the ops
+
+
+@pytest.fixture
+def widened(monkeypatch, tuner):
+    """On this CPU, let ``auto`` choose between PyTorch and the Triton interpreter (a GPU's choice)."""
+    if tuning.timing_allowed(CPU) is not None or attn_mod.triton_can_run_on(CPU) is not None:
+        pytest.fail("the Triton interpreter must run here (conftest sets TRITON_INTERPRET=1 on CPU machines)")
+    monkeypatch.setattr(attn_mod, "_candidates", lambda q, tensors, biases, lse: ["sdpa", "triton"])
+    monkeypatch.setattr(pro_mod, "_candidates", lambda q: ["torch", "triton"])
+    ran = []
+    run_attn, run_pro = attn_mod._run, pro_mod._run
+    monkeypatch.setattr(attn_mod, "_run", lambda name, *a: (ran.append(name), run_attn(name, *a))[1])
+    monkeypatch.setattr(pro_mod, "_run", lambda name, *a: (ran.append(name), run_pro(name, *a))[1])
+    return tuner, ran
+
+
+def _qkv(B=2, H=3, N=37, D=32, seg=19):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, N, D, generator=g) for _ in range(3))
+    extra = [(torch.randn(1, H, seg, D, generator=g), torch.randn(1, H, seg, D, generator=g))]
+    return q, k, v, extra
+
+
+@pytest.mark.parametrize("fast", ["triton", "sdpa"])
+def test_attention_auto_runs_what_measured_fastest(widened, fast):
+    tuner, ran = widened
+    tuner.timer = _timer({"triton": 1.0 if fast == "triton" else 9.0, "sdpa": 5.0})
+    q, k, v, extra = _qkv()
+    out = fastgen.ops.attention(q, k, v, extra_kv=extra, extra_bias=[0.5])
+    ref = fastgen.ops.attention(q, k, v, extra_kv=extra, extra_bias=[0.5], backend="sdpa")
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    (d,) = tuner.log
+    assert d.backend == fast and d.op == "attention" and "seg32/b1/bias" in d.key and "fp32,D32" in d.key
+    ran.clear()
+    fastgen.ops.attention(q, k, v, extra_kv=extra, extra_bias=[0.5])
+    assert ran == [fast]  # decided once: the second call only runs the winner
+
+
+def test_attention_wrong_kernel_is_never_chosen(widened, monkeypatch):
+    tuner, ran = widened
+    tuner.timer = _timer({"triton": 0.1, "sdpa": 5.0})
+    run = attn_mod._run
+    monkeypatch.setattr(attn_mod, "_run", lambda name, *a: (lambda o: (o[0] * 1.5, o[1]) if name == "triton" else o)(
+        run(name, *a)))
+    q, k, v, extra = _qkv()
+    with pytest.warns(FastgenFallbackWarning, match="attention backend 'triton' gave a wrong result"):
+        out = fastgen.ops.attention(q, k, v)
+    torch.testing.assert_close(out, fastgen.ops.attention(q, k, v, backend="sdpa"))
+    assert tuner.log[0].backend == "sdpa"
+
+
+def test_prologue_auto_in_place_is_not_applied_twice_while_measuring(widened):
+    tuner, ran = widened
+    tuner.timer = _timer({"triton": 1.0, "torch": 4.0})
+    g = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(2, 4, 21, 16, generator=g) for _ in range(2))
+    w = torch.rand(16, generator=g) + 0.5
+    cos, sin = torch.randn(21, 8, generator=g), torch.randn(21, 8, generator=g)
+    kw = dict(q_weight=w, k_weight=w, cos=cos, sin=sin, norm="head", rope="half")
+    want = pro_mod.qk_norm_rope(q, k, backend="torch", **kw)
+    a, b = q.clone(), k.clone()
+    got = pro_mod.qk_norm_rope(a, b, out=(a, b), **kw)  # measured here: candidates write elsewhere
+    assert got[0] is a and tuner.log[0].backend == "triton" and tuner.log[0].op == "qk_norm_rope"
+    torch.testing.assert_close(a, want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b, want[1], atol=1e-5, rtol=1e-5)
+
+
+def test_no_timing_while_compiling_cached_decision_or_static_table(widened):
+    tuner, ran = widened
+    calls = []
+    tuner.timer = _timer({"triton": 1.0, "sdpa": 5.0}, calls)
+    q, k, v, extra = _qkv()
+
+    def f(q, k, v, kc, vc):
+        return fastgen.ops.attention(q, k, v, extra_kv=[(kc, vc)])
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, v, *extra[0])
+    assert calls == [] and ran[-1] == "sdpa"  # nothing decided yet: the static table (CPU: sdpa)
+    torch.testing.assert_close(out, f(q, k, v, *extra[0]), atol=1e-4, rtol=1e-4)  # eager call decides: triton
+    assert sorted(calls) == ["sdpa", "triton"]
+    torch._dynamo.reset()
+    ran.clear()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    compiled(q, k, v, *extra[0])
+    assert ran == ["triton"] and len(calls) == 2  # the decision made eagerly, baked in, nothing timed
+
+
+def test_autotune_off_uses_the_table(widened, monkeypatch):
+    tuner, ran = widened
+    calls = []
+    tuner.timer = _timer({"triton": 1.0, "sdpa": 5.0}, calls)
+    q, k, v, extra = _qkv()
+    monkeypatch.setenv("FASTGEN_AUTOTUNE", "0")
+    fastgen.ops.attention(q, k, v, extra_kv=extra)
+    fastgen.ops.attention(q, k, v, extra_kv=extra, autotune=False)
+    assert calls == [] and ran == ["sdpa", "sdpa"]  # the table: SDPA on a CPU
+    monkeypatch.delenv("FASTGEN_AUTOTUNE")
+    fastgen.ops.attention(q, k, v, extra_kv=extra)
+    assert sorted(calls) == ["sdpa", "triton"]
+
+
+def test_cpu_auto_needs_no_decision(tuner):
+    q, k, v, extra = _qkv()
+    fastgen.ops.attention(q, k, v, extra_kv=extra)
+    assert tuner.log == [] and not tuner.path.exists()  # one candidate on a CPU: no key, no file
+    assert attn_mod.static_choice(q, [q, k, v], 1) == "sdpa"
+
+
+def test_keys_separate_what_changes_the_choice():
+    q, k, v, extra = _qkv()
+    key = attn_mod._shape_key
+    base = key(q, k, [], [], False)
+    assert key(q, k, extra, [0.0], False) != base
+    assert key(q, k, extra, [0.0], False) != key(q, k, extra, [1.0], False) != key(q, k, extra, [-math.inf], False)
+    assert key(q, k, [], [], True) != base
+    assert key(q.half(), k.half(), [], [], False) != base
+    q2 = torch.randn(2, 3, 40, 32)  # same power-of-two bucket as 37 tokens
+    assert key(q2, k, [], [], False) == base
+    assert tuning.make_key(CPU, "attention", base).startswith(tuning.device_prefix(CPU) + "|attention|")
+    assert f"torch {torch.__version__}" in tuning.device_prefix(CPU)
+
+
+def test_dynamic_shapes_under_compile_use_the_table(widened):
+    tuner, ran = widened
+    calls = []
+    tuner.timer = _timer({"triton": 1.0, "sdpa": 5.0}, calls)
+
+    def f(q, k, v):
+        return fastgen.ops.attention(q, k, v)
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=True, backend="aot_eager")
+    q, k, v, _ = _qkv(N=37)
+    out = compiled(q, k, v)
+    assert calls == [] and ran == ["sdpa"]  # symbolic sizes: no key, the table, nothing timed
+    torch.testing.assert_close(out, f(q, k, v), atol=1e-4, rtol=1e-4)
+    q, k, v, _ = _qkv(N=50)
+    torch.testing.assert_close(compiled(q, k, v), f(q, k, v), atol=1e-4, rtol=1e-4)
+
+
+def test_tune_decides_a_pipeline_ahead_of_time(widened, monkeypatch):
+    from fastgen import demo
+
+    tuner, ran = widened
+    # CPU processors run upstream where no fastgen kernel would: here the widened candidates do run.
+    base = importlib.import_module("fastgen.patching.processors.base")
+    monkeypatch.setattr(base, "attention_uses_kernel", lambda backend, device, dtype: True)
+    calls = []
+    tuner.timer = _timer({"triton": 1.0, "sdpa": 5.0, "torch": 3.0}, calls)
+    pipe, call = demo.build_pipeline("flux", "tiny")
+    def run():
+        return pipe(**call, num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+
+    ref = run()
+    decisions = fastgen.tune(pipe, **call)
+    assert not fastgen.is_patched(pipe)  # patched for the call only
+    assert {d.op for d in decisions} == {"attention", "qk_norm_rope"}
+    assert all(d.source == "measured" and d.backend == "triton" for d in decisions)
+    assert len({d.key for d in decisions}) == len(decisions)
+    measured = len(calls)
+    with fastgen.patch(pipe):
+        out = run()
+    assert len(calls) == measured  # the generation itself decides nothing
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    monkeypatch.setenv("FASTGEN_AUTOTUNE", "0")
+    with pytest.raises(RuntimeError, match="autotuning is off"):
+        fastgen.tune(pipe, **call)
