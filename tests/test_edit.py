@@ -13,8 +13,8 @@ import fastgen.edit
 import fastgen.ops
 from fastgen import flux_latents as fl
 from fastgen.condition import ConditionConfig
-from fastgen.condition.branches import BranchState, branch_forward
-from fastgen.edit import BackgroundKV, EditConfig, KVEditor, PinnedArena
+from fastgen.edit import BackgroundKV, EditConfig, InversionMask, KVEditor, PinnedArena
+from fastgen.flux_branches import branch_forward
 from helpers import DEVICE
 from test_condition import (SIDE, ModelRuns, _forward_inputs, _image, _record_forwards, _rel, _sd_pipeline,
                             _tiny_flux_pipeline, _with_lora, dynamic_scheduler)
@@ -67,14 +67,13 @@ def test_sharp_foreground_forward_equals_full_forward(editor, backend):
     for offload in (False, True):
         # offload forced where storage == compute (a CPU): the arena, copies, prefetch, residency
         bg = BackgroundKV(bg_idx, torch.device("cpu"), DEVICE, offload=offload)
-        state = BranchState.create(model, [], ConditionConfig(attention_backend=backend))
-        state.background = bg
+        config = EditConfig(attention_backend=backend).patch_config()
         with torch.no_grad():
             bg.begin("capture", 0)
-            full = branch_forward(model, state, **inputs).sample
+            full = branch_forward(model, [bg], config=config, **inputs).sample
             bg.begin("use", 0, 0.0)
             part = dict(inputs, hidden_states=inputs["hidden_states"][:, fg_idx], img_ids=inputs["img_ids"][fg_idx])
-            out = branch_forward(model, state, **part).sample
+            out = branch_forward(model, [bg], config=config, **part).sample
         assert _rel(out, full[:, fg_idx]) <= 1e-5, (offload, _rel(out, full[:, fg_idx]))
         if offload:
             assert 1 <= bg.max_resident <= 2, "at most the layer in use and the next one"
@@ -98,10 +97,9 @@ def test_inversion_mask_forward_equals_masked_reference(editor, backend):
     with torch.no_grad():
         ref = model(**inputs, joint_attention_kwargs={"attention_mask": allow[None, None]}).sample
         plain = model(**inputs).sample
-        state = BranchState.create(model, [], ConditionConfig(attention_backend=backend))
-        state.token_split = int(fg.sum())
-        out = branch_forward(model, state, **dict(inputs, hidden_states=inputs["hidden_states"][:, order],
-                                                  img_ids=inputs["img_ids"][order])).sample
+        mask, config = InversionMask(int(fg.sum())), EditConfig(attention_backend=backend).patch_config()
+        ordered = dict(inputs, hidden_states=inputs["hidden_states"][:, order], img_ids=inputs["img_ids"][order])
+        out = branch_forward(model, [mask], config=config, **ordered).sample
     assert _rel(out, ref[:, order]) <= 1e-5, _rel(out, ref[:, order])
     assert _rel(plain, ref) > 1e-4, "the mask changes the forward"
 

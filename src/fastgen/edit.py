@@ -8,7 +8,9 @@ Inversion runs the Euler flow backwards from the source image and keeps, at ever
 every attention layer, the background tokens' K/V (post-norm, post-RoPE). Denoising then runs
 only the foreground tokens: text and foreground queries attend to their fresh K/V plus the
 cached background K/V, read in place as one extra attention segment whose logits get
-``attn_scale``. The background latents are copied from the source: bit-exact.
+``attn_scale``. The background latents are copied from the source: bit-exact. Both run the Flux
+branch forward of ``fastgen.flux_branches`` with KV-Edit's K/V providers: ``BackgroundKV`` (records
+and serves the cache) and, for the optional inversion mask, ``InversionMask``.
 
 The cache can live on the GPU, in (pinned) CPU memory with the next layer's K/V prefetched on a
 side stream while the current layer computes, and in fp8. The inversion-free variant keeps one
@@ -24,13 +26,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+import fastgen.ops as ops
 from fastgen import flux_latents as fl
 from fastgen._hooks import call_as_forward
 from fastgen._validity import ambient_key, modules_key
-from fastgen.condition.branches import BranchState, branch_forward, check_transformer
-from fastgen.condition.config import CACHE_DTYPES, ConditionConfig
-from fastgen.ops.fp8 import Fp8KV, quantize_kv
-from fastgen.patching.config import build_config, validated
+from fastgen.condition.config import ConditionConfig
+from fastgen.flux_branches import (CACHE_DTYPES, Forward, KVProvider, Layer, Segment, branch_forward, cache_entry,
+                                   check_transformer, entry_tensors)
+from fastgen.ops.fp8 import Fp8KV
+from fastgen.patching.config import PatchConfig, build_config, validated
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -52,12 +56,12 @@ class EditConfig:
     fuse_prologue: bool = True
 
     def __post_init__(self):
-        self.branch_config()  # the same checks as everywhere these settings are taken
+        self.patch_config()  # the attention settings, checked as fastgen.PatchConfig checks them
 
-    def branch_config(self) -> ConditionConfig:
-        """The branch forward's settings: these, and no condition."""
-        return ConditionConfig(attention_backend=self.attention_backend, prologue_backend=self.prologue_backend,
-                               fuse_prologue=self.fuse_prologue)
+    def patch_config(self) -> PatchConfig:
+        """The attention settings, as ``fastgen.flux_branches.branch_forward`` takes them."""
+        return PatchConfig(attention_backend=self.attention_backend, prologue_backend=self.prologue_backend,
+                           fuse_prologue=self.fuse_prologue)
 
     @classmethod
     def build(cls, config: EditConfig | None = None, **overrides) -> EditConfig:
@@ -108,16 +112,13 @@ class PinnedArena:
         return sum(c.numel() for c in self.chunks)
 
 
-def _tensors(entry) -> tuple[torch.Tensor, ...]:
-    return entry.tensors() if isinstance(entry, Fp8KV) else tuple(entry)
-
-
 def _like(entry, tensors):
     return Fp8KV(*tensors) if isinstance(entry, Fp8KV) else tuple(tensors)
 
 
-class BackgroundKV:
+class BackgroundKV(KVProvider):
     """Background K/V per (step, layer): captured by full forwards, supplied to foreground ones.
+    KV-Edit's K/V provider in ``fastgen.flux_branches.branch_forward``.
 
     ``mode`` is ``"capture"`` (a full forward: keep the background columns of every layer's image
     K/V under ``step``) or ``"use"`` (a foreground forward: attend to ``step``'s entries with
@@ -142,13 +143,13 @@ class BackgroundKV:
 
     # --- validity ---------------------------------------------------------------------------
 
-    def begin_forward(self, model, hidden: torch.Tensor) -> None:
-        """Called by the branch forward at the start of each forward (inside the transformer's forward
-        hooks: model offload has placed its weights). A capture records the state the K/V are
-        computed under; a foreground forward under another state raises instead of mixing the two."""
+    def begin_forward(self, forward: Forward) -> None:
+        """At the start of each forward (inside the transformer's forward hooks: model offload has
+        placed its weights), a capture records the state the K/V are computed under; a foreground
+        forward under another state raises instead of mixing the two."""
         if self.mode not in ("capture", "use"):
             return
-        now = state_of(model, hidden)
+        now = state_of(forward.model, forward.hidden_states)
         if self.state is None and self.mode == "capture":
             self.state = now
             return
@@ -164,11 +165,10 @@ class BackgroundKV:
     # --- storage ---------------------------------------------------------------------------
 
     def _store(self, k, v):
-        k, v = k.index_select(2, self.bg), v.index_select(2, self.bg)
-        entry = quantize_kv(k, v) if self.dtype == "fp8" else (k, v)
+        entry = cache_entry(k.index_select(2, self.bg), v.index_select(2, self.bg), self.dtype)
         if not self.offload:
             return entry
-        src = _tensors(entry)
+        src = entry_tensors(entry)
         if self._arena is None:  # another device
             return _like(entry, [t.to(self.storage) for t in src])
         dst = [self._arena.empty(t.shape, t.dtype) for t in src]
@@ -186,7 +186,7 @@ class BackgroundKV:
     def _copy_in(self, entry):
         # same device (tests on a CPU): a copy anyway, so the offload path runs as on a GPU
         return _like(entry, [t.to(self.compute, non_blocking=True) if t.device != self.compute else t.clone()
-                             for t in _tensors(entry)])
+                             for t in entry_tensors(entry)])
 
     def _prefetch(self, key) -> None:
         if key not in self._entries or key in self._ready:
@@ -208,7 +208,7 @@ class BackgroundKV:
         if event is not None:
             current = torch.cuda.current_stream(self.compute)
             current.wait_event(event)
-            for t in _tensors(entry):
+            for t in entry_tensors(entry):
                 t.record_stream(current)  # freed only once the attention that reads it is done
         self._prefetch((key[0], key[1] + 1))  # the next layer, while this one computes
         self.max_resident = max(self.max_resident, len(self._ready) + 1)  # + the one in use
@@ -216,12 +216,12 @@ class BackgroundKV:
 
     # --- called by the branch forward in every attention layer ------------------------------
 
-    def attend(self, layer: int, k_img: torch.Tensor, v_img: torch.Tensor) -> list:
+    def extra_kv(self, layer: Layer) -> list[Segment]:
         if self.mode == "capture":
-            self._entries[(self.step, layer)] = self._store(k_img, v_img)
+            self._entries[(self.step, layer.index)] = self._store(*layer.image_kv())
             return []
         if self.mode == "use" and self.bg.numel():
-            return [(self._fetch((self.step, layer)), self.bias)]
+            return [Segment(self._fetch((self.step, layer.index)), self.bias)]
         return []
 
     def begin(self, mode: str, step: int, bias: float = 0.0) -> None:
@@ -237,7 +237,7 @@ class BackgroundKV:
     @property
     def nbytes(self) -> int:
         """Bytes of the cached K/V (and fp8 scales)."""
-        return sum(t.numel() * t.element_size() for e in self._entries.values() for t in _tensors(e))
+        return sum(t.numel() * t.element_size() for e in self._entries.values() for t in entry_tensors(e))
 
     @property
     def host_bytes(self) -> int:
@@ -251,6 +251,31 @@ class BackgroundKV:
         if self._arena is not None:
             self._arena.chunks.clear()
             self._arena.reset()
+
+
+class InversionMask(KVProvider):
+    """KV-Edit's optional inversion mask, a K/V provider that computes the attention itself. Image
+    tokens come ordered [foreground (``n_fg``), background]: text queries see every key, foreground
+    queries text + foreground keys, background ones text + background keys. Three launches over
+    slices of the same K/V (segments read in place, nothing concatenated)."""
+
+    def __init__(self, n_fg: int):
+        self.n_fg = n_fg
+
+    def attend(self, layer: Layer, q: torch.Tensor, extra: list[Segment]) -> torch.Tensor:
+        if extra:
+            raise ValueError("the KV-Edit inversion mask takes no extra K/V segments")
+        n_txt, n_fg = layer.forward.n_txt, self.n_fg
+        kt, vt = layer.keys[0][:, :, :n_txt], layer.values[0][:, :, :n_txt]
+        ki, vi = layer.image_kv()
+        parts = []
+        for rows, cols in ((slice(0, n_txt), slice(None)), (slice(n_txt, n_txt + n_fg), slice(0, n_fg)),
+                           (slice(n_txt + n_fg, None), slice(n_fg, None))):
+            qr, kc, vc = q[:, :, rows], ki[:, :, cols], vi[:, :, cols]
+            if qr.shape[2]:
+                parts.append(ops.attention(qr, kt, vt, extra_kv=[(kc, vc)] if kc.shape[2] else None,
+                                           backend=layer.forward.config.attention_backend))
+        return torch.cat(parts, dim=2)
 
 
 def state_of(model, hidden: torch.Tensor) -> dict:
@@ -373,7 +398,7 @@ class KVEditor:
                 raise ValueError(f"KVEditor needs the pipeline's {name}; {type(pipe).__name__} has none")
         self.pipe = pipe
         self.config = EditConfig.build(config)
-        self._branch_config = self.config.branch_config()
+        self._patch_config = self.config.patch_config()
 
     # --- checks, before any model runs ------------------------------------------------------------
 
@@ -438,14 +463,15 @@ class KVEditor:
         e, p, ids = self.pipe.encode_prompt(prompt=prompt, prompt_2=None, device=self.pipe._execution_device)
         return e, p, ids
 
-    def _forward(self, state, z, t, text, guidance, ids):
+    def _forward(self, providers, z, t, text, guidance, ids):
         """The transformer's velocity at time ``t`` (a scheduler timestep, 0..1000), called as
         ``FluxPipeline`` calls it: ``timestep = t.expand(B).to(latents.dtype) / 1000``."""
         embeds, pooled, txt_ids = text
         tr = self.pipe.transformer
         g = torch.full((z.shape[0],), guidance, device=z.device, dtype=torch.float32) if tr.config.guidance_embeds else None
         # inside the transformer's forward hooks, as a call of the transformer would be (offloading)
-        return call_as_forward(tr, functools.partial(branch_forward, tr, state), hidden_states=z,
+        return call_as_forward(tr, functools.partial(branch_forward, tr, providers, config=self._patch_config),
+                               hidden_states=z,
                                encoder_hidden_states=embeds, pooled_projections=pooled,
                                timestep=t.expand(z.shape[0]).to(z.dtype) / 1000, img_ids=ids, txt_ids=txt_ids,
                                guidance=g, return_dict=False)[0]
@@ -494,25 +520,24 @@ class KVEditor:
             return Inversion(image, x0, x0, fg, sig, skip_steps, grid, size, None, stats, timesteps=times)
         src = self._embeds(*source, "source")
         cache = self._cache(fg, x0, storage, cache_dtype, keep_steps=True)
-        state = BranchState.create(self.pipe.transformer, [], self._branch_config)
-        state.background = cache
+        providers = [cache]
         ids = fl.grid_ids(*grid, device=x0.device)
         order = None
         if attention_mask:  # tokens as [foreground, background]: each query group reads a slice of the K/V
             order = torch.cat([fg.nonzero().flatten(), cache.bg])
-            ids, state.token_split = ids[order], int(fg.sum())
-            cache.bg = torch.arange(state.token_split, fg.numel(), device=x0.device)  # same columns, same order
+            n_fg = int(fg.sum())
+            ids = ids[order]
+            providers.append(InversionMask(n_fg))
+            cache.bg = torch.arange(n_fg, fg.numel(), device=x0.device)  # same columns, same order
         try:
             z = x0 if order is None else x0[:, order]
             for i in range(num_inference_steps - 1, skip_steps - 1, -1):  # Euler, backwards in time
                 cache.begin("capture", i)
-                v = self._forward(state, z, times[i + 1], src, inversion_guidance, ids)
+                v = self._forward(providers, z, times[i + 1], src, inversion_guidance, ids)
                 z = _euler(z, sig[i] - sig[i + 1], v)
         except BaseException:
             cache.clear()
             raise
-        finally:
-            state.clear()
         if order is not None:
             z = torch.empty_like(z).index_copy_(1, order, z)
         stats.update(forwards=num_inference_steps - skip_steps, cache_bytes=cache.nbytes,
@@ -550,20 +575,15 @@ class KVEditor:
         fg_idx = inv.fg.nonzero().flatten()
         fg_ids = fl.grid_ids(*inv.grid, device=x0.device)[fg_idx]
         cache = inv.cache
-        state = BranchState.create(self.pipe.transformer, [], self._branch_config)
-        state.background = cache
         z_fg = inv.z[:, fg_idx]
         if re_init:  # fresh noise at the start time, mixed with the source as the schedule does
             noise = self._noise(x0, inv.grid, generator, tar)
             z_fg = sig[skip] * noise[:, fg_idx] + (1 - sig[skip]) * x0[:, fg_idx]
         cache.max_resident = 0
-        try:
-            for i in range(skip, len(sig) - 1):
-                cache.begin("use", i, attn_scale)
-                v = self._forward(state, z_fg, times[i], tar, guidance_scale, fg_ids)
-                z_fg = _euler(z_fg, sig[i + 1] - sig[i], v)
-        finally:
-            state.clear()
+        for i in range(skip, len(sig) - 1):
+            cache.begin("use", i, attn_scale)
+            v = self._forward([cache], z_fg, times[i], tar, guidance_scale, fg_ids)
+            z_fg = _euler(z_fg, sig[i + 1] - sig[i], v)
         canvas = x0.clone()
         canvas[:, fg_idx] = z_fg.to(canvas.dtype)
         stats.update(forwards=stats["forwards"] + len(sig) - 1 - skip, max_resident_layers=cache.max_resident)
@@ -637,8 +657,6 @@ class KVEditor:
         ids = fl.grid_ids(*grid, device=x0.device)
         fg_idx = fg.nonzero().flatten()
         cache = self._cache(fg, x0, storage, cache_dtype, keep_steps=False)
-        state = BranchState.create(self.pipe.transformer, [], self._branch_config)
-        state.background = cache
         noise = self._noise(x0, grid, generator, src)
         z, cache_bytes = x0.clone(), 0
         try:
@@ -646,17 +664,16 @@ class KVEditor:
                 t, dt = sig[i], sig[i + 1] - sig[i]
                 z_src = (1 - t) * x0 + t * noise
                 cache.begin("capture", 0)
-                v_src = self._forward(state, z_src, times[i], src, inversion_guidance, ids)
+                v_src = self._forward([cache], z_src, times[i], src, inversion_guidance, ids)
                 cache_bytes = max(cache_bytes, cache.nbytes)
                 cache.begin("use", 0, attn_scale)
-                v_tar = self._forward(state, z[:, fg_idx] + (z_src - x0)[:, fg_idx], times[i], tar, guidance_scale,
+                v_tar = self._forward([cache], z[:, fg_idx] + (z_src - x0)[:, fg_idx], times[i], tar, guidance_scale,
                                       ids[fg_idx])
                 z[:, fg_idx] = _euler(z[:, fg_idx], dt, v_tar - v_src[:, fg_idx])
             stats.update(forwards=2 * (num_inference_steps - skip_steps), cache_bytes=cache_bytes,
                          host_cache_bytes=cache.host_bytes, max_resident_layers=cache.max_resident)
         finally:
             cache.clear()
-            state.clear()
         return EditOutput(self._decode(z, *size, output_type), z, stats)
 
     def _schedule(self, steps: int, tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,14 +5,7 @@ from __future__ import annotations
 
 import torch
 
-import fastgen.ops as ops
-
-
-def _own(t: torch.Tensor) -> torch.Tensor:
-    # A view into a larger buffer (a fused QKV projection) would keep all of it alive: copy it out.
-    if t.untyped_storage().nbytes() > t.numel() * t.element_size():
-        return t.clone(memory_format=torch.contiguous_format)
-    return t
+from fastgen.flux_branches import cache_entry, entry_tensors
 
 
 class ConditionKVCache:
@@ -35,8 +28,7 @@ class ConditionKVCache:
         self._layers: dict[int, list] = {}
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        entry = ops.quantize_kv(k, v) if self.dtype == "fp8" else (_own(k), _own(v))
-        self._layers.setdefault(layer, []).append(entry)
+        self._layers.setdefault(layer, []).append(cache_entry(k, v, self.dtype))
 
     def segments(self, layer: int) -> list:
         self.reads += 1
@@ -59,12 +51,8 @@ class ConditionKVCache:
     @property
     def nbytes(self) -> int:
         """Bytes held (scales included)."""
-        total = 0
-        for entries in self._layers.values():
-            for e in entries:
-                tensors = e.tensors() if isinstance(e, ops.Fp8KV) else e
-                total += sum(t.numel() * t.element_size() for t in tensors)
-        return total
+        return sum(t.numel() * t.element_size() for entries in self._layers.values() for e in entries
+                   for t in entry_tensors(e))
 
     def clear(self) -> None:
         self._layers.clear()

@@ -6,12 +6,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from fastgen.ops.attention import BACKENDS as ATTENTION_BACKENDS
-from fastgen.ops.prologue import BACKENDS as PROLOGUE_BACKENDS
+from fastgen.flux_branches import CACHE_DTYPES
 from fastgen.patching.config import PatchConfig, build_config, validated
 
 ATTENTION_MODES = ("asymmetric", "symmetric")
-CACHE_DTYPES = ("compute", "fp8")
 
 
 @validated
@@ -54,18 +52,14 @@ class ConditionConfig:
                              "K/V depend on the image tokens and change every step")
         if self.cache_dtype not in CACHE_DTYPES:
             raise ValueError(f"cache_dtype must be one of {CACHE_DTYPES}, got {self.cache_dtype!r}")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
-        if self.prologue_backend not in PROLOGUE_BACKENDS:
-            raise ValueError(f"prologue_backend must be one of {PROLOGUE_BACKENDS}, got {self.prologue_backend!r}")
-        if not isinstance(self.fuse_prologue, bool):
-            raise ValueError(f"fuse_prologue must be True or False, got {self.fuse_prologue!r}")
+        self.patch_config()  # the attention settings, checked as fastgen.PatchConfig checks them
 
     @property
     def use_cache(self) -> bool:
         return self.attention == "asymmetric" if self.kv_cache is None else self.kv_cache
 
     def patch_config(self) -> PatchConfig:
+        """The attention settings, as ``fastgen.flux_branches.branch_forward`` takes them."""
         return PatchConfig(attention_backend=self.attention_backend, prologue_backend=self.prologue_backend,
                            fuse_prologue=self.fuse_prologue)
 

@@ -5,7 +5,8 @@
 
 The pipeline's own ``__call__`` runs unchanged (schedulers, true CFG, callbacks, progress bar);
 for the length of the call a diffusers hook gives the transformer the branch forward of
-``fastgen.condition.branches``, and the condition K/V cache lives and dies with the call.
+``fastgen.flux_branches`` with the conditions' K/V provider (``fastgen.condition.branches``), and
+the condition K/V cache lives and dies with the call.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import torch
 from fastgen import flux_latents as fl
 from fastgen._hooks import call_as_forward
 from fastgen.condition.adapters import check_adapters
-from fastgen.condition.branches import Branch, BranchState, branch_forward, check_transformer
+from fastgen.condition.branches import Branch, BranchState, branch_forward
 from fastgen.condition.config import Condition, ConditionConfig, Fill
+from fastgen.flux_branches import check_transformer
 
 HOOK = "fastgen.condition"
 _IP_ADAPTER_ARGS = ("ip_adapter_image", "ip_adapter_image_embeds", "negative_ip_adapter_image",

@@ -10,7 +10,9 @@ back into groups as views.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -19,10 +21,15 @@ from fastgen._hooks import places_own_weights
 from fastgen.kernels.qk_norm_rope import empty_like_bshd
 from fastgen.patching.config import PatchConfig
 
+# The prologue's modes (``fastgen.ops.qk_norm_rope``'s ``norm`` and ``rope``), named once for the
+# library: RMS-norm over each head's D or over all H*D; RoPE pairs (2i, 2i+1) or (i, i + D/2).
+NORM_HEAD, NORM_ALL = "head", "all"
+ROPE_INTERLEAVED, ROPE_HALF = "interleaved", "half"
+
 
 @dataclass
 class Norm:
-    """An RMS-norm the prologue kernel can fuse: mode "head" (over D) or "all" (over H*D)."""
+    """An RMS-norm the prologue kernel can fuse: mode ``NORM_HEAD`` (over D) or ``NORM_ALL`` (over H*D)."""
 
     mode: str
     weight: torch.Tensor | None
@@ -45,9 +52,9 @@ def fusable_norm(module, heads: int, head_dim: int, dtype: torch.dtype) -> Norm 
     else:
         return False
     if shape == (head_dim,):
-        return Norm("head", weight, eps)
+        return Norm(NORM_HEAD, weight, eps)
     if shape == (heads * head_dim,):
-        return Norm("all", weight, eps)
+        return Norm(NORM_ALL, weight, eps)
     return False
 
 
@@ -87,8 +94,8 @@ def prologue(q, k, norm_q, norm_k, rope, out_q, config: PatchConfig):
             backend=config.prologue_backend, out=(out_q, out_k),
         )
     # The modules as upstream runs them, then RoPE (the unfused PyTorch sequence) into the buffers.
-    q = _apply_norm(q, norm_q, isinstance(nq, Norm) and nq.mode == "all")
-    k = _apply_norm(k, norm_k, isinstance(nk, Norm) and nk.mode == "all")
+    q = _apply_norm(q, norm_q, isinstance(nq, Norm) and nq.mode == NORM_ALL)
+    k = _apply_norm(k, norm_k, isinstance(nk, Norm) and nk.mode == NORM_ALL)
     if rope is None:
         return out_q.copy_(q), out_k.copy_(k)
     return ops.qk_norm_rope(q, k, cos=cos, sin=sin, norm=None, rope=mode, backend="torch", out=(out_q, out_k))
@@ -161,39 +168,48 @@ def split_heads_output(out: torch.Tensor, sizes: list[int]) -> list[torch.Tensor
     return list(flat.split(sizes, dim=1)) if len(sizes) > 1 else [flat]
 
 
+class Segment(NamedTuple):
+    """Keys and values attended after the token groups' own: ``kv`` a (k, v) pair, each (B or 1,
+    H, N, D) ready for attention (post-norm, post-RoPE), or a ``fastgen.ops.Fp8KV``; ``bias`` added
+    to their logits (natural log; ``-inf`` drops the segment)."""
+
+    kv: object
+    bias: float = 0.0
+
+
+def attend_groups(q_joint: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], config: PatchConfig,
+                  extra: Sequence[Segment] = ()) -> torch.Tensor:
+    """Attention of ``project_groups``' joint queries over every group's keys, then the ``extra``
+    segments, each read in place (nothing concatenated). Returns (B, H, sum S_i, D)."""
+    segments = list(zip(keys[1:], values[1:])) + [s.kv for s in extra]
+    biases = [0.0] * (len(keys) - 1) + [s.bias for s in extra]
+    return ops.attention(q_joint, keys[0], values[0], extra_kv=segments or None, extra_bias=biases or None,
+                         backend=config.attention_backend)
+
+
 def joint_attention(groups: list[TokenGroup], head_dim: int, config: PatchConfig,
-                    key_lengths: list[int] | None = None,
-                    extra: list[tuple[torch.Tensor, torch.Tensor, float]] | None = None) -> list[torch.Tensor]:
+                    key_lengths: list[int] | None = None) -> list[torch.Tensor]:
     """Attention of every group's queries over all groups' keys, in group order.
 
     Equivalent to concatenating the groups along the sequence, normalising, rotating and calling
     SDPA, then splitting. ``key_lengths``: per batch element, how many leading keys of the joint
     sequence are valid (a key-padding mask); the rest are excluded by truncating segments in place.
-    ``extra``: cached (k, v, bias) segments, each (B or 1, H, N, D) ready for attention, attended
-    after the groups' keys with ``bias`` added to their logits (not with ``key_lengths``).
     Returns one (B, S_i, H*D) tensor per group.
     """
     sizes = [g.query.shape[1] for g in groups]
     q_joint, keys, values = project_groups(groups, head_dim, config)
     if key_lengths is None:
-        extra = extra or []
-        segments = list(zip(keys[1:], values[1:])) + [(k, v) for k, v, _ in extra]
-        biases = [0.0] * (len(keys) - 1) + [b for _, _, b in extra]
-        out = ops.attention(q_joint, keys[0], values[0], extra_kv=segments or None, extra_bias=biases or None,
-                            backend=config.attention_backend)
-    else:
-        if extra:
-            raise ValueError("cached extra segments cannot be combined with a key-padding mask")
-        parts = []
-        for b, length in enumerate(key_lengths):
-            segs, start = [], 0
-            for k, v in zip(keys, values):
-                take = min(max(length - start, 0), k.shape[2])
-                if take:
-                    segs.append((k[b : b + 1, :, :take], v[b : b + 1, :, :take]))
-                start += k.shape[2]
-            parts.append(ops.attention(q_joint[b : b + 1], *segs[0], extra_kv=segs[1:] or None,
-                                       backend=config.attention_backend))
-        # one copy, concatenated in (B, S, H, D) order so the flatten below is a view
-        out = torch.cat([p.transpose(1, 2) for p in parts]).transpose(1, 2)
+        return split_heads_output(attend_groups(q_joint, keys, values, config), sizes)
+    parts = []
+    for b, length in enumerate(key_lengths):
+        segs, start = [], 0
+        for k, v in zip(keys, values):
+            take = min(max(length - start, 0), k.shape[2])
+            if take:
+                segs.append((k[b : b + 1, :, :take], v[b : b + 1, :, :take]))
+            start += k.shape[2]
+        parts.append(ops.attention(q_joint[b : b + 1], *segs[0], extra_kv=segs[1:] or None,
+                                   backend=config.attention_backend))
+    # one copy, concatenated in (B, S, H, D) order so the flatten below is a view
+    out = torch.cat([p.transpose(1, 2) for p in parts]).transpose(1, 2)
     return split_heads_output(out, sizes)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from fastgen.patching.core import TokenGroup, joint_attention
+from fastgen.patching.core import ROPE_INTERLEAVED, TokenGroup, joint_attention
 from fastgen.patching.processors.base import FastgenProcessor
 
 try:  # the upstream projection helper (plain or fused QKV); its absence means a different diffusers
@@ -14,7 +14,7 @@ except ImportError:  # pragma: no cover - the processor then always defers to up
     _get_qkv_projections = None
 
 
-def split_rope(image_rotary_emb, start: int, stop: int, mode: str = "interleaved"):
+def split_rope(image_rotary_emb, start: int, stop: int, mode: str = ROPE_INTERLEAVED):
     """RoPE tables (cos, sin) of the joint sequence, restricted to tokens [start, stop)."""
     if image_rotary_emb is None:
         return None

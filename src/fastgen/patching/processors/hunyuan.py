@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from fastgen.patching.core import TokenGroup, joint_attention
+from fastgen.patching.core import ROPE_INTERLEAVED, TokenGroup, joint_attention
 from fastgen.patching.processors.base import FastgenProcessor
 
 
@@ -41,7 +41,7 @@ class FastgenHunyuanVideoAttnProcessor(FastgenProcessor):
             cos, sin = image_rotary_emb
             if cos.shape[0] != n_vid:
                 return self.defer("RoPE tables that do not cover exactly the video tokens", *args)
-            rope = (cos, sin, "interleaved")
+            rope = (cos, sin, ROPE_INTERLEAVED)
 
         x = torch.cat([hidden_states, encoder_hidden_states], dim=1) if single else hidden_states
         query = attn.to_q(x)

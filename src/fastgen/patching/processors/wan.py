@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from fastgen import ops
-from fastgen.patching.core import TokenGroup, heads_view, joint_attention
+from fastgen.patching.core import ROPE_INTERLEAVED, TokenGroup, heads_view, joint_attention
 from fastgen.patching.processors.base import FastgenProcessor
 
 try:
@@ -24,7 +24,7 @@ def wan_rope(rotary_emb):
     cos, sin = rotary_emb
     if cos.dim() != 4 or cos.shape[0] != 1 or cos.shape[2] != 1:
         return None
-    return cos[0, :, 0, 0::2], sin[0, :, 0, 1::2], "interleaved"
+    return cos[0, :, 0, 0::2], sin[0, :, 0, 1::2], ROPE_INTERLEAVED
 
 
 class FastgenWanAttnProcessor(FastgenProcessor):
