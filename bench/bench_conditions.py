@@ -7,11 +7,12 @@ ratios show the work saved. Per image = first forward + (steps - 1) later forwar
 import pytest
 import torch
 
-from fastgen import benchmarks as B
+from fastgen.benchmarks import core
+from fastgen.benchmarks.conditions import CONDITION_VARIANTS, condition_cases, condition_runs, condition_setup
 
-DEVICE = B.default_device()
+DEVICE = core.default_device()
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-CASES = B.condition_cases(DEVICE)
+CASES = condition_cases(DEVICE)
 
 
 @pytest.fixture(scope="module")
@@ -23,23 +24,24 @@ def model():
         torch.cuda.empty_cache()
 
 
-@pytest.mark.parametrize("variant", B.CONDITION_VARIANTS)
+@pytest.mark.parametrize("variant", CONDITION_VARIANTS)
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.conditions}cond" for c in CASES])
 def test_condition_variant(benchmark, model, case, variant):
     inputs = case.model.inputs(DEVICE, DTYPE)
-    branches, config = B._condition_setup(case, variant, DEVICE, DTYPE)
-    first, step, state_of = B.condition_runs(model, inputs, branches, config)
-    out, peak = B.run_once(first, DEVICE)  # warm-up, and the first forward's peak (cache fill)
+    branches, config = condition_setup(case, variant, DEVICE, DTYPE)
+    first, step, state_of = condition_runs(model, inputs, branches, config)
+    out, peak = core.run_once(first, DEVICE)  # warm-up, and the first forward's peak (cache fill)
     assert torch.isfinite(out).all()
     later = step()
     if config.use_cache:
-        ref = B.condition_runs(model, inputs, branches, type(config)(kv_cache=False))[1]()
+        ref = condition_runs(model, inputs, branches, type(config)(kv_cache=False))[1]()
         # exact w.r.t. the uncached asymmetric model (compact conditions change the model, not this)
-        assert B.max_diff(later, ref) <= (1e-4 if DTYPE == torch.float32 else 5e-2) * max(1.0, float(ref.abs().max()))
+        tol = 1e-4 if DTYPE == torch.float32 else 5e-2
+        assert core.max_diff(later, ref) <= tol * max(1.0, float(ref.abs().max()))
         assert state_of().branch_forwards == 1
-    first_ms = B.time_ms(B.synced(first, DEVICE), DEVICE, budget_s=0.5)
+    first_ms = core.time_ms(core.synced(first, DEVICE), DEVICE, budget_s=0.5)
     benchmark.group = f"condition {case.name}"
     benchmark.extra_info.update(suite="condition", case=case.name, provider=variant, peak_mb=peak,
                                 first_forward_ms=first_ms, steps=case.steps,
                                 cache_mb=(state_of().cache.nbytes / 2**20) if state_of().cache is not None else 0.0)
-    benchmark(B.synced(step, DEVICE))
+    benchmark(core.synced(step, DEVICE))

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 import fastgen
-from fastgen import benchmarks as B
+from fastgen.benchmarks import core
+from fastgen.benchmarks.denoisers import denoiser_cases, denoiser_step
 
-DEVICE = B.default_device()
+DEVICE = core.default_device()
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-CASES = B.denoiser_cases(DEVICE)
+CASES = denoiser_cases(DEVICE)
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[c.name.replace(" ", "_") for c in CASES])
@@ -18,7 +19,7 @@ def built(request):
     case = request.param
     model = case.build(DEVICE, DTYPE)
     inputs = case.inputs(DEVICE, DTYPE)
-    ref, _ = B.run_once(B.denoiser_step(model, inputs, case.forwards_per_step), DEVICE)
+    ref, _ = core.run_once(denoiser_step(model, inputs, case.forwards_per_step), DEVICE)
     yield case, model, inputs, ref
     fastgen.unpatch(model)
     del model
@@ -32,10 +33,10 @@ def test_denoiser_step(benchmark, built, provider):
     fastgen.unpatch(model)
     if provider == "fastgen":
         fastgen.patch(model)
-    step = B.denoiser_step(model, inputs, case.forwards_per_step)
-    out, peak = B.run_once(step, DEVICE)  # also the warm-up: compilation, autotuning, first K/V cache fill
-    out, peak = B.run_once(step, DEVICE)
-    diff = B.max_diff(out, ref)
+    step = denoiser_step(model, inputs, case.forwards_per_step)
+    out, peak = core.run_once(step, DEVICE)  # also the warm-up: compilation, autotuning, first K/V cache fill
+    out, peak = core.run_once(step, DEVICE)
+    diff = core.max_diff(out, ref)
     scale = float(ref.abs().max())
     assert torch.isfinite(out).all()
     # exact optimizations: equal to rounding (random deep nets amplify bf16 rounding a little)
@@ -43,4 +44,4 @@ def test_denoiser_step(benchmark, built, provider):
     benchmark.group = f"denoiser {case.name}"
     benchmark.extra_info.update(suite="denoiser", case=f"{case.name} ({case.forwards_per_step} fwd/step)",
                                 provider=provider, max_diff=diff, peak_mb=peak, reference="diffusers, same run")
-    benchmark(B.synced(step, DEVICE))
+    benchmark(core.synced(step, DEVICE))

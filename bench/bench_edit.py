@@ -9,20 +9,21 @@ import math
 import pytest
 import torch
 
-from fastgen import benchmarks as B
+from fastgen.benchmarks import core
+from fastgen.benchmarks import edit as E
 
-DEVICE = B.default_device()
+DEVICE = core.default_device()
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-CASE = B.edit_cases(DEVICE)[0]
+CASE = E.edit_cases(DEVICE)[0]
 ROUNDS = 2 if DEVICE.type == "cuda" else 3
 
 
 @pytest.fixture(scope="module")
 def bench():
-    b = B.edit_bench(CASE, DEVICE, DTYPE)
+    b = E.edit_bench(CASE, DEVICE, DTYPE)
     yield b
     del b
-    B._free(DEVICE)
+    core.free_memory(DEVICE)
 
 
 @pytest.fixture(scope="module")
@@ -32,32 +33,32 @@ def exact() -> dict:
 
 def _timer(benchmark):
     def run(fn):
-        benchmark.pedantic(B.synced(fn, DEVICE), rounds=ROUNDS, iterations=1)
+        benchmark.pedantic(core.synced(fn, DEVICE), rounds=ROUNDS, iterations=1)
         stats = getattr(benchmark, "stats", None)
         return stats.stats.median * 1e3 if stats is not None else math.nan  # nan under --benchmark-disable
 
     return run
 
 
-def _record(benchmark, row: B.Result) -> None:
+def _record(benchmark, row: core.Result) -> None:
     benchmark.group = f"edit {CASE.name}"
     benchmark.extra_info.update(suite="edit", case=row.case, provider=row.provider, peak_mb=row.peak_mb,
                                 max_diff=row.max_diff, **{k: v for k, v in row.extra.items() if k != "total_ms"})
 
 
-@pytest.mark.parametrize("provider", B.EDIT_BASELINES)
+@pytest.mark.parametrize("provider", E.EDIT_BASELINES)
 def test_full_generation(benchmark, bench, provider):
-    _record(benchmark, B.edit_baseline_result(bench, provider, DEVICE, ROUNDS, timer=_timer(benchmark)))
+    _record(benchmark, E.edit_baseline_result(bench, provider, DEVICE, ROUNDS, timer=_timer(benchmark)))
 
 
-@pytest.mark.parametrize("path", list(B.EDIT_PATHS))
+@pytest.mark.parametrize("path", list(E.EDIT_PATHS))
 def test_kv_edit(benchmark, bench, exact, path):
-    options = B.EDIT_PATHS[path]
+    options = E.EDIT_PATHS[path]
     reference = next(iter(exact.items()), None)
     try:
-        row, latents = B.edit_path_result(bench, path, DEVICE, ROUNDS, reference, edit_timer=_timer(benchmark))
+        row, latents = E.edit_path_result(bench, path, DEVICE, ROUNDS, reference, edit_timer=_timer(benchmark))
     except torch.cuda.OutOfMemoryError as err:  # the 28-step device cache of Flux-dev may not fit
-        B._free(DEVICE)
+        core.free_memory(DEVICE)
         pytest.xfail(f"{path} does not fit on {torch.cuda.get_device_name()}: {str(err)[:100]}")
     _record(benchmark, row)  # first: a failed check below still leaves the measured row in the table
     if set(options) <= {"cache_device"}:

@@ -3,9 +3,10 @@ table (median ms, TFLOP/s or GB/s, speed-up over the best baseline) printed at t
 
 from __future__ import annotations
 
-from fastgen import benchmarks as B
+from fastgen.benchmarks import core
+from fastgen.benchmarks.attention import is_sdpa
 
-DEVICE = B.default_device()
+DEVICE = core.default_device()
 
 
 def pytest_addoption(parser):
@@ -13,10 +14,10 @@ def pytest_addoption(parser):
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    machine_info["fastgen"] = B.environment(DEVICE)
+    machine_info["fastgen"] = core.environment(DEVICE)
 
 
-def _results(config) -> list[B.Result]:
+def _results(config) -> list[core.Result]:
     session = getattr(config, "_benchmarksession", None)
     if session is None or session.disabled:
         return []
@@ -28,29 +29,29 @@ def _results(config) -> list[B.Result]:
         ms = bench.stats.median * 1e3
         if info["suite"] == "condition":  # per image: the first forward, then (steps - 1) timed ones
             steps = info["steps"]
-            rows.append(B.Result("condition", info["case"], info["provider"], info["first_forward_ms"] + (steps - 1) * ms,
-                                 peak_mb=info.get("peak_mb"),
-                                 extra={"first_forward_ms": info["first_forward_ms"], "later_forward_ms": ms,
-                                        "tokens_per_image": "", "cache_mb": info["cache_mb"]}))
+            rows.append(core.Result("condition", info["case"], info["provider"],
+                                    info["first_forward_ms"] + (steps - 1) * ms, peak_mb=info.get("peak_mb"),
+                                    extra={"first_forward_ms": info["first_forward_ms"], "later_forward_ms": ms,
+                                           "tokens_per_image": "", "cache_mb": info["cache_mb"]}))
             continue
-        if info["suite"] == "edit":  # the edit's time; inversion measured apart (B.edit_path_result)
+        if info["suite"] == "edit":  # the edit's time; inversion measured apart (benchmarks.edit.edit_path_result)
             extra = {k: v for k, v in info.items() if k not in ("suite", "case", "provider", "peak_mb", "max_diff")}
             extra["total_ms"] = ms + (info.get("inversion_ms") or 0.0)
-            rows.append(B.Result("edit", info["case"], info["provider"], ms, max_diff=info.get("max_diff"),
-                                 peak_mb=info.get("peak_mb"), extra=extra))
+            rows.append(core.Result("edit", info["case"], info["provider"], ms, max_diff=info.get("max_diff"),
+                                    peak_mb=info.get("peak_mb"), extra=extra))
             continue
-        rows.append(B.Result(
+        rows.append(core.Result(
             info["suite"], info["case"], info["provider"], ms,
             tflops=info["flops"] / ms / 1e9 if "flops" in info else None,
             gbps=info["bytes"] / ms / 1e6 if "bytes" in info else None,
             max_diff=info.get("max_diff"), peak_mb=info.get("peak_mb"),
             extra={"reference": info.get("reference")},
         ))
-    for suite, baseline in (("attention", B.is_sdpa), ("prologue", lambda p: p == "torch-unfused"),
+    for suite, baseline in (("attention", is_sdpa), ("prologue", lambda p: p == "torch-unfused"),
                             ("quantize", lambda p: p == "torch-unfused"),
                             ("denoiser", lambda p: p == "diffusers"), ("condition", lambda p: p.startswith("(a)")),
                             ("edit", lambda p: p.startswith("full generation"))):
-        B.add_speedups([r for r in rows if r.suite == suite], baseline)
+        core.add_speedups([r for r in rows if r.suite == suite], baseline)
     return rows
 
 
@@ -58,10 +59,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     rows = _results(config)
     if not rows:
         return
-    env = B.environment(DEVICE)
+    env = core.environment(DEVICE)
     terminalreporter.write_sep("=", "fastgen: baseline vs fastgen (same run, same device)")
-    terminalreporter.write_line(B.markdown_table(rows, env))
+    terminalreporter.write_line(core.markdown_table(rows, env))
     out = config.getoption("--fastgen-out")
     if out:
-        j, m = B.save(rows, env, out, f"bench-{DEVICE.type}")
+        j, m = core.save(rows, env, out, f"bench-{DEVICE.type}")
         terminalreporter.write_line(f"fastgen: wrote {j} and {m}")

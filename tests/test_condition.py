@@ -20,15 +20,15 @@ SIDE = 64  # 4 x 4 tokens: Triton's interpreter runs a 2-step generation in abou
 def _tiny_flux_pipeline():
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
-    from fastgen.demo import _vae
+    from fastgen.models import autoencoder_kl
 
     torch.manual_seed(0)
     tr = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
                                 num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
                                 axes_dims_rope=(4, 6, 6), guidance_embeds=True).eval()
-    pipe = FluxConditionPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(4, flux_style=True).eval(),
-                                 text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                                 transformer=tr).to(DEVICE)
+    pipe = FluxConditionPipeline(scheduler=FlowMatchEulerDiscreteScheduler(),
+                                 vae=autoencoder_kl(4, flux_style=True).eval(), text_encoder=None, tokenizer=None,
+                                 text_encoder_2=None, tokenizer_2=None, transformer=tr).to(DEVICE)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -504,14 +504,14 @@ def test_float_images_outside_0_1_raise_and_uint8_is_read_as_0_255(pipe):
 def _sd_pipeline():
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from fastgen.demo import _vae
+    from fastgen.models import autoencoder_kl
     from tiny_models import unet
 
     with warnings.catch_warnings():  # diffusers' deprecation notices about tiny configs (errors where filtered so)
         warnings.simplefilter("ignore")
-        return StableDiffusionPipeline(vae=_vae(4).eval(), text_encoder=None, tokenizer=None, unet=unet()[0],
-                                       scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
+        return StableDiffusionPipeline(vae=autoencoder_kl(4).eval(), text_encoder=None, tokenizer=None,
+                                       unet=unet()[0], scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def test_non_flux_pipelines_are_refused_naming_what_is_supported():

@@ -483,26 +483,28 @@ def test_denoise_under_the_inversion_state_runs():
 
 
 def test_edit_benchmark_suite_reports_every_path(monkeypatch):
-    from fastgen import benchmarks as B
+    from fastgen import models
+    from fastgen.benchmarks import core
+    from fastgen.benchmarks import edit as E
 
-    flux = B.DenoiserCase("flux tiny", "FluxTransformer2DModel",
-                          dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                               num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-                               axes_dims_rope=(4, 6, 6), guidance_embeds=True),
-                          B._flux_inputs(1, 16, 8, 16, 32, 32, True))
-    case = B.EditCase("flux tiny 64^2, 25% mask", flux, 64, steps=3, skip_steps=1)
-    monkeypatch.setattr(B, "edit_cases", lambda device: [case])
-    rows = B.run_edits(torch.device("cpu"))
-    assert [r.provider for r in rows] == list(B.EDIT_BASELINES) + list(B.EDIT_PATHS)
+    flux = models.DenoiserSpec("flux tiny", "FluxTransformer2DModel",
+                               dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                    pooled_projection_dim=32, axes_dims_rope=(4, 6, 6), guidance_embeds=True),
+                               models.flux_inputs(1, 16, 8, 16, 32, 32, True))
+    case = E.EditCase("flux tiny 64^2, 25% mask", flux, 64, steps=3, skip_steps=1)
+    monkeypatch.setattr(E, "edit_cases", lambda device: [case])
+    rows = E.run(torch.device("cpu"))
+    assert [r.provider for r in rows] == list(E.EDIT_BASELINES) + list(E.EDIT_PATHS)
     by = {r.provider: r for r in rows}
-    for path, opts in B.EDIT_PATHS.items():
+    for path, opts in E.EDIT_PATHS.items():
         e = by[path].extra
         assert e["background_exact"] and e["edited_tokens"] == 4 and e["forwards"] == 4, (path, e)
-        assert by[path].speedup == pytest.approx(min(by[b].ms for b in B.EDIT_BASELINES) / by[path].ms)
+        assert by[path].speedup == pytest.approx(min(by[b].ms for b in E.EDIT_BASELINES) / by[path].ms)
         if "cache_dtype" in opts:
             assert 0 < by[path].max_diff < 0.5 and e["cache_mb"] < 0.6 * by["kv-edit, device cache"].extra["cache_mb"]
         elif path != "kv-edit, device cache" and not opts.get("inversion_free"):
             assert by[path].max_diff == 0.0, "where the cache lives changes nothing"
     assert by["kv-edit, inversion-free"].extra["inversion_ms"] is None
-    table = B.markdown_table(rows, B.environment("cpu"))
+    table = core.markdown_table(rows, core.environment("cpu"))
     assert "KV-Edit" in table and table.count("| flux tiny 64^2, 25% mask |") == len(rows)

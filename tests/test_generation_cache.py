@@ -154,8 +154,8 @@ def test_a_pipeline_call_is_one_generation(family):
 def _latents(pipe, call, steps=3, **kwargs):
     from fastgen import demo
 
-    return demo._output(pipe(**call, num_inference_steps=steps, output_type="latent",
-                             generator=torch.Generator("cpu").manual_seed(0), **kwargs))
+    return demo.pipeline_output(pipe(**call, num_inference_steps=steps, output_type="latent",
+                                     generator=torch.Generator("cpu").manual_seed(0), **kwargs))
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""`import fastgen` from an editable install and from a built wheel; without triton; the CLI."""
+"""`import fastgen` from an editable install and from a built wheel; without triton; the CLI; no import
+cycles among fastgen's modules."""
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -43,7 +45,8 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_contains_library_and_kernels(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in ("fastgen/__init__.py", "fastgen/ops/attention.py", "fastgen/kernels/attention.py",
-                   "fastgen/kernels/qk_norm_rope.py", "fastgen/cli.py"):
+                   "fastgen/kernels/qk_norm_rope.py", "fastgen/cli.py", "fastgen/models.py",
+                   "fastgen/benchmarks/__init__.py", "fastgen/benchmarks/core.py", "fastgen/benchmarks/edit.py"):
         assert needed in names, f"{needed} missing from {wheel.name}"
     meta = next(n for n in names if n.endswith("METADATA"))
     text = zipfile.ZipFile(wheel).read(meta).decode()
@@ -112,3 +115,113 @@ def test_cli_bench_prints_table_and_writes_results(tmp_path):
     assert data["environment"]["device"].startswith("CPU") and data["environment"]["torch"]
     assert {r["provider"] for r in data["results"]} == {"torch-unfused", "fastgen-triton"}
     assert all(r["max_diff"] < 1e-4 for r in data["results"])
+
+
+# --------------------------------------------------------------------------------------------
+# Import graph
+# --------------------------------------------------------------------------------------------
+
+
+def _module_files(roots: dict[str, Path]) -> dict[str, Path]:
+    """{dotted module name: file} of every module under ``roots`` ({package name: its folder})."""
+    out = {}
+    for package, folder in roots.items():
+        for f in folder.rglob("*.py"):
+            parts = [package, *f.relative_to(folder).with_suffix("").parts]
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            out.setdefault(name, f)  # "fastgen.kernels" maps to kernels/, not to a src/fastgen/kernels folder
+    return out
+
+
+def import_graph(roots: dict[str, Path]) -> dict[str, set[str]]:
+    """{module: modules of ``roots`` it imports}, at any depth in the file (function-level imports
+    too: they close a cycle when the function runs). Importing ``a.b.c`` also runs the packages
+    ``a`` and ``a.b``; a module's own parent packages are left out, as Python has them (partly)
+    initialised before the module runs."""
+    files = _module_files(roots)
+
+    def known(name: str) -> str | None:
+        while name and name not in files:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for module, f in files.items():
+        package = module if f.name == "__init__.py" else module.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package
+                    for _ in range(node.level - 1):
+                        up = up.rpartition(".")[0]
+                    base = f"{up}.{base}" if base else up
+                names = [base] + [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            for name in names:
+                target = known(name)
+                while target:
+                    if target != module and not module.startswith(target + "."):
+                        edges.add(target)
+                    target = target.rpartition(".")[0]
+        graph[module] = edges
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan): each holds a cycle."""
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while not component or component[-1] != v:
+                component.append(stack.pop())
+                on_stack.discard(component[-1])
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def test_import_graph_check_finds_a_cycle_through_a_function_level_import(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("from pkg.sub import a\n")  # a package importing its own parts: fine
+    (pkg / "sub" / "a.py").write_text("import pkg.sub\nfrom pkg.sub.b import x\n")
+    (pkg / "sub" / "b.py").write_text("x = 1\n")
+    (pkg / "c.py").write_text("def f():\n    from .d import y\n")
+    (pkg / "d.py").write_text("from pkg import c\ny = 2\n")
+    graph = import_graph({"pkg": pkg})
+    assert graph["pkg.sub.a"] == {"pkg.sub.b"} and graph["pkg.c"] == {"pkg.d"}
+    assert import_cycles(graph) == [["pkg.c", "pkg.d"]]
+
+
+def test_fastgen_has_no_import_cycles():
+    graph = import_graph({"fastgen": ROOT / "src" / "fastgen", "fastgen.kernels": ROOT / "kernels"})
+    assert {"fastgen.demo", "fastgen.models", "fastgen.benchmarks", "fastgen.benchmarks.edit"} <= set(graph)
+    assert "fastgen.models" in graph["fastgen.benchmarks.edit"] and "fastgen.benchmarks.core" in graph["fastgen.demo"]
+    assert import_cycles(graph) == []
+
+
+@pytest.mark.parametrize("module", ["fastgen.models", "fastgen.demo", "fastgen.benchmarks.edit", "fastgen.benchmarks"])
+def test_module_imports_first_in_a_fresh_interpreter(module):
+    res = run_py(f"import {module}")
+    assert res.returncode == 0, res.stderr
