@@ -1,69 +1,125 @@
 #!/usr/bin/env bash
-# On a GPU machine with torch, triton, pytest and pytest-benchmark present: build csrc/, run the
-# test suite on the GPU, run every benchmark suite and the demo, writing results (JSON + markdown)
-# and logs into OUTDIR, so a short GPU window is spent measuring, not setting up.
+# One short GPU window, spent measuring: build, check and benchmark fastgen on a lent GPU machine
+# (torch, triton, pytest, pytest-benchmark present; diffusers and friends carried as wheels in .whl/,
+# from `make wheels`), writing at most 8 files into OUTDIR, summary.md always among them.
 #
-#   bench/run_gpu.sh OUTDIR [all|test|bench|conditions|edit|demo]...     (default: all)
+#   bench/run_gpu.sh OUTDIR [quick|test|bench|conditions|edit|demo]... [--dry-run]
 #
-# Each phase builds first (idempotent, ~1 min on a fresh machine). A lent machine allows 10 minutes
-# a call and returns at most 8 files, so split a cold start across calls: `test`, then `bench`,
-# then `conditions` (Flux-dev with image conditions, 12B random weights), then `edit` (KV-Edit on
-# Flux-dev), then `demo`. Files:
-# info.txt, build.log, tests.log, bench.log, pytest-benchmark.json, bench-cuda.md, bench-cuda.json,
-# demo.txt; conditions/ and edit/ hold those suites' logs, JSON and tables.
+# quick (the default; within 7 minutes from a bare machine): build csrc/, the GPU kernel tests at
+#   reduced parametrization (attention, prologue, fp8, AOT configs; bf16 included), the attention and
+#   prologue benchmarks, one Flux-dev 1024^2 step patched vs unpatched (random weights initialised on
+#   the device) with the cost of deciding its automatic backends, and summary.md. Files: summary.md,
+#   build.log, tests.log, bench.log, pytest-benchmark.json, bench-cuda.json, flux-step.json, autotune.json.
+# test | bench | conditions | edit | demo: the full test suite, every kernel/denoiser benchmark, the
+#   image-condition and KV-Edit suites on Flux-dev, the demo: one per call, each within 7 minutes.
+#
+# Every stage runs under its own time limit (STAGE_LIMITS below), so summary.md (tables, device,
+# versions, commit, what was skipped or cut and why) is written before the device call's limit.
+# --dry-run runs the same stages on this CPU with tiny shapes under the Triton interpreter and no
+# build, so a script error never costs a GPU window (tests/test_run_gpu.py runs it).
 set -uo pipefail
-OUT=${1:?usage: bench/run_gpu.sh OUTDIR [all|test|bench|conditions|edit|demo]...}
+OUT=${1:?usage: bench/run_gpu.sh OUTDIR [quick|test|bench|conditions|edit|demo]... [--dry-run]}
 shift
-PHASES=${*:-all}
+DRY=0
+PHASES=()
+for a in "$@"; do
+  if [ "$a" = "--dry-run" ]; then DRY=1; else PHASES+=("$a"); fi
+done
+[ ${#PHASES[@]} -eq 0 ] && PHASES=(quick)
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-status=0
-want() { [[ " $PHASES " == *" all "* || " $PHASES " == *" $1 "* ]]; }
+T0=$(date +%s)
+STAGES=$(mktemp)  # outside OUT: at most 8 files come back
+: > "$STAGES"
+want() { [[ " ${PHASES[*]} " == *" $1 "* ]]; }
 
-# Wheels brought along in .whl/ (`make wheels`): diffusers, tomesd, a new setuptools.
-if compgen -G ".whl/*.whl" > /dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl > "$OUT/build.log" 2>&1 \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+# Seconds per stage: wheels + build + the phase's stages + summary stay under 7 minutes (420 s) for
+# each phase. quick: 20 + 110 + 140 + 70 + 60 + 20 = 420.
+declare -A LIMIT=([wheels]=20 [build]=110 [tests]=140 [bench]=70 [flux]=60 [summary]=20
+                  [test]=260 [benchall]=260 [conditions]=260 [edit]=260 [demo]=200)
+
+# stage NAME LOG CMD...: run CMD under NAME's limit, its output into LOG; record the outcome for summary.md
+stage() {
+  local name=$1 log=$2; shift 2
+  local limit=${LIMIT[$name]} t=$(date +%s) rc
+  echo "== $name (limit ${limit}s)"
+  timeout --kill-after=5 "$limit" "$@" >> "$log" 2>&1
+  rc=$?
+  local dt=$(( $(date +%s) - t )) s
+  case $rc in 0) s=ok ;; 124|137) s="cut at its ${limit} s limit" ;; *) s="failed (exit $rc; see $(basename "$log"))" ;; esac
+  echo "$name|$s|$dt" >> "$STAGES"
+  echo "   $name: $s in ${dt}s"
+  tail -n 3 "$log" | sed 's/^/   | /'
+  return $rc
+}
+skip() { echo "$1|skipped: $2|0" >> "$STAGES"; echo "== $1 skipped: $2"; }
+
+if [ "$DRY" = 1 ]; then
+  # This CPU, tiny shapes, kernels under the interpreter: the script's paths, not the GPU's numbers.
+  export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES="" FASTGEN_DRY_RUN=1
+  PY=${PYTHON:-$(command -v python)}
+  skip wheels "dry run"
+  skip build "dry run (csrc/ needs nvcc and a CUDA torch)"
+else
+  # Wheels brought along in .whl/ (`make wheels`): diffusers, tomesd, a new setuptools.
+  if compgen -G ".whl/*.whl" > /dev/null; then
+    stage wheels "$OUT/build.log" "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade \
+      --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  else
+    skip wheels "no .whl/ carried (make wheels): diffusers must already be installed"
+  fi
+  # The CUDA extension, against the machine's own torch (hence no build isolation); without it on failure.
+  if ! stage build "$OUT/build.log" env FASTGEN_BUILD_CUDA=1 "$PY" -m pip install --no-build-isolation --no-deps -e .; then
+    echo "csrc/ not built (see build.log): fastgen runs without its CUDA extension" >> "$OUT/build.log"
+    FASTGEN_SKIP_CUDA_BUILD=1 timeout 60 "$PY" -m pip install --no-build-isolation --no-deps -e . >> "$OUT/build.log" 2>&1
+  fi
+fi
+# A decisions file of this run only: every automatic-backend decision is made, timed and kept here.
+export FASTGEN_CACHE_DIR="$OUT/.cache"
+
+if want quick; then
+  export FASTGEN_QUICK=1  # tests/helpers.py: reduced parametrization (bf16 kept)
+  TESTS=(tests/test_attention.py tests/test_prologue.py tests/test_fp8.py tests/test_aot.py)
+  if [ "$DRY" = 1 ]; then TESTS+=(-k "bf16_on_interpreter or custom_scale or test_matches_reference"); fi
+  stage tests "$OUT/tests.log" "$PY" -m pytest "${TESTS[@]}" -p no:cacheprovider -v -rfEs
+  BENCH=(bench/bench_attention.py bench/bench_prologue.py --benchmark-max-time=0.5)
+  [ "$DRY" = 1 ] && BENCH+=(--benchmark-max-time=0.001 --benchmark-min-rounds=1 --benchmark-warmup=off)
+  stage bench "$OUT/bench.log" "$PY" -m pytest "${BENCH[@]}" -p no:cacheprovider -q \
+    --benchmark-json "$OUT/pytest-benchmark.json" --benchmark-columns=median,iqr,rounds --fastgen-out "$OUT"
+  stage flux "$OUT/bench.log" "$PY" bench/flux_step.py "$OUT/flux-step.json"
+fi
+if want test; then
+  stage test "$OUT/tests.log" "$PY" -m pytest tests -p no:cacheprovider -q -rs --durations=15
+fi
+if want bench; then
+  stage benchall "$OUT/bench.log" "$PY" -m pytest bench -p no:cacheprovider -q --benchmark-json "$OUT/pytest-benchmark.json" \
+    --ignore=bench/bench_conditions.py --ignore=bench/bench_edit.py --benchmark-columns=median,iqr,rounds --fastgen-out "$OUT"
+fi
+if want conditions; then  # (a) symmetric, (b) asymmetric, (c) cached, (d) cached + compact
+  stage conditions "$OUT/bench.log" "$PY" -m pytest bench/bench_conditions.py -p no:cacheprovider -q --benchmark-max-time=2 \
+    --benchmark-json "$OUT/pytest-benchmark.json" --fastgen-out "$OUT"
+fi
+if want edit; then  # KV-Edit per cache option vs a full generation (OOM rows say so)
+  stage edit "$OUT/bench.log" "$PY" -m pytest bench/bench_edit.py -p no:cacheprovider -q -rxs \
+    --benchmark-json "$OUT/pytest-benchmark.json" --fastgen-out "$OUT"
+fi
+if want demo; then
+  stage demo "$OUT/bench.log" "$PY" -m fastgen.cli demo --quiet
 fi
 
-# Build the CUDA extension against the machine's own torch (hence no build isolation).
-start=$(date +%s)
-FASTGEN_BUILD_CUDA=${FASTGEN_BUILD_CUDA:-1} "$PY" -m pip install --no-build-isolation --no-deps -e . >> "$OUT/build.log" 2>&1 \
-  || { echo "build failed (see build.log); continuing without the CUDA extension"; status=1;
-       FASTGEN_SKIP_CUDA_BUILD=1 "$PY" -m pip install --no-build-isolation --no-deps -e . >> "$OUT/build.log" 2>&1; }
-echo "build: $(( $(date +%s) - start )) s" | tee -a "$OUT/build.log"
-{ nvidia-smi || true; "$PY" -m fastgen.cli info; } > "$OUT/info.txt" 2>&1
-cat "$OUT/info.txt"
-
-if want test; then  # on a GPU every kernel test runs natively, plus the @gpu tests
-  "$PY" -m pytest tests -p no:cacheprovider -q -rs --durations=15 2>&1 | tee "$OUT/tests.log"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+[ -f "$FASTGEN_CACHE_DIR/autotune.json" ] && cp "$FASTGEN_CACHE_DIR/autotune.json" "$OUT/autotune.json"
+if ! stage summary "$OUT/build.log" "$PY" bench/summarize.py "$OUT" --stages "$STAGES" --phases "${PHASES[*]}" \
+    --elapsed $(( $(date +%s) - T0 )) --dry-run "$DRY"; then
+  { echo "# fastgen GPU check (summary script failed: see build.log)"; echo; echo "| stage | outcome | seconds |"
+    echo "|---|---|---|"; sed 's/|/ | /g; s/^/| /; s/$/ |/' "$STAGES"; } > "$OUT/summary.md"
 fi
-if want bench; then  # every suite, timed; fastgen's table lands in OUT/bench-cuda.{md,json}
-  "$PY" -m pytest bench -p no:cacheprovider -q --benchmark-json "$OUT/pytest-benchmark.json" \
-    --ignore=bench/bench_conditions.py --ignore=bench/bench_edit.py \
-    --benchmark-columns=median,iqr,rounds --fastgen-out "$OUT" 2>&1 | tee "$OUT/bench.log"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-fi
-if want conditions; then  # issue #4: (a) symmetric, (b) asymmetric, (c) cached, (d) cached + compact
-  mkdir -p "$OUT/conditions"
-  "$PY" -m pytest bench/bench_conditions.py -p no:cacheprovider -q --benchmark-max-time=2 \
-    --benchmark-json "$OUT/conditions/pytest-benchmark.json" --fastgen-out "$OUT/conditions" 2>&1 \
-    | tee "$OUT/conditions/bench.log"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-fi
-if want edit; then  # issue #4: KV-Edit per cache option vs a full generation (OOM rows say so)
-  mkdir -p "$OUT/edit"
-  "$PY" -m pytest bench/bench_edit.py -p no:cacheprovider -q -rxs \
-    --benchmark-json "$OUT/edit/pytest-benchmark.json" --fastgen-out "$OUT/edit" 2>&1 | tee "$OUT/edit/bench.log"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-fi
-if want demo; then  # the main job at its GPU size
-  "$PY" -m fastgen.cli demo --quiet 2>&1 | tee "$OUT/demo.txt"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-fi
-echo "run_gpu.sh: done (phases: $PHASES; status $status); results in $OUT"
-exit $status
+rm -rf "$FASTGEN_CACHE_DIR" "$OUT"/bench-*.md
+cat "$OUT/summary.md"
+echo "run_gpu.sh: ${PHASES[*]} done in $(( $(date +%s) - T0 )) s; results in $OUT"
+rc=0
+grep -q "failed\|cut at" "$STAGES" && rc=1
+rm -f "$STAGES"
+exit $rc

@@ -27,10 +27,6 @@ import torch
 
 from ._common import HAVE_TRITON, INTERPRET, needs_int64, next_pow2, same_storage, tl, triton
 
-NORM_MODES = ("head", "all", None)
-ROPE_MODES = ("interleaved", "half", None)
-
-
 # --------------------------------------------------------------------------------------------
 # Reference
 # --------------------------------------------------------------------------------------------

@@ -348,3 +348,61 @@ def test_tune_decides_a_pipeline_ahead_of_time(widened, monkeypatch):
     monkeypatch.setenv("FASTGEN_AUTOTUNE", "0")
     with pytest.raises(RuntimeError, match="autotuning is off"):
         fastgen.tune(pipe, **call)
+
+
+def test_no_timing_during_cuda_graph_capture(monkeypatch):
+    # The check itself; capture proper runs in the gpu test below.
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert "CUDA graph" in tuning.timing_allowed(torch.device("cuda"))
+    assert tuning.timing_allowed(CPU) is None
+
+
+@pytest.mark.gpu
+def test_capture_uses_the_decision_and_never_times(tuner):
+    calls = []
+    tuner.timer = lambda name, fn, device: calls.append(name) or 1.0
+    dev = torch.device("cuda")
+    q, k, v = (torch.randn(1, 4, 300, 64, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    seg = [(torch.randn(1, 4, 100, 64, device=dev, dtype=torch.bfloat16),) * 2]
+    fastgen.ops.attention(q, k, v, extra_kv=seg)  # eager: decides
+    decided = len(calls)
+    assert decided >= 2 and tuner.log[-1].source == "measured"
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fastgen.ops.attention(q, k, v, extra_kv=seg)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        out = fastgen.ops.attention(q, k, v, extra_kv=seg)
+        q2 = q[:, :, :200]  # a new key during capture: the table, nothing timed
+        fastgen.ops.attention(q2, k, v, extra_kv=seg)
+    g.replay()
+    torch.cuda.synchronize()
+    assert len(calls) == decided
+    ref = fastgen.ops.attention(q, k, v, extra_kv=seg, backend="sdpa")
+    assert (out.float() - ref.float()).abs().max() < 5e-2
+
+
+def test_demo_and_info_say_what_was_decided_and_why():
+    from fastgen.demo import decisions_text
+
+    d = tuning.Decision("attention", tuning.make_key(CPU, "attention", "bf16,D128,bh32,q8192,k8192"), "sdpa:cudnn",
+                        "measured", "fastest correct: sdpa:cudnn 1.2 ms (then triton 1.3 ms)", {"sdpa:cudnn": 1.2})
+    auto = fastgen.PatchConfig()
+    lines = decisions_text([d] * 10, auto, {"compute_capability": "9.0"}, limit=3)
+    assert lines[0] == "automatic backends (10 keys):" and len(lines) == 5 and "7 more" in lines[-1]
+    assert "attention [bf16,D128,bh32,q8192,k8192] -> sdpa:cudnn (measured; fastest correct" in lines[1]
+    assert "on a CPU" in decisions_text([], auto, {"compute_capability": None})[0]
+    assert decisions_text([d], fastgen.PatchConfig(attention_backend="sdpa", prologue_backend="torch"), {}) == []
+
+
+def test_cli_info_lists_the_decisions_file(tmp_path, monkeypatch, capsys):
+    from fastgen import cli
+
+    t = tuning.Tuner(tmp_path / "autotune.json", timer=_timer({"a": 1.0, "b": 2.0}))
+    monkeypatch.setattr(tuning, "TUNER", t)
+    _decide(t, {"a": _ok, "b": _ok}, key="fp16,D64")
+    assert cli.main(["info", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"1 decisions for cpu in {t.path}" in out and "attention [fp16,D64] -> a (measured" in out

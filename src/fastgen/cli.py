@@ -81,6 +81,8 @@ def cmd_bench(args) -> int:
 
     from fastgen import benchmarks as B
 
+    if args.suite != "all" and args.suite not in B.SUITES:
+        raise SystemExit(f"fastgen bench: --suite must be all or one of {', '.join(B.SUITES)}, got {args.suite!r}")
     suites = list(B.SUITES) if args.suite == "all" else [args.suite]
     env = B.environment(device)
     results = []
@@ -107,8 +109,7 @@ def _pipeline(args):
     from fastgen import demo
 
     device = _device_arg(args.device)
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
-        args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if args.model:
         pipe, call = demo.load_pipeline(args.model, dtype)
         what = f"{type(pipe).__name__} from {args.model}"
@@ -184,6 +185,21 @@ def cmd_demo(args) -> int:
     return 0 if result["unpatch_bit_exact"] else 1
 
 
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def pipeline_args(sp) -> None:
+    """The arguments that choose a pipeline (read by ``_pipeline``): a checkpoint or a built-in one."""
+    from fastgen.models import FAMILIES, SIZES
+
+    sp.add_argument("--family", choices=FAMILIES, default="flux", help="architecture of the built-in pipeline (default flux)")
+    sp.add_argument("--size", choices=tuple(SIZES), help="built-in pipeline size (default: large on a GPU, small on a CPU)")
+    sp.add_argument("--model", help="a local diffusers checkpoint folder instead of the built-in pipeline")
+    sp.add_argument("--height", type=int)
+    sp.add_argument("--width", type=int)
+    sp.add_argument("--dtype", choices=DTYPES, help="default bf16 on GPU, fp32 on CPU")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fastgen", description="fast kernels for diffusion pipelines")
     sub = p.add_subparsers(dest="command", required=True)
@@ -204,16 +220,9 @@ def main(argv: list[str] | None = None) -> int:
                         "the K/V cache; edit: KV-Edit vs a full generation (Flux)")
     d.add_argument("--conditions", type=int, default=1, help="--task condition: how many image conditions")
     d.add_argument("--mask-fraction", type=float, default=0.25, help="--task edit: share of the image edited")
-    d.add_argument("--family", choices=["flux", "sd3", "sd15", "sdxl", "wan", "hunyuan"], default="flux",
-                   help="architecture of the built-in pipeline (default flux)")
-    d.add_argument("--size", choices=["tiny", "small", "medium", "large"],
-                   help="built-in pipeline size (default: large on a GPU, small on a CPU)")
-    d.add_argument("--model", help="a local diffusers checkpoint folder instead of the built-in pipeline")
+    pipeline_args(d)
     d.add_argument("--steps", type=int, default=4)
     d.add_argument("--repeats", type=int, default=3, help="timed runs of each (median)")
-    d.add_argument("--height", type=int)
-    d.add_argument("--width", type=int)
-    d.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default bf16 on GPU, fp32 on CPU")
     d.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
     d.add_argument("--no-fuse-prologue", action="store_true")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -221,22 +230,15 @@ def main(argv: list[str] | None = None) -> int:
 
     t = sub.add_parser("tune", help="decide the automatic backends of a pipeline at one size ahead of time")
     t.add_argument("--device", help="cuda or cpu (default: cuda if present)")
-    t.add_argument("--family", choices=["flux", "sd3", "sd15", "sdxl", "wan", "hunyuan"], default="flux",
-                   help="architecture of the built-in pipeline (default flux)")
-    t.add_argument("--size", choices=["tiny", "small", "medium", "large"],
-                   help="built-in pipeline size (default: large on a GPU, small on a CPU)")
-    t.add_argument("--model", help="a local diffusers checkpoint folder instead of the built-in pipeline")
-    t.add_argument("--height", type=int)
-    t.add_argument("--width", type=int)
+    pipeline_args(t)
     t.add_argument("--frames", type=int, help="num_frames, for video pipelines")
     t.add_argument("--batch", type=int, default=1, help="images per prompt (default 1)")
     t.add_argument("--steps", type=int, default=2, help="denoising steps to run (default 2)")
-    t.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default bf16 on GPU, fp32 on CPU")
     t.set_defaults(func=cmd_tune)
 
     bench = sub.add_parser("bench", help="run the benchmark suites and print baseline-vs-fastgen tables")
     common(bench)
-    bench.add_argument("--suite", choices=["all", "attention", "prologue", "quantize", "denoiser", "condition", "edit"], default="all")
+    bench.add_argument("--suite", default="all", help="a suite of fastgen.benchmarks.SUITES, or all (default)")
     bench.add_argument("--budget", type=float, default=1.0, help="seconds of timing per row (default 1)")
     bench.add_argument("--out", help="write JSON and markdown results to this folder")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")

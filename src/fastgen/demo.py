@@ -28,6 +28,7 @@ import torch
 
 import fastgen
 from fastgen.benchmarks.core import PeakMemory
+from fastgen.ops import autotune as tuning
 from fastgen.models import build_pipeline
 
 __all__ = ["Run", "Variant", "build_pipeline", "compare", "compare_conditions", "compare_edit", "load_pipeline",
@@ -188,6 +189,7 @@ def compare(pipe, call, *, steps=4, repeats=3, device="cpu", config=None, progre
             yield
 
     base, fast = Variant("baseline (diffusers)", call), Variant("fastgen.patch", call, patch)
+    decided = len(tuning.TUNER.log)
     # The baseline's warm-up runs before any patch: the output every later unpatched round must equal
     warm = {v.label: _warm_up(pipe, v, steps) for v in (base, fast)}
     progress()
@@ -196,7 +198,7 @@ def compare(pipe, call, *, steps=4, repeats=3, device="cpu", config=None, progre
     diff = (f.latents - b.latents).abs()
     return dict(baseline=b, fastgen=f, speedup=measured_speedup(b.round_ms, f.round_ms), max_diff=float(diff.max()),
                 mean_diff=float(diff.mean()), patched=patched["summary"], config=patched["config"],
-                unpatch_bit_exact=b.repeatable)
+                unpatch_bit_exact=b.repeatable, decisions=tuning.TUNER.log[decided:])
 
 
 def _header(env: dict, what: str) -> list[str]:
@@ -233,6 +235,20 @@ def _memory_note(runs: Sequence[Run]) -> list[str]:
             "sampled every 10 ms during the rounds)"]
 
 
+def decisions_text(decisions, config, env: dict, limit: int = 8) -> list[str]:
+    """What ``auto`` chose during the run and why (``fastgen.ops.autotune``), one line each."""
+    if config is not None and config.attention_backend != "auto" and config.prologue_backend != "auto":
+        return []  # nothing automatic to report
+    if not decisions:
+        where = "on a CPU PyTorch runs attention and the prologue" if env.get("compute_capability") is None else \
+            "every key was decided earlier in this process"
+        return [f"automatic backends: nothing decided in this run ({where})"]
+    lines = [f"automatic backends ({len(decisions)} keys):"] + [f"  {tuning.describe(d)}" for d in decisions[:limit]]
+    if len(decisions) > limit:
+        lines.append(f"  ... and {len(decisions) - limit} more (fastgen info lists them all)")
+    return lines
+
+
 def report(result: dict, env: dict, what: str) -> str:
     """The demo's printout: device and versions, what was patched, the per-step time table (median,
     min-max, peak memory), the speed-up or "no measurable difference", output differences, unpatch."""
@@ -250,6 +266,7 @@ def report(result: dict, env: dict, what: str) -> str:
         f"speed-up: {speedup_text(b.round_ms, f.round_ms)}",
         f"output difference (final latents): max {result['max_diff']:.3e}, mean {result['mean_diff']:.3e}",
         f"unpatch restores bit-identical output: {result['unpatch_bit_exact']}",
+        *decisions_text(result.get("decisions", []), result["config"], env),
     ]
     if env.get("compute_capability") is None:
         lines.append("(no GPU: fastgen's kernels do not run here; the patched pipeline runs upstream's attention "

@@ -209,7 +209,9 @@ class DenoiserSpec:
                 model = getattr(diffusers, self.cls)(**self.config)
         finally:
             torch.set_default_dtype(previous)
-        return model.to(device, dtype).eval()
+        # torch's Module.to: diffusers' ModelMixin.to warns about modules to keep in float32 even for a
+        # model built in code, which has none (a checkpoint gets its dtype from from_pretrained instead).
+        return torch.nn.Module.to(model, device=device, dtype=dtype).eval()
 
 
 def _randn(device, dtype, *shape):

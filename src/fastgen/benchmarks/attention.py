@@ -119,6 +119,8 @@ def _all_attention_providers(device: torch.device) -> dict[str, Callable]:
     for name in ("triton", "cuda", "xformers"):
         if reasons[name] is None:
             out[f"fastgen-{name}" if name != "xformers" else "xformers"] = _fastgen_provider(name)
+    if device.type == "cuda":  # what "auto" measured and chose for the key (fastgen.ops.autotune)
+        out["fastgen-auto"] = _fastgen_provider("auto")
     for name, backend in _sdpa_backends().items():
         out[f"sdpa-{name}"] = _sdpa_provider(backend)
     return out

@@ -113,18 +113,20 @@ def time_ms(fn: Callable, device: torch.device, budget_s: float = 1.0) -> float:
     return statistics.median(times)
 
 
+def call_ms(fn: Callable, device: torch.device) -> float:
+    """Milliseconds of one call of ``fn``, the device drained before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
 def time_runs_ms(fn: Callable, device: torch.device, repeats: int) -> float:
     """Median ms of ``repeats`` synced calls: for runs of seconds (do_bench would call ~10 times)."""
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(call_ms(fn, device) for _ in range(repeats))
 
 
 def run_once(run: Callable, device: torch.device):

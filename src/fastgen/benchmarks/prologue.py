@@ -61,7 +61,10 @@ def prologue_providers(device: torch.device | str) -> dict[str, Callable]:
     def maker(backend):
         return lambda kw: (lambda: fastgen.ops.qk_norm_rope(**kw, backend=backend))
 
-    return {name: maker(b) for name, b in kernel_backends(device).items()}
+    providers = {name: maker(b) for name, b in kernel_backends(device).items()}
+    if torch.device(device).type == "cuda":  # what "auto" measured and chose (fastgen.ops.autotune)
+        providers["fastgen-auto"] = maker("auto")
+    return providers
 
 
 def prologue_reference(case: PrologueCase, kw: dict) -> torch.Tensor:

@@ -239,7 +239,7 @@ def _candidates(q, tensors, biases, return_lse) -> list[str]:
 def _shape_key(q, k, extra_kv, biases, return_lse) -> str:
     B, H, Nq, D = q.shape
     parts = [_DTYPE_NAMES.get(q.dtype, str(q.dtype)), f"D{D}", f"bh{bucket(B * H)}", f"q{bucket(Nq)}",
-             f"k{bucket(k.shape[2])}"]
+             f"k{bucket(k.shape[2])}" + ("/b1" if k.shape[0] == 1 and B > 1 else "")]
     for pair, b in zip(extra_kv, biases):
         ki = pair.k if isinstance(pair, Fp8KV) else pair[0]
         flags = ("/b1" if ki.shape[0] == 1 and B > 1 else "") + ("/fp8" if isinstance(pair, Fp8KV) else "")

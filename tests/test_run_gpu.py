@@ -1,0 +1,34 @@
+"""bench/run_gpu.sh quick, end to end on this CPU (--dry-run: tiny shapes, the Triton interpreter, no
+build), so a short GPU window is never lost to an error in the script, its stages or its summary."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = re.compile(r"^[A-Za-z0-9._-]+$")  # what the device tool brings back
+
+
+@pytest.mark.slow
+def test_quick_dry_run_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable)
+    env.pop("FASTGEN_CACHE_DIR", None)  # the script sets its own
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "run_gpu.sh"), str(out), "quick", "--dry-run"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8, files  # a lent machine returns at most 8 files
+    assert all(NAME.match(p.name) and len(p.relative_to(out).parts) <= 3 for p in files), files
+    summary = (out / "summary.md").read_text()
+    assert "DRY RUN" in summary and "commit" in summary
+    for stage in ("tests", "bench", "flux"):
+        assert re.search(rf"^\| {stage} \| ok \| \d+ \|$", summary, re.M), summary
+    assert re.search(r"^\d+ passed", summary.split("## Tests")[1].strip(), re.M), summary  # the tests' result line
+    assert "| attention |" in summary and "| prologue |" in summary  # fastgen's benchmark tables
+    assert "## Flux-dev step" in summary and "Speed-up" in summary and "of a 28-step generation" in summary
+    assert {"summary.md", "tests.log", "bench.log", "flux-step.json"} <= {p.name for p in files}
