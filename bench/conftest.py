@@ -55,11 +55,38 @@ def _results(config) -> list[core.Result]:
     return rows
 
 
+_ENV: dict = {}
+
+
+def _environment() -> dict:
+    if not _ENV:
+        _ENV.update(core.environment(DEVICE))
+    return _ENV
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    # The tables so far, after every benchmark: a run cut by a time limit (bench/run_gpu.sh) still
+    # leaves what it measured, marked partial until the session ends.
+    config = _CONFIG.get("config")
+    out = config.getoption("--fastgen-out") if config is not None else None
+    rows = _results(config) if out else []
+    if rows:
+        core.save(rows, dict(_environment(), partial="the run had not finished when these rows were written"), out,
+                  f"bench-{DEVICE.type}")
+
+
+_CONFIG: dict = {}
+
+
+def pytest_configure(config):
+    _CONFIG["config"] = config
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     rows = _results(config)
     if not rows:
         return
-    env = core.environment(DEVICE)
+    env = _environment()
     terminalreporter.write_sep("=", "fastgen: baseline vs fastgen (same run, same device)")
     terminalreporter.write_line(core.markdown_table(rows, env))
     out = config.getoption("--fastgen-out")

@@ -4,6 +4,10 @@ tables, the Flux-dev step and the automatic-backend decisions. Reads only what t
 OUT, so it runs (and says what is missing) whatever failed before it.
 
     python bench/summarize.py OUT --stages FILE --phases "quick" --elapsed SECONDS [--dry-run 0|1]
+        [--decisions DIR...]
+
+The decisions files of the folders given (the run's FASTGEN_CACHE_DIR, the Flux step's own) are
+merged into OUT/autotune.json, so they come back as one file.
 """
 
 from __future__ import annotations
@@ -67,14 +71,31 @@ def _flux(out: Path) -> list[str]:
         f"{', '.join(f'{x:.1f}' for x in r['fastgen_ms_all'])} |",
         f"| peak MB | {_num(r['diffusers_peak_mb'])} | {_num(r['fastgen_peak_mb'])} |",
         "",
-        f"Speed-up {r['speedup']:.3f}x; max |fastgen - diffusers| {r['max_diff']:.3g} (output max {r['ref_max_abs']:.3g}).",
-        f"Automatic backends: {r['autotune_ms']:.0f} ms deciding in the first patched step "
-        f"({r['first_patched_step_ms']:.0f} ms in all, compilation included) = "
-        f"**{100 * r['autotune_share']:.2f}%** of a {r['steps_per_generation']}-step generation.",
+        f"Speed-up: {r['speedup_text']}; max |fastgen - diffusers| {r['max_diff']:.3g} "
+        f"(output max {r['ref_max_abs']:.3g}).",
+        f"Automatic backends, decided in the first patched step (empty decisions and Triton caches; that step took "
+        f"{r['first_patched_step_ms']:.0f} ms): {r['autotune_ms']:.0f} ms = **{100 * r['autotune_share']:.2f}%** of a "
+        f"{r['steps_per_generation']}-step generation, of which {r['autotune_first_runs_ms']:.0f} ms were candidates' "
+        f"first runs (Triton's JIT compile and tile autotune, paid once per machine); without them "
+        f"**{100 * r['autotune_share_without_first_runs']:.2f}%**.",
         "",
     ]
     rows += [f"- {d}" for d in r["decisions"]] or ["- (no decision: nothing to choose on this device)"]
     return rows
+
+
+def _merge_decisions(folders: list[str], dest: Path) -> dict:
+    entries, doc = {}, None
+    for folder in folders:
+        for path in sorted(glob.glob(os.path.join(folder, "autotune-v*.json"))):
+            try:
+                doc = json.loads(Path(path).read_text())
+                entries.update(doc.get("entries", {}))
+            except (OSError, ValueError, AttributeError):
+                continue
+    if entries:
+        dest.write_text(json.dumps(dict(doc, entries=entries), indent=1, sort_keys=True))
+    return entries
 
 
 def _num(x) -> str:
@@ -88,6 +109,7 @@ def main(argv=None) -> int:
     p.add_argument("--phases", default="quick")
     p.add_argument("--elapsed", type=int, default=0)
     p.add_argument("--dry-run", default="0")
+    p.add_argument("--decisions", nargs="*", default=[], help="FASTGEN_CACHE_DIR folders to merge")
     args = p.parse_args(argv)
     out = Path(args.out)
     env = _environment()
@@ -99,7 +121,12 @@ def main(argv=None) -> int:
              f"fastgen {env.get('fastgen')}, commit {env.get('commit')}",
              f"- date {env.get('date')}; the script ran {args.elapsed} s before this summary",
              "", "## Stages", "", "| stage | outcome | seconds |", "| --- | --- | ---: |"]
-    lines += [f"| {n} | {s} | {t} |" for n, s, t in _stages(args.stages)]
+    stages = _stages(args.stages)
+    lines += [f"| {n} | {s} | {t} |" for n, s, t in stages]
+    cut = [n for n, s, _ in stages if s.startswith("cut")]
+    if cut:
+        lines += ["", f"Cut at their time limit: {', '.join(cut)}. What they measured before the cut is below, "
+                  "marked partial; the rest was not measured."]
     build = out / "build.log"
     if build.exists():
         notes = [ln for ln in build.read_text(errors="replace").splitlines() if "fastgen" in ln.lower() and "cuda" in ln.lower()]
@@ -114,9 +141,11 @@ def main(argv=None) -> int:
             lines += [Path(t).read_text().rstrip(), ""]
     if "quick" in args.phases:
         lines += ["", "## Flux-dev step", ""] + _flux(out)
-    decisions = out / "autotune.json"
-    if decisions.exists():
-        entries = json.loads(decisions.read_text()).get("entries", {})
+    if "demo" in args.phases and (out / "bench.log").exists():
+        tail = (out / "bench.log").read_text(errors="replace").splitlines()[-30:]
+        lines += ["", "## Demo", "", "```"] + tail + ["```"]
+    entries = _merge_decisions(args.decisions, out / "autotune.json")
+    if entries:
         lines += ["", f"## Decisions file ({len(entries)} keys)", ""]
         lines += [f"- {key.rsplit('|', 2)[-2]} [{key.rsplit('|', 1)[-1]}] -> {e['backend']}: {e['why']}"
                   + (f"; rejected {e['rejected']}" if e.get("rejected") else "") for key, e in sorted(entries.items())]

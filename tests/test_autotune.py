@@ -192,8 +192,8 @@ def widened(monkeypatch, tuner):
     monkeypatch.setattr(pro_mod, "_candidates", lambda q: ["torch", "triton"])
     ran = []
     run_attn, run_pro = attn_mod._run, pro_mod._run
-    monkeypatch.setattr(attn_mod, "_run", lambda name, *a: (ran.append(name), run_attn(name, *a))[1])
-    monkeypatch.setattr(pro_mod, "_run", lambda name, *a: (ran.append(name), run_pro(name, *a))[1])
+    monkeypatch.setattr(attn_mod, "_run", lambda name, *a, **kw: (ran.append(name), run_attn(name, *a, **kw))[1])
+    monkeypatch.setattr(pro_mod, "_run", lambda name, *a, **kw: (ran.append(name), run_pro(name, *a, **kw))[1])
     return tuner, ran
 
 
@@ -219,12 +219,18 @@ def test_attention_auto_runs_what_measured_fastest(widened, fast):
     assert ran == [fast]  # decided once: the second call only runs the winner
 
 
-def test_attention_wrong_kernel_is_never_chosen(widened, monkeypatch):
+def _fast_wrong_triton(widened, monkeypatch):
+    """The Triton candidate measured fastest, with its output 1.5x off."""
     tuner, ran = widened
     tuner.timer = _timer({"triton": 0.1, "sdpa": 5.0})
     run = attn_mod._run
-    monkeypatch.setattr(attn_mod, "_run", lambda name, *a: (lambda o: (o[0] * 1.5, o[1]) if name == "triton" else o)(
-        run(name, *a)))
+    monkeypatch.setattr(attn_mod, "_run", lambda name, *a, **kw: (lambda o: (o[0] * 1.5, o[1]) if name == "triton" else o)(
+        run(name, *a, **kw)))
+    return tuner, ran
+
+
+def test_attention_wrong_kernel_is_never_chosen(widened, monkeypatch):
+    tuner, ran = _fast_wrong_triton(widened, monkeypatch)
     q, k, v, extra = _qkv()
     with pytest.warns(FastgenFallbackWarning, match="attention backend 'triton' gave a wrong result"):
         out = fastgen.ops.attention(q, k, v)
@@ -406,3 +412,138 @@ def test_cli_info_lists_the_decisions_file(tmp_path, monkeypatch, capsys):
     assert cli.main(["info", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert f"1 decisions for cpu in {t.path}" in out and "attention [fp16,D64] -> a (measured" in out
+
+
+# ------------------------------------------------------------------------ what a review broke
+
+
+def test_non_finite_inputs_decide_nothing_and_a_wrong_kernel_still_never_wins(widened, monkeypatch):
+    tuner, ran = _fast_wrong_triton(widened, monkeypatch)
+    q, k, v, _ = _qkv()
+    bad = q.clone()
+    bad[0, 0, 0, 0] = math.inf
+    fastgen.ops.attention(bad, k, v)
+    assert tuner.log == [] and not tuner.path.exists()  # nothing decided, nothing stored
+    with pytest.warns(FastgenFallbackWarning, match="'triton' gave a wrong result"):
+        fastgen.ops.attention(q, k, v)  # a finite call decides: the wrong kernel loses
+    assert tuner.log[-1].backend == "sdpa"
+
+
+def test_a_decision_whose_backend_is_gone_is_decided_again(widened, tmp_path):
+    tuner, ran = widened
+    q, k, v, _ = _qkv()
+    key = tuning.make_key(CPU, "attention", attn_mod._shape_key(q, k, [], [], False))
+    tuner.path.write_text(json.dumps({"format": tuning.FORMAT, "schema": tuning.SCHEMA, "entries": {
+        key: {"op": "attention", "backend": "xformers", "why": "measured elsewhere", "t": 1}}}))
+    tuner.timer = _timer({"triton": 1.0, "sdpa": 2.0})
+    fastgen.ops.attention(q, k, v)  # xformers is not a candidate here: measured again, no crash
+    assert tuner.log[-1].backend == "triton" and tuner.log[-1].source == "measured"
+    assert json.loads(tuner.path.read_text())["entries"][key]["backend"] == "triton"
+
+
+def test_any_candidate_failure_is_cannot_run(tuner):
+    class OutOfResources(Exception):  # Triton's errors derive from Exception, not RuntimeError
+        pass
+
+    def oor(ref):
+        def run():
+            raise OutOfResources("out of resource: shared memory")
+        return run
+
+    def flaky_timer(name, fn, device):
+        if name == "b":
+            raise MemoryError("while timing")
+        return 1.0
+
+    tuner.timer = flaky_timer
+    d = _decide(tuner, {"a": _ok, "b": _ok, "c": oor})
+    assert d.backend == "a" and "OutOfResources" in d.rejected["c"] and "while timing" in d.rejected["b"]
+
+    def boom(ref):
+        raise torch.cuda.OutOfMemoryError("no room for the float32 copy")
+    d = tuner.decide("attention", tuning.make_key(CPU, "attention", "k-oom"), CPU, {"a": _ok(torch.ones(3)),
+                     "b": _ok(torch.ones(3))}, lambda: torch.ones(3), boom, torch.float16, "a")
+    assert d.source == "measured"  # PyTorch's own error unknown: the dtype's tolerance
+
+
+def test_switched_off_ignores_earlier_decisions(widened, monkeypatch):
+    tuner, ran = widened
+    tuner.timer = _timer({"triton": 1.0, "sdpa": 5.0})
+    q, k, v, extra = _qkv()
+    fastgen.ops.attention(q, k, v)
+    assert tuner.log[-1].backend == "triton"
+    for off in ("0", "false", "OFF", "no"):
+        monkeypatch.setenv("FASTGEN_AUTOTUNE", off)
+        ran.clear()
+        fastgen.ops.attention(q, k, v)
+        assert ran == ["sdpa"], off  # the fixed table, not the decision on record
+    ran.clear()
+    fastgen.ops.attention(q, k, v, autotune=True)
+    assert ran == ["triton"]
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 0, 32), (0, 3, 37, 32)])
+def test_empty_inputs_need_no_decision(widened, shape):
+    tuner, ran = widened
+    tuner.timer = _timer({"triton": 1.0, "sdpa": 5.0})
+    q = torch.randn(shape)
+    k = v = torch.randn(shape[0], 3, 11, 32)
+    out = fastgen.ops.attention(q, k, v)
+    assert out.shape == q.shape and tuner.log == []
+    a, b = pro_mod.qk_norm_rope(torch.randn(2, 4, 0, 16), torch.randn(2, 4, 0, 16), norm="head", rope=None)
+    assert a.shape == (2, 4, 0, 16) and tuner.log == []
+
+
+def test_an_sdpa_backend_that_cannot_take_the_inputs_is_left_out(tuner, monkeypatch, recwarn):
+    # PyTorch's cuDNN backend has no CPU kernel: measured alone (strict), it cannot run, quietly.
+    monkeypatch.setattr(attn_mod, "_candidates", lambda q, tensors, biases, lse: ["sdpa", "sdpa:cudnn"])
+    tuner.timer = _timer({"sdpa": 5.0, "sdpa:cudnn": 1.0})
+    q, k, v, extra = _qkv()
+    out = fastgen.ops.attention(q, k, v, extra_kv=extra, extra_bias=[0.3])
+    d = tuner.log[-1]
+    assert d.backend == "sdpa" and "cannot run" in d.rejected["sdpa:cudnn"]
+    assert not [w for w in recwarn if issubclass(w.category, FastgenFallbackWarning)]
+    # A key decided for it that then meets a shape it cannot take runs PyTorch's choice, warned once.
+    with pytest.warns(FastgenFallbackWarning, match="cannot take shape"):
+        alt = attn_mod._run("sdpa:cudnn", q, k, v, extra, [0.3], 32 ** -0.5, False)[0]
+    torch.testing.assert_close(alt, out)
+
+
+def test_damaged_files_of_every_kind(tmp_path):
+    path = tmp_path / tuning.FILE_NAME
+    path.write_text("[" * 100000 + "]" * 100000)  # deep enough to exhaust the parser's recursion
+    t = tuning.Tuner(path, timer=_timer({"a": 1.0, "b": 2.0}))
+    with pytest.warns(FastgenFallbackWarning, match="ignoring"):
+        assert _decide(t, {"a": _ok, "b": _ok}).backend == "a"
+    data = json.loads(path.read_text())
+    data["entries"].update({f"foreign{i}": {"backend": "x", "t": "yesterday"} for i in range(3)})
+    path.write_text(json.dumps(data))
+    t2 = tuning.Tuner(path, timer=_timer({"a": 1.0, "b": 2.0}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tuning, "MAX_ENTRIES", 2)
+        _decide(t2, {"a": _ok, "b": _ok}, key="k-new")
+    assert len(json.loads(path.read_text())["entries"]) == 2
+    assert tuning.cache_path().name == f"autotune-v{tuning.SCHEMA}.json"
+
+
+def test_token_major_views_are_a_key_of_their_own():
+    x = torch.randn(2, 37, 3, 32)  # (B, S, H, D): what a projection gives
+    q_view, q_dense = x.transpose(1, 2), x.transpose(1, 2).contiguous()
+    assert attn_mod._shape_key(q_view, q_view, [], [], False) != attn_mod._shape_key(q_dense, q_dense, [], [], False)
+
+
+def test_tune_refuses_a_compiled_denoiser_and_the_cli_checks_its_arguments(tuner, capsys):
+    from fastgen import cli, models
+
+    pipe, call = models.build_pipeline("flux", "tiny")
+    pipe.transformer.compile(backend="aot_eager")
+    with pytest.raises(ValueError, match="call fastgen.tune before torch.compile"):
+        fastgen.tune(pipe, **call)
+    for argv, said in ((["tune", "--size", "tiny", "--frames", "5"], "--frames does not apply"),
+                       (["tune", "--size", "tiny", "--device", "cuda"] if not torch.cuda.is_available() else
+                        ["tune", "--size", "tiny", "--device", "nonsense"], "--device")):
+        with pytest.raises(SystemExit, match=said):
+            cli.main(argv)
+    with pytest.raises(SystemExit):
+        cli.main(["tune", "--size", "tiny", "--batch", "0"])
+    assert "must be at least 1" in capsys.readouterr().err

@@ -32,3 +32,23 @@ def test_quick_dry_run_end_to_end(tmp_path):
     assert "| attention |" in summary and "| prologue |" in summary  # fastgen's benchmark tables
     assert "## Flux-dev step" in summary and "Speed-up" in summary and "of a 28-step generation" in summary
     assert {"summary.md", "tests.log", "bench.log", "flux-step.json"} <= {p.name for p in files}
+
+
+def _run(out, *args, **env):
+    return subprocess.run(["bash", str(ROOT / "bench" / "run_gpu.sh"), str(out), *args],
+                          cwd=ROOT, env=dict(os.environ, PYTHON=sys.executable, **env), capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_a_stage_cut_at_its_limit_still_leaves_a_summary_that_says_so(tmp_path):
+    proc = _run(tmp_path / "out", "demo", "--dry-run", RUN_GPU_LIMIT_demo="1")
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert re.search(r"^\| demo \| cut at its 1 s limit \| \d+ \|$", summary, re.M), summary
+    assert "Cut at their time limit: demo" in summary and "## Demo" in summary
+
+
+def test_an_unknown_phase_is_refused_before_anything_runs(tmp_path):
+    proc = _run(tmp_path / "out", "quick", "bencht", "--dry-run")
+    assert proc.returncode == 2 and "unknown phase 'bencht'" in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -13,9 +13,15 @@ from fastgen.constants import ATTENTION_BACKENDS
 def _device_arg(value: str | None):
     import torch
 
-    if value:
-        return torch.device(value)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not value:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(value)
+    except RuntimeError as exc:
+        raise SystemExit(f"fastgen: --device {value!r} is not a device ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"fastgen: --device {value} asked for, but this torch ({torch.__version__}) sees no CUDA GPU")
+    return device
 
 
 def _prepare_interpreter(device, interpret: bool | None) -> None:
@@ -119,8 +125,8 @@ def _pipeline(args):
         pipe, call = demo.build_pipeline(args.family, size)
         what = f"built-in {args.family} pipeline ({size}, random weights), {call['height']}x{call['width']}"
         demo.place(pipe, device, dtype)
-    if args.height:
-        call.update(height=args.height, width=args.width or args.height)
+    if args.height or args.width:  # one of them alone: a square
+        call.update(height=args.height or args.width, width=args.width or args.height)
     call = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
             for k, v in call.items()}
     return pipe, call, what, device, dtype
@@ -131,12 +137,23 @@ def cmd_tune(args) -> int:
     import fastgen
     from fastgen.ops import autotune as tuning
 
+    import inspect
+
     pipe, call, what, device, dtype = _pipeline(args)
+    takes = inspect.signature(pipe.__call__).parameters
     if args.frames:
+        if "num_frames" not in takes:
+            raise SystemExit(f"fastgen tune: {type(pipe).__name__} makes images: --frames does not apply")
         call["num_frames"] = args.frames
     if args.batch > 1:
-        call["num_images_per_prompt"] = args.batch
-    decisions = fastgen.tune(pipe, num_inference_steps=args.steps, **call)
+        per_prompt = next((n for n in ("num_images_per_prompt", "num_videos_per_prompt") if n in takes), None)
+        if per_prompt is None:
+            raise SystemExit(f"fastgen tune: {type(pipe).__name__} takes no batch size (--batch)")
+        call[per_prompt] = args.batch
+    try:
+        decisions = fastgen.tune(pipe, num_inference_steps=args.steps, **call)
+    except (RuntimeError, ValueError) as exc:
+        raise SystemExit(f"fastgen tune: {exc}") from None
     print(f"fastgen tune: {what}, {dtype}, on {device}")
     if not decisions:
         print(f"  nothing to decide on {device}: " + ("PyTorch runs every attention and prologue on a CPU"
@@ -188,6 +205,13 @@ def cmd_demo(args) -> int:
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def pipeline_args(sp) -> None:
     """The arguments that choose a pipeline (read by ``_pipeline``): a checkpoint or a built-in one."""
     from fastgen.models import FAMILIES, SIZES
@@ -232,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--device", help="cuda or cpu (default: cuda if present)")
     pipeline_args(t)
     t.add_argument("--frames", type=int, help="num_frames, for video pipelines")
-    t.add_argument("--batch", type=int, default=1, help="images per prompt (default 1)")
-    t.add_argument("--steps", type=int, default=2, help="denoising steps to run (default 2)")
+    t.add_argument("--batch", type=_positive, default=1, help="images (videos) per prompt (default 1)")
+    t.add_argument("--steps", type=_positive, default=2, help="denoising steps to run (default 2)")
     t.set_defaults(func=cmd_tune)
 
     bench = sub.add_parser("bench", help="run the benchmark suites and print baseline-vs-fastgen tables")

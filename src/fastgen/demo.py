@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 import fastgen
-from fastgen.benchmarks.core import PeakMemory
+from fastgen.benchmarks.core import PeakMemory, measured_speedup, speedup_text
 from fastgen.ops import autotune as tuning
 from fastgen.models import build_pipeline
 
@@ -86,27 +86,6 @@ class Variant:
     label: str
     call: dict
     around: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-
-
-def measured_speedup(baseline_ms: Sequence[float], fastgen_ms: Sequence[float]) -> float | None:
-    """median(baseline_ms) / median(fastgen_ms) where the two min-max ranges are apart, each over at
-    least 2 rounds; None otherwise: no measurable difference (one round has no range to compare)."""
-    if len(baseline_ms) < 2 or len(fastgen_ms) < 2:
-        return None
-    if min(baseline_ms) <= max(fastgen_ms) and min(fastgen_ms) <= max(baseline_ms):
-        return None
-    return statistics.median(baseline_ms) / statistics.median(fastgen_ms)
-
-
-def speedup_text(baseline_ms: Sequence[float], fastgen_ms: Sequence[float]) -> str:
-    """``measured_speedup`` in words: "1.234x (...)" or "no measurable difference (...)"."""
-    rounds = min(len(baseline_ms), len(fastgen_ms))
-    speedup = measured_speedup(baseline_ms, fastgen_ms)
-    if speedup is not None:
-        return f"{speedup:.3f}x (ratio of medians; min-max ranges of {rounds} interleaved rounds apart)"
-    if rounds < 2:
-        return "no measurable difference (1 round each has no spread; run --repeats 3 or more)"
-    return f"no measurable difference (min-max ranges of {rounds} interleaved rounds overlap)"
 
 
 def pipeline_output(result) -> torch.Tensor:
@@ -240,8 +219,12 @@ def decisions_text(decisions, config, env: dict, limit: int = 8) -> list[str]:
     if config is not None and config.attention_backend != "auto" and config.prologue_backend != "auto":
         return []  # nothing automatic to report
     if not decisions:
-        where = "on a CPU PyTorch runs attention and the prologue" if env.get("compute_capability") is None else \
-            "every key was decided earlier in this process"
+        if env.get("compute_capability") is None:
+            where = "on a CPU PyTorch runs attention and the prologue"
+        elif not tuning.enabled():
+            where = "autotuning is off (FASTGEN_AUTOTUNE=0): the fixed table"
+        else:
+            where = "every key was decided earlier in this process"
         return [f"automatic backends: nothing decided in this run ({where})"]
     lines = [f"automatic backends ({len(decisions)} keys):"] + [f"  {tuning.describe(d)}" for d in decisions[:limit]]
     if len(decisions) > limit:

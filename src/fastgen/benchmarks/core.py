@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -111,6 +111,27 @@ def time_ms(fn: Callable, device: torch.device, budget_s: float = 1.0) -> float:
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def measured_speedup(baseline_ms: Sequence[float], fastgen_ms: Sequence[float]) -> float | None:
+    """median(baseline_ms) / median(fastgen_ms) where the two min-max ranges are apart, each over at
+    least 2 rounds; None otherwise: no measurable difference (one round has no range to compare)."""
+    if len(baseline_ms) < 2 or len(fastgen_ms) < 2:
+        return None
+    if min(baseline_ms) <= max(fastgen_ms) and min(fastgen_ms) <= max(baseline_ms):
+        return None
+    return statistics.median(baseline_ms) / statistics.median(fastgen_ms)
+
+
+def speedup_text(baseline_ms: Sequence[float], fastgen_ms: Sequence[float]) -> str:
+    """``measured_speedup`` in words: "1.234x (...)" or "no measurable difference (...)"."""
+    rounds = min(len(baseline_ms), len(fastgen_ms))
+    speedup = measured_speedup(baseline_ms, fastgen_ms)
+    if speedup is not None:
+        return f"{speedup:.3f}x (ratio of medians; min-max ranges of {rounds} interleaved rounds apart)"
+    if rounds < 2:
+        return "no measurable difference (1 round each has no spread; 3 or more rounds)"
+    return f"no measurable difference (min-max ranges of {rounds} interleaved rounds overlap)"
 
 
 def call_ms(fn: Callable, device: torch.device) -> float:
@@ -355,6 +376,8 @@ def markdown_table(results: list[Result], env: dict) -> str:
         f"| fastgen {env['fastgen']} commit {env['commit']} | {env['date']}",
         "",
     ]
+    if env.get("partial"):
+        lines += [f"**Partial**: {env['partial']} (the rows below are all that were measured).", ""]
     if env.get("triton_interpreter"):
         lines += ["Triton ran under its CPU interpreter: its times show correctness, not kernel speed.", ""]
     if env.get("compute_capability") is None:

@@ -199,7 +199,6 @@ SDPA_BACKENDS = {
     "efficient": (SDPBackend.EFFICIENT_ATTENTION, "mem_efficient_sdp_enabled"),
     "cudnn": (SDPBackend.CUDNN_ATTENTION, "cudnn_sdp_enabled"),
 }
-_SDPA_ORDER = [b for b, _ in SDPA_BACKENDS.values()] + [SDPBackend.MATH]
 
 
 def sdpa_candidates(device: torch.device) -> list[str]:
@@ -238,8 +237,8 @@ def _candidates(q, tensors, biases, return_lse) -> list[str]:
 
 def _shape_key(q, k, extra_kv, biases, return_lse) -> str:
     B, H, Nq, D = q.shape
-    parts = [_DTYPE_NAMES.get(q.dtype, str(q.dtype)), f"D{D}", f"bh{bucket(B * H)}", f"q{bucket(Nq)}",
-             f"k{bucket(k.shape[2])}" + ("/b1" if k.shape[0] == 1 and B > 1 else "")]
+    parts = [tuning.dtype_name(q.dtype), f"D{D}", f"bh{bucket(B * H)}", f"q{bucket(Nq)}{tuning.layout(q)}",
+             f"k{bucket(k.shape[2])}{tuning.layout(k)}" + ("/b1" if k.shape[0] == 1 and B > 1 else "")]
     for pair, b in zip(extra_kv, biases):
         ki = pair.k if isinstance(pair, Fp8KV) else pair[0]
         flags = ("/b1" if ki.shape[0] == 1 and B > 1 else "") + ("/fp8" if isinstance(pair, Fp8KV) else "")
@@ -250,14 +249,9 @@ def _shape_key(q, k, extra_kv, biases, return_lse) -> str:
     return ",".join(parts)
 
 
-_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
 @torch.compiler.assume_constant_result
-def _decided_while_tracing(key: str, static: str) -> str:
-    # Read at trace time and baked into the graph: no timing while compiling or capturing.
-    hit = tuning.TUNER.cached(key)
-    return hit.backend if hit is not None else static
+def _decided_while_tracing(key: str, static: str, names: tuple) -> str:
+    return tuning.lookup_while_tracing(key, static, names)
 
 
 def _auto(q, k, v, extra_kv, biases, scale, return_lse, tensors, tune: bool | None) -> str:
@@ -267,14 +261,14 @@ def _auto(q, k, v, extra_kv, biases, scale, return_lse, tensors, tune: bool | No
     static = static_choice(q, tensors, len(extra_kv))
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return "sdpa"  # autograd: PyTorch's backward
-    if not all(type(s) is int for s in q.shape):
-        return static  # symbolic shapes while tracing: no key to look up
+    if not all(type(s) is int for s in q.shape) or q.numel() == 0:
+        return static  # symbolic sizes while tracing (no key to look up), or nothing to measure
     key = tuning.make_key(q.device, "attention", _shape_key(q, k, extra_kv, biases, return_lse))
     if torch.compiler.is_compiling():
-        return _decided_while_tracing(key, static)
+        return _decided_while_tracing(key, static, tuple(names))
 
     def candidate(name):
-        return lambda: _run(name, q, k, v, extra_kv, biases, scale, return_lse)[0]
+        return lambda: _run(name, q, k, v, extra_kv, biases, scale, return_lse, strict=True)[0]
 
     def pytorch_error(ref):
         up = [t.float() for t in (q, k, v)]
@@ -450,9 +444,10 @@ def attention(
     return (out, lse) if return_lse else out
 
 
-def _run(name: str, q, k, v, extra_kv, biases, scale, return_lse):
+def _run(name: str, q, k, v, extra_kv, biases, scale, return_lse, strict: bool = False):
     """(out, lse or None) of backend ``name``: ``"triton"``, ``"xformers"``, ``"sdpa"`` (PyTorch picks
-    its kernel) or ``"sdpa:<backend>"`` (that SDPA backend first, the others after it)."""
+    its kernel) or ``"sdpa:<backend>"`` (that SDPA backend alone). ``strict``: raise where that SDPA
+    backend cannot take the inputs (measuring); else PyTorch's own choice runs them, warned once."""
     if name == "triton":
         if not _fp8_in_kernel(q.device):
             extra_kv = _plain(extra_kv, q.dtype)
@@ -469,7 +464,16 @@ def _run(name: str, q, k, v, extra_kv, biases, scale, return_lse):
     extra_kv, biases = [p for p, _ in kept], [b for _, b in kept]
     if name == "sdpa":
         return _sdpa(q, k, v, extra_kv, biases, scale, return_lse)
-    first = SDPA_BACKENDS[name.split(":", 1)[1]][0]
-    # The measured backend first; the others after it, so a shape it cannot take still runs.
-    with sdpa_kernel([first] + [b for b in _SDPA_ORDER if b != first], set_priority=True):
+    backend = SDPA_BACKENDS[name.split(":", 1)[1]][0]
+    if strict or torch.compiler.is_compiling():
+        with sdpa_kernel([backend]):
+            return _sdpa(q, k, v, extra_kv, biases, scale, return_lse)
+    try:
+        with sdpa_kernel([backend]):
+            return _sdpa(q, k, v, extra_kv, biases, scale, return_lse)
+    except RuntimeError as exc:  # a shape of this key the measured backend does not take
+        warn_once(f"attention:{name}:cannot take:{tuple(q.shape)}:{q.dtype}",
+                  f"fastgen.ops.attention: SDPA backend {name.split(':', 1)[1]!r}, measured fastest for these "
+                  f"inputs' key, cannot take shape {tuple(q.shape)} ({str(exc).strip().splitlines()[0][:120]}); "
+                  "PyTorch's own choice runs it")
         return _sdpa(q, k, v, extra_kv, biases, scale, return_lse)

@@ -8,16 +8,18 @@ benchmark mode and Triton's autotuner: a few milliseconds per new shape, then a 
 A candidate that runs but is wrong is never chosen, and one ``FastgenFallbackWarning`` names it; one
 that cannot run these inputs at all (SDPA's flash backend under a mask) is simply not a candidate.
 
-Decisions live in memory and in one JSON file, ``$FASTGEN_CACHE_DIR/autotune.json`` (default
+Decisions live in memory and in one JSON file, ``$FASTGEN_CACHE_DIR/autotune-v1.json`` (default
 ``$XDG_CACHE_HOME/fastgen`` or ``~/.cache/fastgen``). Writes merge with what other processes wrote
 under an exclusive lock, then replace the file atomically (temporary file + ``os.replace``); a
-corrupt or foreign file is ignored with one warning and rewritten. Keys carry every version, so an
-upgrade of torch, triton, fastgen or the driver's device decides again.
+corrupt or foreign file is ignored with one warning and rewritten. Keys carry the versions of torch,
+triton, fastgen, cuDNN and xformers, so an upgrade decides again; a decision whose backend cannot
+run any more (xformers uninstalled, the CUDA extension not built) is decided again too.
 
-No timing ever runs while ``torch.compile`` traces or a CUDA graph is captured, nor with
-``FASTGEN_AUTOTUNE=0`` (or ``autotune=False`` on the op, ``PatchConfig(autotune=False)``): the
-decision already made for that key is used, else the fixed table documented in ``static_choice``
-of each op. ``fastgen tune`` makes the decisions of a pipeline ahead of time.
+No timing runs while ``torch.compile`` traces or a CUDA graph is captured: the decision already
+made for that key is used, else the fixed table documented in ``static_choice`` of each op. With
+``FASTGEN_AUTOTUNE=0`` (or ``autotune=False`` on the op) the fixed table is used, decisions made
+earlier included. Inputs whose PyTorch result has a NaN or an infinity decide nothing (the table runs
+them; a later, finite call decides). ``fastgen tune`` makes the decisions of a pipeline ahead of time.
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ from fastgen._warnings import warn_once
 
 ENV_SWITCH = "FASTGEN_AUTOTUNE"
 ENV_CACHE_DIR = "FASTGEN_CACHE_DIR"
-FILE_NAME = "autotune.json"
 FORMAT = "fastgen-autotune"
 SCHEMA = 1
+FILE_NAME = f"autotune-v{SCHEMA}.json"  # a later schema writes a file of its own, never this one
 MAX_ENTRIES = 4096  # oldest entries (other devices, older versions) go first
 TIME_BUDGET_S = 2e-3  # timed runs per candidate: about this long, 3 to 25 of them
 
@@ -81,16 +83,19 @@ class Decision:
                 "rejected": dict(self.rejected), "t": time.time()}
 
 
+_OFF = ("0", "false", "off", "no")
+
+
 def enabled(override: bool | None = None) -> bool:
-    """Whether ``auto`` may time candidates: ``override`` when given, else ``FASTGEN_AUTOTUNE`` (on
-    unless ``"0"``)."""
+    """Whether ``auto`` measures: ``override`` when given, else ``FASTGEN_AUTOTUNE`` (on unless
+    ``0``, ``false``, ``off`` or ``no``)."""
     if override is not None:
         return bool(override)
-    return os.environ.get(ENV_SWITCH, "1") != "0"
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in _OFF
 
 
 def cache_path() -> Path:
-    """The decisions file: ``$FASTGEN_CACHE_DIR/autotune.json``, default under ``$XDG_CACHE_HOME``
+    """The decisions file: ``$FASTGEN_CACHE_DIR/autotune-v1.json``, default under ``$XDG_CACHE_HOME``
     or ``~/.cache``, in a folder ``fastgen``."""
     root = os.environ.get(ENV_CACHE_DIR)
     if not root:
@@ -126,15 +131,42 @@ def device_prefix(device: torch.device) -> str:
             tv = triton.__version__
         except ImportError:
             tv = "none"
+        others = ""
         if device.type == "cuda":
             index = device.index if device.index is not None else torch.cuda.current_device()
             cap = "%d.%d" % torch.cuda.get_device_capability(index)
             name = f"{torch.cuda.get_device_name(index)} sm{cap}"
+            others = f" cudnn {torch.backends.cudnn.version()}"
+            try:
+                import xformers
+
+                others += f" xformers {xformers.__version__}"
+            except ImportError:
+                pass
         else:
             name = device.type
-        prefix = f"{name}|torch {torch.__version__}|triton {tv}|fastgen {__version__}"
+        prefix = f"{name}|torch {torch.__version__}{others}|triton {tv}|fastgen {__version__}"
         _DEVICE_PREFIX[slot] = prefix
     return prefix
+
+
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def layout(t: torch.Tensor) -> str:
+    """``""`` for (B, H, N, D) in memory, ``"/t"`` for token-major views of a (B, N, H, D) buffer."""
+    return "/t" if t.dim() == 4 and t.shape[1] > 1 and t.shape[2] > 1 and t.stride(1) < t.stride(2) else ""
+
+
+def lookup_while_tracing(key: str, static: str, candidates: tuple[str, ...]) -> str:
+    """The backend to bake into a graph being traced: the decision made for ``key`` if its backend
+    is among ``candidates``, else ``static``. Ops call it through ``torch.compiler.assume_constant_result``."""
+    hit = TUNER.cached(key)
+    return hit.backend if hit is not None and hit.backend in candidates else static
 
 
 def make_key(device: torch.device, op: str, shape: str) -> str:
@@ -169,14 +201,28 @@ def time_ms(fn: Callable[[], object], device: torch.device) -> float:
     return statistics.median([first] + [once() for _ in range(reps - 1)])
 
 
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |out - ref| / max |ref| (inf where out has a NaN or another shape)."""
-    if out.shape != ref.shape:
+def relative_error(out, ref) -> float:
+    """max |out - ref| / max |ref| over a tensor or a tuple of tensors (inf where out has a NaN or
+    another shape; 0 for empty tensors)."""
+    outs, refs = (out, ref) if isinstance(ref, (tuple, list)) else ((out,), (ref,))
+    if not isinstance(outs, (tuple, list)) or len(outs) != len(refs):
         return math.inf
-    diff = (out.float() - ref.float()).abs().amax()
-    if not bool(torch.isfinite(diff)):
-        return math.inf
-    return float(diff) / max(float(ref.float().abs().amax()), 1e-6)
+    worst, scale = 0.0, 1e-6
+    for o, r in zip(outs, refs):
+        if not isinstance(o, torch.Tensor) or o.shape != r.shape:
+            return math.inf
+        if r.numel() == 0:
+            continue
+        diff = float((o.float() - r.float()).abs().amax())
+        if not math.isfinite(diff):
+            return math.inf
+        worst, scale = max(worst, diff), max(scale, float(r.float().abs().amax()))
+    return worst / scale
+
+
+def all_finite(x) -> bool:
+    """Whether every element of a tensor or tuple of tensors is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in (x if isinstance(x, (tuple, list)) else (x,)))
 
 
 class Tuner:
@@ -193,7 +239,9 @@ class Tuner:
         self._disk: dict[str, dict] = {}
         self._disk_stamp: tuple | None = None
         self._lock = threading.Lock()
-        self.spent_s = 0.0  # wall time spent deciding in this process (checks and timing)
+        self._fixed: dict[str, Decision] = {}  # the fixed table's answers while autotuning is off
+        self.spent_s = 0.0  # wall time spent deciding in this process: first runs, checks and timing
+        self.first_run_s = 0.0  # of which each candidate's first run (Triton's JIT compile and tile autotune)
         self.log: list[Decision] = []  # every decision made or read in this process, in order
 
     @property
@@ -236,7 +284,7 @@ class Tuner:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             return {}
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
             warn_once(f"autotune-file:{path}", f"fastgen autotune: ignoring the unreadable decisions file {path} "
                       f"({type(exc).__name__}: {exc}); it is rewritten with the next decision")
             return {}
@@ -249,53 +297,80 @@ class Tuner:
 
     # ---------------------------------------------------------------- deciding
 
-    def decide(self, op: str, key: str, device: torch.device, candidates: Mapping[str, Callable[[], torch.Tensor]],
-               reference: Callable[[], torch.Tensor], pytorch_error: Callable[[torch.Tensor], float] | None,
+    def decide(self, op: str, key: str, device: torch.device, candidates: Mapping[str, Callable[[], object]],
+               reference: Callable[[], object], pytorch_error: Callable[[object], float] | None,
                dtype: torch.dtype, static: str, allow: bool = True) -> Decision:
-        """The backend for ``key``: cached, else measured (``allow`` and timing possible), else ``static``.
+        """The backend for ``key``: the fixed table when ``allow`` is False, else the decision made
+        earlier (if its backend is still a candidate), else measured now (if timing is possible now),
+        else ``static``.
 
         Args:
-            candidates: {backend: a call that runs it on the inputs at hand and returns its output}.
+            candidates: {backend: a call that runs it on the inputs at hand and returns its output (a
+                tensor or a tuple of tensors)}; a call that raises cannot run these inputs.
             reference: PyTorch's result on the same inputs (its plain SDPA / unfused sequence).
             pytorch_error: given that result, its error against a float32 computation (sets the
                 tolerance); None to use the dtype's tolerance alone.
-            static: the fixed table's choice, used when nothing may be timed.
+            static: the fixed table's choice.
         """
+        if not allow:
+            return self._static(op, key, static, "autotuning is off (FASTGEN_AUTOTUNE=0 or autotune=False)")
         if len(candidates) == 1:
             (only,) = candidates
             hit = self._memory.get(key)
             return hit or self._keep(Decision(op, key, only, "only candidate", f"the only backend for these inputs on {device}"))
         hit = self.cached(key)
-        if hit is not None:
+        if hit is not None and hit.backend in candidates:
             return hit
-        why_not = None if allow else "autotuning is off (FASTGEN_AUTOTUNE=0 or autotune=False)"
-        why_not = why_not or timing_allowed(device)
+        why_not = timing_allowed(device)
         if why_not is not None:
             return Decision(op, key, static, "static", f"fixed table: {why_not}")
         with self._lock:
             hit = self._memory.get(key)
-            if hit is not None:
+            if hit is not None and hit.backend in candidates:
                 return hit
             t0 = time.perf_counter()
             try:
                 decision = self._measure(op, key, device, candidates, reference, pytorch_error, dtype, static)
             finally:
                 self.spent_s += time.perf_counter() - t0
-        return self._keep(decision, save=decision.source == "measured")
+        if decision.source != "measured":  # nothing to keep: the next call of this key tries again
+            return decision
+        return self._keep(decision, save=True)
+
+    def _static(self, op, key, static, why) -> Decision:
+        # Kept apart from the decisions, so switching autotuning back on measures the key.
+        hit = self._fixed.get(key)
+        if hit is None or hit.backend != static:
+            hit = self._fixed[key] = Decision(op, key, static, "static", f"fixed table: {why}")
+        return hit
 
     def _measure(self, op, key, device, candidates, reference, pytorch_error, dtype, static) -> Decision:
         with torch.no_grad():
-            ref = reference()
+            try:
+                ref = reference()
+            except Exception as exc:  # noqa: BLE001 - the table's backend will say it again, to the caller
+                return Decision(op, key, static, "static", f"fixed table: PyTorch's result failed ({type(exc).__name__})")
+            if not all_finite(ref):
+                return Decision(op, key, static, "static", "fixed table: PyTorch's result is not finite on these "
+                                "inputs (nothing to check candidates against); a later call decides")
             tol = TOLERANCE.get(dtype, 2e-3)
             if pytorch_error is not None:
-                tol = max(tol, 4 * pytorch_error(ref))
-            rejected, runs = {}, {}
+                try:
+                    own = pytorch_error(ref)
+                except Exception:  # noqa: BLE001 - e.g. out of memory for the float32 copy: the dtype's tolerance
+                    own = math.nan
+                if math.isfinite(own):
+                    tol = max(tol, 4 * own)
+            rejected, times = {}, {}
             for name, run in candidates.items():
+                t1 = time.perf_counter()
                 try:
                     out = run()  # also the warm-up: Triton compiles and autotunes its tiles here
-                except (RuntimeError, ValueError, NotImplementedError) as exc:
-                    rejected[name] = f"cannot run these inputs ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})"
+                except Exception as exc:  # noqa: BLE001 - any failure (Triton's OutOfResources too) = cannot run
+                    rejected[name] = f"cannot run these inputs ({type(exc).__name__}: {_first_line(exc)})"
                     continue
+                finally:
+                    self.first_run_s += time.perf_counter() - t1
                 err = relative_error(out, ref)
                 del out
                 if not err <= tol:
@@ -304,9 +379,11 @@ class Tuner:
                               f"fastgen autotune: {op} backend {name!r} gave a wrong result on {device} "
                               f"({shape_of(key)}: {rejected[name]}); it is never chosen for these inputs")
                     continue
-                runs[name] = run
+                try:
+                    times[name] = float(self.timer(name, run, device))
+                except Exception as exc:  # noqa: BLE001 - ran once, failed when repeated: not a candidate
+                    rejected[name] = f"failed while timed ({type(exc).__name__}: {_first_line(exc)})"
             del ref
-            times = {name: float(self.timer(name, run, device)) for name, run in runs.items()}
         if not times:
             return Decision(op, key, static, "static", "fixed table: no candidate ran correctly", {}, rejected)
         best = min(times, key=times.get)
@@ -329,7 +406,7 @@ class Tuner:
                 entries = self._read(path)  # what other processes wrote meanwhile is kept
                 entries[decision.key] = decision.to_json()
                 if len(entries) > MAX_ENTRIES:
-                    keep = sorted(entries, key=lambda k: entries[k].get("t", 0) if isinstance(entries[k], dict) else 0)
+                    keep = sorted(entries, key=lambda k: _stamp(entries[k]))
                     for old in keep[: len(entries) - MAX_ENTRIES]:
                         del entries[old]
                 fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -368,9 +445,20 @@ class Tuner:
     def forget(self) -> None:
         """Drop the in-memory decisions (the file stays)."""
         self._memory.clear()
+        self._fixed.clear()
         self._disk, self._disk_stamp = {}, None
         self.log.clear()
-        self.spent_s = 0.0
+        self.spent_s = self.first_run_s = 0.0
+
+
+def _stamp(entry) -> float:
+    t = entry.get("t", 0) if isinstance(entry, dict) else 0
+    return float(t) if isinstance(t, (int, float)) and math.isfinite(t) else 0.0
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else "no message"
 
 
 @contextlib.contextmanager

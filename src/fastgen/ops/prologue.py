@@ -289,10 +289,8 @@ def _candidates(q: torch.Tensor) -> list[str]:
 
 
 @torch.compiler.assume_constant_result
-def _decided_while_tracing(key: str, static: str) -> str:
-    # Read at trace time and baked into the graph: no timing while compiling or capturing.
-    hit = tuning.TUNER.cached(key)
-    return hit.backend if hit is not None else static
+def _decided_while_tracing(key: str, static: str, names: tuple) -> str:
+    return tuning.lookup_while_tracing(key, static, names)
 
 
 def _auto(q, k, q_weight, k_weight, cos, sin, eps, norm, rope, full, tune) -> str:
@@ -300,29 +298,24 @@ def _auto(q, k, q_weight, k_weight, cos, sin, eps, norm, rope, full, tune) -> st
     if len(names) == 1:
         return names[0]
     static = choose_backend("auto", q, "qk_norm_rope", "qk_norm_rope")
-    if not all(type(s) is int for s in q.shape):
-        return static
+    if not all(type(s) is int for s in q.shape) or q.numel() == 0:
+        return static  # symbolic sizes while tracing (no key to look up), or nothing to measure
     B, H, S, D = q.shape
     n_rope = 0 if cos is None else cos.shape[0]
-    shape = (f"{_DTYPE_NAMES[q.dtype]},H{H},D{D},n{tuning.bucket(B * S)},norm={norm},rope={rope}"
-             f"{',part' if 0 < n_rope < S else ''},w={'y' if q_weight is not None else 'n'}")
+    shape = (f"{tuning.dtype_name(q.dtype)},H{H},D{D},n{tuning.bucket(B * S)}{tuning.layout(q)},norm={norm},"
+             f"rope={rope}{',part' if 0 < n_rope < S else ''},w={'y' if q_weight is not None else 'n'}")
     key = tuning.make_key(q.device, "qk_norm_rope", shape)
     if torch.compiler.is_compiling():
-        return _decided_while_tracing(key, static)
+        return _decided_while_tracing(key, static, tuple(names))
 
     def candidate(name):  # into new buffers: the caller's ``out`` may be q and k themselves
-        return lambda: torch.cat([t.flatten() for t in _run(name, q, k, q_weight, k_weight, cos, sin, eps, norm,
-                                                             rope, full, None)])
+        return lambda: _run(name, q, k, q_weight, k_weight, cos, sin, eps, norm, rope, full, None)
 
     def pytorch_error(ref):
         up = [None if t is None else t.float() for t in (q, k, q_weight, k_weight)]
         full32 = None if full is None else tuple(t.float() for t in full)
-        a, b = qk_norm_rope_torch(*up, cos, sin, eps, norm, rope, full32)
-        return tuning.relative_error(ref, torch.cat([a.flatten(), b.flatten()]))
+        return tuning.relative_error(ref, qk_norm_rope_torch(*up, cos, sin, eps, norm, rope, full32))
 
     decision = tuning.TUNER.decide("qk_norm_rope", key, q.device, {n: candidate(n) for n in names},
                                    candidate("torch"), pytorch_error, q.dtype, static, allow=tuning.enabled(tune))
     return decision.backend
-
-
-_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}

@@ -10,6 +10,11 @@ from fastgen.ops import autotune as tuning
 from fastgen.ops.autotune import Decision
 
 
+def _is_compiled(module) -> bool:
+    # torch.compile(model) wraps it (OptimizedModule, ``_orig_mod``); model.compile() compiles in place.
+    return hasattr(module, "_orig_mod") or getattr(module, "_compiled_call_impl", None) is not None
+
+
 def tune(pipe, *, num_inference_steps: int = 2, config=None, **call_kwargs) -> list[Decision]:
     """Make the ``backend="auto"`` decisions of every attention and prologue shape ``pipe`` meets at
     one size, so the first real generation at that size spends nothing on them.
@@ -36,15 +41,24 @@ def tune(pipe, *, num_inference_steps: int = 2, config=None, **call_kwargs) -> l
 
     Raises:
         RuntimeError: when autotuning is off (``FASTGEN_AUTOTUNE=0``): nothing would be decided.
-        ValueError: for ``num_inference_steps`` below 1.
+        ValueError: for ``num_inference_steps`` below 1; for a pipeline whose denoiser is already
+            compiled (``torch.compile`` bakes the backends in when it traces: tune first, then compile).
     """
     from fastgen.patching import is_patched, patch
+    from fastgen.patching.generation import pipeline_models
+    from fastgen.patching.registry import architecture_of
 
     if not tuning.enabled():
         raise RuntimeError("fastgen.tune: autotuning is off (FASTGEN_AUTOTUNE=0), so nothing would be decided; "
                            "unset it to measure")
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+    compiled = [type(getattr(m, "_orig_mod", m)).__name__ for m in pipeline_models(pipe)
+                if _is_compiled(m) and architecture_of(getattr(m, "_orig_mod", m)) is not None]
+    if compiled:
+        raise ValueError(f"fastgen.tune: {', '.join(compiled)} is compiled already, and torch.compile fixes the "
+                         "backends when it traces (no timing runs while it does): call fastgen.tune before "
+                         "torch.compile, then compile")
     if "prompt" not in call_kwargs and "prompt_embeds" not in call_kwargs:
         call_kwargs["prompt"] = ""
     start = len(tuning.TUNER.log)
