@@ -23,6 +23,12 @@ HAVE_TRITON = triton is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def autotune_enabled() -> bool:
+    """``FASTGEN_AUTOTUNE``: on unless ``0``, ``false``, ``off`` or ``no``. Off, Triton kernels use one
+    fixed tile configuration, and fastgen's ``backend="auto"`` its fixed table (fastgen.ops.autotune)."""
+    return os.environ.get("FASTGEN_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
 def triton_can_run_on(device: torch.device) -> str | None:
     """Why a Triton kernel cannot run on ``device``, or ``None`` when it can."""
     if not HAVE_TRITON:

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._common import HAVE_TRITON, INTERPRET, needs_int64, next_pow2, tl, triton
+from ._common import HAVE_TRITON, INTERPRET, autotune_enabled, needs_int64, next_pow2, tl, triton
 
 MAX_EXTRA = 4  # extra segments fused in one launch; more are merged through the LSE
 LOG2E = 1.4426950408889634
@@ -313,7 +313,7 @@ _autotuned = None
 def _kernel_for(device: torch.device):
     """The plain kernel under the interpreter; an autotuned one on a GPU."""
     global _autotuned
-    if device.type != "cuda" or os.environ.get("FASTGEN_AUTOTUNE", "1") == "0":
+    if device.type != "cuda" or not autotune_enabled():
         return None
     if _autotuned is None:
         _autotuned = triton.autotune(

@@ -547,3 +547,115 @@ def test_tune_refuses_a_compiled_denoiser_and_the_cli_checks_its_arguments(tuner
     with pytest.raises(SystemExit):
         cli.main(["tune", "--size", "tiny", "--batch", "0"])
     assert "must be at least 1" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ what a second review broke
+
+
+def test_compiled_calls_honour_the_off_switch(widened, monkeypatch):
+    tuner, ran = widened
+    tuner.timer = _timer({"triton": 1.0, "sdpa": 5.0})
+    q, k, v, _ = _qkv()
+    fastgen.ops.attention(q, k, v)  # decided: triton
+    for off in ({"env": "0"}, {"arg": False}):
+        torch._dynamo.reset()
+        if "env" in off:
+            monkeypatch.setenv("FASTGEN_AUTOTUNE", off["env"])
+        ran.clear()
+        torch.compile(lambda q, k, v: fastgen.ops.attention(q, k, v, autotune=off.get("arg")), fullgraph=True,
+                      backend="aot_eager")(q, k, v)
+        assert ran == ["sdpa"], off  # the fixed table, even with a decision on record
+        monkeypatch.setenv("FASTGEN_AUTOTUNE", "1")
+
+
+def test_the_log_sum_exp_is_checked_too(widened, monkeypatch):
+    tuner, ran = widened
+    tuner.timer = _timer({"triton": 0.1, "sdpa": 5.0})
+    run = attn_mod._run
+    monkeypatch.setattr(attn_mod, "_run", lambda name, *a, **kw: (lambda o: (o[0], o[1] + 3.0) if name == "triton"
+                                                                   and o[1] is not None else o)(run(name, *a, **kw)))
+    q, k, v, extra = _qkv()
+    with pytest.warns(FastgenFallbackWarning, match="'triton' gave a wrong result"):
+        out, lse = fastgen.ops.attention(q, k, v, extra_kv=extra, return_lse=True)
+    assert tuner.log[-1].backend == "sdpa"
+    # rows with no admissible key have lse -inf on every backend: equal, not wrong
+    monkeypatch.setattr(attn_mod, "_run", run)
+    tuner.timer = _timer({"triton": 0.1, "sdpa": 5.0})
+    empty = torch.randn(2, 3, 0, 32)
+    fastgen.ops.attention(q, empty, empty, return_lse=True)
+    assert tuner.log[-1].backend == "triton" and not tuner.log[-1].rejected
+
+
+def test_prologue_keeps_gradients(widened, recwarn):
+    tuner, ran = widened
+    tuner.timer = _timer({"triton": 0.1, "torch": 5.0})
+    q = torch.randn(1, 2, 9, 16, requires_grad=True)
+    k = torch.randn(1, 2, 9, 16)
+    a, b = pro_mod.qk_norm_rope(q, k, norm="head", rope=None)
+    (a.sum() + b.sum()).backward()
+    assert q.grad is not None and ran == ["torch"] and tuner.log == []
+    with pytest.warns(FastgenFallbackWarning, match="forward-only"):
+        a, _ = pro_mod.qk_norm_rope(q, k, norm="head", rope=None, backend="triton")
+    assert a.grad_fn is not None
+
+
+def test_autocast_output_dtype_never_depends_on_a_timing(widened):
+    tuner, ran = widened
+    tuner.timer = _timer({"triton": 0.1, "sdpa": 5.0})
+    q, k, v, _ = _qkv()
+    fastgen.ops.attention(q, k, v)  # decided outside autocast: triton (fp32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fastgen.ops.attention(q, k, v)
+        want = fastgen.ops.attention(q, k, v, backend="sdpa")
+    assert out.dtype == want.dtype == torch.bfloat16 and ran[-2:] == ["sdpa", "sdpa"]
+
+
+def test_an_op_called_inside_a_candidate_does_not_deadlock(widened, monkeypatch):
+    tuner, ran = widened
+    tuner.timer = _timer({"triton": 1.0, "sdpa": 5.0})
+    q, k, v, _ = _qkv()
+    run = attn_mod._run
+
+    def nested(name, *a, **kw):
+        if name == "triton" and kw.get("strict"):
+            fastgen.ops.attention(q[:, :, :5], k, v)  # another key, decided while this one is measured
+        return run(name, *a, **kw)
+
+    monkeypatch.setattr(attn_mod, "_run", nested)
+    fastgen.ops.attention(q, k, v)
+    assert tuner.log[-1].backend == "triton"  # the outer key; the inner call got the table, no hang
+
+
+def test_keys_that_decide_nothing_stop_being_measured(tuner):
+    calls = []
+    tuner.timer = _timer({"a": 1.0, "b": 2.0}, calls)
+    nan = torch.full((4,), math.nan)
+    for _ in range(5):
+        d = tuner.decide("attention", tuning.make_key(CPU, "attention", "k-nan"), CPU, {"a": lambda: nan, "b": lambda: nan},
+                         lambda: nan, None, torch.float16, "b")
+    assert d.backend == "b" and d.source == "static" and f"({tuning.MAX_ATTEMPTS} tries)" in d.why
+    assert calls == []
+
+
+def test_odd_file_entries_print_on_one_line(tmp_path, monkeypatch, capsys):
+    from fastgen import cli
+
+    path = tmp_path / tuning.FILE_NAME
+    key = tuning.make_key(CPU, "attention", "fp16,D64")
+    path.write_text(json.dumps({"format": tuning.FORMAT, "schema": tuning.SCHEMA, "entries": {
+        key: {"op": None, "backend": "sdpa", "why": "line one\nfake line", "t": 10 ** 400},
+        key + "2": {"op": 3, "backend": "triton", "why": "", "t": "x"}}}))
+    monkeypatch.setattr(tuning, "TUNER", tuning.Tuner(path))
+    assert cli.main(["info", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "? [fp16,D64] -> sdpa (cached; measured earlier: line one fake line)" in out
+    assert tuning._stamp({"t": 10 ** 400}) == 0.0
+
+
+def test_tune_finds_blocks_compiled_one_by_one(tuner):
+    from fastgen import models
+
+    pipe, call = models.build_pipeline("flux", "tiny")
+    pipe.transformer.transformer_blocks[0].compile(backend="aot_eager")
+    with pytest.raises(ValueError, match="compiled already"):
+        fastgen.tune(pipe, **call)

@@ -52,3 +52,30 @@ def test_an_unknown_phase_is_refused_before_anything_runs(tmp_path):
     proc = _run(tmp_path / "out", "quick", "bencht", "--dry-run")
     assert proc.returncode == 2 and "unknown phase 'bencht'" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_summary_merges_the_decisions_of_every_stage(tmp_path):
+    # A CPU decides nothing (one candidate), so the dry run cannot reach this part: fed directly.
+    import torch
+
+    from fastgen.ops import autotune as tuning
+
+    cpu, ref = torch.device("cpu"), torch.zeros(4)
+    for folder, name in (("run", "attention"), ("flux", "qk_norm_rope")):
+        t = tuning.Tuner(tmp_path / folder / tuning.FILE_NAME, timer=lambda n, f, d: {"a": 1.0, "b": 2.0}[n])
+        t.decide(name, tuning.make_key(cpu, name, f"bf16,{folder}"), cpu, {"a": lambda: ref, "b": lambda: ref},
+                 lambda: ref, None, torch.bfloat16, "b")
+    out = tmp_path / "out"
+    out.mkdir()
+    stages = tmp_path / "stages"
+    stages.write_text("tests|ok|3\nflux|cut at its 75 s limit|75\n")
+    subprocess.run([sys.executable, str(ROOT / "bench" / "summarize.py"), str(out), "--stages", str(stages),
+                    "--phases", "quick", "--decisions", str(tmp_path / "run"), str(tmp_path / "flux")], check=True,
+                   cwd=ROOT, timeout=120)
+    summary = (out / "summary.md").read_text()
+    assert "## Decisions file (2 keys)" in summary and "Cut at their time limit: flux" in summary
+    assert "attention [bf16,run] -> a: fastest correct: a 1 ms (then b 2 ms)" in summary
+    assert "qk_norm_rope [bf16,flux] -> a" in summary
+    import json
+
+    assert len(json.loads((out / "autotune.json").read_text())["entries"]) == 2

@@ -123,10 +123,12 @@ def _pipeline(args):
     else:
         size = args.size or ("large" if device.type == "cuda" else "small")
         pipe, call = demo.build_pipeline(args.family, size)
-        what = f"built-in {args.family} pipeline ({size}, random weights), {call['height']}x{call['width']}"
+        what = f"built-in {args.family} pipeline ({size}, random weights)"
         demo.place(pipe, device, dtype)
     if args.height or args.width:  # one of them alone: a square
         call.update(height=args.height or args.width, width=args.width or args.height)
+    if "height" in call:
+        what += f", {call['height']}x{call['width']}"
     call = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
             for k, v in call.items()}
     return pipe, call, what, device, dtype
@@ -219,8 +221,8 @@ def pipeline_args(sp) -> None:
     sp.add_argument("--family", choices=FAMILIES, default="flux", help="architecture of the built-in pipeline (default flux)")
     sp.add_argument("--size", choices=tuple(SIZES), help="built-in pipeline size (default: large on a GPU, small on a CPU)")
     sp.add_argument("--model", help="a local diffusers checkpoint folder instead of the built-in pipeline")
-    sp.add_argument("--height", type=int)
-    sp.add_argument("--width", type=int)
+    sp.add_argument("--height", type=_positive)
+    sp.add_argument("--width", type=_positive)
     sp.add_argument("--dtype", choices=DTYPES, help="default bf16 on GPU, fp32 on CPU")
 
 
@@ -255,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("tune", help="decide the automatic backends of a pipeline at one size ahead of time")
     t.add_argument("--device", help="cuda or cpu (default: cuda if present)")
     pipeline_args(t)
-    t.add_argument("--frames", type=int, help="num_frames, for video pipelines")
+    t.add_argument("--frames", type=_positive, help="num_frames, for video pipelines")
     t.add_argument("--batch", type=_positive, default=1, help="images (videos) per prompt (default 1)")
     t.add_argument("--steps", type=_positive, default=2, help="denoising steps to run (default 2)")
     t.set_defaults(func=cmd_tune)

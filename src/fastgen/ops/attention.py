@@ -250,8 +250,8 @@ def _shape_key(q, k, extra_kv, biases, return_lse) -> str:
 
 
 @torch.compiler.assume_constant_result
-def _decided_while_tracing(key: str, static: str, names: tuple) -> str:
-    return tuning.lookup_while_tracing(key, static, names)
+def _decided_while_tracing(key: str, static: str, names: tuple, tune) -> str:
+    return tuning.lookup_while_tracing(key, static, names, tune)
 
 
 def _auto(q, k, v, extra_kv, biases, scale, return_lse, tensors, tune: bool | None) -> str:
@@ -261,14 +261,16 @@ def _auto(q, k, v, extra_kv, biases, scale, return_lse, tensors, tune: bool | No
     static = static_choice(q, tensors, len(extra_kv))
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return "sdpa"  # autograd: PyTorch's backward
+    if torch.is_autocast_enabled(q.device.type):
+        return "sdpa"  # PyTorch's SDPA casts under autocast, fastgen's op does not: the output dtype must not depend on a timing
     if not all(type(s) is int for s in q.shape) or q.numel() == 0:
         return static  # symbolic sizes while tracing (no key to look up), or nothing to measure
     key = tuning.make_key(q.device, "attention", _shape_key(q, k, extra_kv, biases, return_lse))
     if torch.compiler.is_compiling():
-        return _decided_while_tracing(key, static, tuple(names))
+        return _decided_while_tracing(key, static, tuple(names), tune)
 
-    def candidate(name):
-        return lambda: _run(name, q, k, v, extra_kv, biases, scale, return_lse, strict=True)[0]
+    def candidate(name):  # the output, and the log-sum-exp where asked for: both are checked
+        return lambda: _run(name, q, k, v, extra_kv, biases, scale, return_lse, strict=True)[: 2 if return_lse else 1]
 
     def pytorch_error(ref):
         up = [t.float() for t in (q, k, v)]

@@ -33,6 +33,7 @@ import statistics
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -40,12 +41,14 @@ import torch
 
 from fastgen._version import __version__
 from fastgen._warnings import warn_once
+from fastgen.kernels._common import autotune_enabled
 
 ENV_SWITCH = "FASTGEN_AUTOTUNE"
 ENV_CACHE_DIR = "FASTGEN_CACHE_DIR"
 FORMAT = "fastgen-autotune"
 SCHEMA = 1
 FILE_NAME = f"autotune-v{SCHEMA}.json"  # a later schema writes a file of its own, never this one
+MAX_ATTEMPTS = 3  # tries at a key that decides nothing (non-finite inputs) before the table stays
 MAX_ENTRIES = 4096  # oldest entries (other devices, older versions) go first
 TIME_BUDGET_S = 2e-3  # timed runs per candidate: about this long, 3 to 25 of them
 
@@ -83,15 +86,12 @@ class Decision:
                 "rejected": dict(self.rejected), "t": time.time()}
 
 
-_OFF = ("0", "false", "off", "no")
-
-
 def enabled(override: bool | None = None) -> bool:
     """Whether ``auto`` measures: ``override`` when given, else ``FASTGEN_AUTOTUNE`` (on unless
-    ``0``, ``false``, ``off`` or ``no``)."""
+    ``0``, ``false``, ``off`` or ``no``; the same switch fixes Triton's tile configuration)."""
     if override is not None:
         return bool(override)
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in _OFF
+    return autotune_enabled()
 
 
 def cache_path() -> Path:
@@ -162,9 +162,12 @@ def layout(t: torch.Tensor) -> str:
     return "/t" if t.dim() == 4 and t.shape[1] > 1 and t.shape[2] > 1 and t.stride(1) < t.stride(2) else ""
 
 
-def lookup_while_tracing(key: str, static: str, candidates: tuple[str, ...]) -> str:
-    """The backend to bake into a graph being traced: the decision made for ``key`` if its backend
-    is among ``candidates``, else ``static``. Ops call it through ``torch.compiler.assume_constant_result``."""
+def lookup_while_tracing(key: str, static: str, candidates: tuple[str, ...], tune: bool | None) -> str:
+    """The backend to bake into a graph being traced: ``static`` with autotuning off (``tune``, else
+    ``FASTGEN_AUTOTUNE``), else the decision made for ``key`` if its backend is among ``candidates``,
+    else ``static``. Ops call it through ``torch.compiler.assume_constant_result``."""
+    if not enabled(tune):
+        return static
     hit = TUNER.cached(key)
     return hit.backend if hit is not None and hit.backend in candidates else static
 
@@ -213,16 +216,20 @@ def relative_error(out, ref) -> float:
             return math.inf
         if r.numel() == 0:
             continue
-        diff = float((o.float() - r.float()).abs().amax())
+        o, r = o.float(), r.float()
+        same = o == r  # equal infinities too: rows with no admissible key have lse -inf on every backend
+        diff = float(torch.where(same, 0.0, (o - r).abs()).amax())
         if not math.isfinite(diff):
             return math.inf
-        worst, scale = max(worst, diff), max(scale, float(r.float().abs().amax()))
+        finite = r[torch.isfinite(r)]
+        worst, scale = max(worst, diff), max(scale, float(finite.abs().amax()) if finite.numel() else 0.0)
     return worst / scale
 
 
 def all_finite(x) -> bool:
-    """Whether every element of a tensor or tuple of tensors is finite."""
-    return all(bool(torch.isfinite(t).all()) for t in (x if isinstance(x, (tuple, list)) else (x,)))
+    """Whether every element of a tensor or tuple of tensors is finite (``-inf`` allowed: the lse of
+    a row with no admissible key)."""
+    return all(bool((torch.isfinite(t) | (t == -math.inf)).all()) for t in (x if isinstance(x, (tuple, list)) else (x,)))
 
 
 class Tuner:
@@ -239,6 +246,9 @@ class Tuner:
         self._disk: dict[str, dict] = {}
         self._disk_stamp: tuple | None = None
         self._lock = threading.Lock()
+        self._local = threading.local()
+        self._attempts: dict[str, int] = {}
+        self._given_up: dict[str, Decision] = {}
         self._fixed: dict[str, Decision] = {}  # the fixed table's answers while autotuning is off
         self.spent_s = 0.0  # wall time spent deciding in this process: first runs, checks and timing
         self.first_run_s = 0.0  # of which each candidate's first run (Triton's JIT compile and tile autotune)
@@ -259,7 +269,8 @@ class Tuner:
         entry = self._disk.get(key)
         if not isinstance(entry, dict) or not isinstance(entry.get("backend"), str):
             return None
-        hit = Decision(entry.get("op", ""), key, entry["backend"], "cached",
+        op = entry.get("op")
+        hit = Decision(op if isinstance(op, str) else "?", key, entry["backend"], "cached",
                        f"measured earlier: {entry.get('why', '')}".strip(),
                        entry.get("times_ms") or {}, entry.get("rejected") or {})
         self._memory[key] = hit
@@ -321,7 +332,11 @@ class Tuner:
         hit = self.cached(key)
         if hit is not None and hit.backend in candidates:
             return hit
+        if key in self._given_up:
+            return self._given_up[key]
         why_not = timing_allowed(device)
+        if why_not is None and getattr(self._local, "measuring", False):
+            why_not = "called from inside a candidate being measured"  # re-entrant: never wait on our own lock
         if why_not is not None:
             return Decision(op, key, static, "static", f"fixed table: {why_not}")
         with self._lock:
@@ -329,13 +344,20 @@ class Tuner:
             if hit is not None and hit.backend in candidates:
                 return hit
             t0 = time.perf_counter()
+            self._local.measuring = True
             try:
                 decision = self._measure(op, key, device, candidates, reference, pytorch_error, dtype, static)
             finally:
+                self._local.measuring = False
                 self.spent_s += time.perf_counter() - t0
-        if decision.source != "measured":  # nothing to keep: the next call of this key tries again
+            if decision.source == "measured":
+                return self._keep(decision, save=True)
+            # Nothing to keep (non-finite inputs, no correct candidate): a later call tries again, up
+            # to MAX_ATTEMPTS in all; then the table for the rest of the process, without measuring.
+            self._attempts[key] = self._attempts.get(key, 0) + 1
+            if self._attempts[key] >= MAX_ATTEMPTS:
+                self._given_up[key] = dataclasses.replace(decision, why=decision.why + f" ({MAX_ATTEMPTS} tries)")
             return decision
-        return self._keep(decision, save=True)
 
     def _static(self, op, key, static, why) -> Decision:
         # Kept apart from the decisions, so switching autotuning back on measures the key.
@@ -365,7 +387,9 @@ class Tuner:
             for name, run in candidates.items():
                 t1 = time.perf_counter()
                 try:
-                    out = run()  # also the warm-up: Triton compiles and autotunes its tiles here
+                    with warnings.catch_warnings():  # e.g. SDPA's "flash attention kernel not used because"
+                        warnings.simplefilter("ignore")
+                        out = run()  # also the warm-up: Triton compiles and autotunes its tiles here
                 except Exception as exc:  # noqa: BLE001 - any failure (Triton's OutOfResources too) = cannot run
                     rejected[name] = f"cannot run these inputs ({type(exc).__name__}: {_first_line(exc)})"
                     continue
@@ -446,6 +470,8 @@ class Tuner:
         """Drop the in-memory decisions (the file stays)."""
         self._memory.clear()
         self._fixed.clear()
+        self._attempts.clear()
+        self._given_up.clear()
         self._disk, self._disk_stamp = {}, None
         self.log.clear()
         self.spent_s = self.first_run_s = 0.0
@@ -453,7 +479,11 @@ class Tuner:
 
 def _stamp(entry) -> float:
     t = entry.get("t", 0) if isinstance(entry, dict) else 0
-    return float(t) if isinstance(t, (int, float)) and math.isfinite(t) else 0.0
+    try:
+        t = float(t) if isinstance(t, (int, float)) else 0.0  # a huge JSON integer overflows
+    except OverflowError:
+        return 0.0
+    return t if math.isfinite(t) else 0.0
 
 
 def _first_line(exc: BaseException) -> str:
@@ -486,4 +516,5 @@ def decisions(device: torch.device | str | None = None) -> list[Decision]:
 
 def describe(decision: Decision) -> str:
     """One line: op, shape part of the key, backend, why."""
-    return f"{decision.op} [{shape_of(decision.key)}] -> {decision.backend} ({decision.source}; {decision.why})"
+    text = f"{decision.op} [{shape_of(decision.key)}] -> {decision.backend} ({decision.source}; {decision.why})"
+    return " ".join(text.split())  # a key or reason read from a file stays on one line

@@ -258,6 +258,10 @@ def qk_norm_rope(
         name = _auto(q, k, q_weight, k_weight, cos, sin, eps, norm, rope, full, autotune)
     else:
         name = choose_backend(backend, q, "qk_norm_rope", "qk_norm_rope")
+        if name != "torch" and _needs_grad(q, k, q_weight, k_weight):
+            warn_once(f"qk_norm_rope:{name}:grad", f"fastgen.ops.qk_norm_rope: backend {name!r} is forward-only and an "
+                      "input requires grad; using 'torch'")
+            name = "torch"
     return _run(name, q, k, q_weight, k_weight, cos, sin, eps, norm, rope, full, out)
 
 
@@ -275,6 +279,10 @@ def _run(name, q, k, q_weight, k_weight, cos, sin, eps, norm, rope, full, out):
     return out_q, out_k
 
 
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _candidates(q: torch.Tensor) -> list[str]:
     # The automatic choice times the fused kernels against the unfused sequence on a GPU; on a CPU
     # (the Triton interpreter is for correctness) PyTorch's sequence runs.
@@ -289,14 +297,16 @@ def _candidates(q: torch.Tensor) -> list[str]:
 
 
 @torch.compiler.assume_constant_result
-def _decided_while_tracing(key: str, static: str, names: tuple) -> str:
-    return tuning.lookup_while_tracing(key, static, names)
+def _decided_while_tracing(key: str, static: str, names: tuple, tune) -> str:
+    return tuning.lookup_while_tracing(key, static, names, tune)
 
 
 def _auto(q, k, q_weight, k_weight, cos, sin, eps, norm, rope, full, tune) -> str:
     names = _candidates(q)
     if len(names) == 1:
         return names[0]
+    if _needs_grad(q, k, q_weight, k_weight):
+        return "torch"  # the kernels are forward-only: autograd needs PyTorch's sequence
     static = choose_backend("auto", q, "qk_norm_rope", "qk_norm_rope")
     if not all(type(s) is int for s in q.shape) or q.numel() == 0:
         return static  # symbolic sizes while tracing (no key to look up), or nothing to measure
@@ -306,7 +316,7 @@ def _auto(q, k, q_weight, k_weight, cos, sin, eps, norm, rope, full, tune) -> st
              f"rope={rope}{',part' if 0 < n_rope < S else ''},w={'y' if q_weight is not None else 'n'}")
     key = tuning.make_key(q.device, "qk_norm_rope", shape)
     if torch.compiler.is_compiling():
-        return _decided_while_tracing(key, static, tuple(names))
+        return _decided_while_tracing(key, static, tuple(names), tune)
 
     def candidate(name):  # into new buffers: the caller's ``out`` may be q and k themselves
         return lambda: _run(name, q, k, q_weight, k_weight, cos, sin, eps, norm, rope, full, None)

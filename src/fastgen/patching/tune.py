@@ -11,8 +11,11 @@ from fastgen.ops.autotune import Decision
 
 
 def _is_compiled(module) -> bool:
-    # torch.compile(model) wraps it (OptimizedModule, ``_orig_mod``); model.compile() compiles in place.
-    return hasattr(module, "_orig_mod") or getattr(module, "_compiled_call_impl", None) is not None
+    # Anywhere inside: torch.compile(model) wraps it (OptimizedModule, ``_orig_mod``), model.compile()
+    # compiles in place (``_compiled_call_impl``), and a forward replaced by torch.compile(fn) carries
+    # dynamo's ``_torchdynamo_orig_callable``; blocks may be compiled one by one (regional compilation).
+    return any(hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None
+               or hasattr(vars(m).get("forward"), "_torchdynamo_orig_callable") for m in module.modules())
 
 
 def tune(pipe, *, num_inference_steps: int = 2, config=None, **call_kwargs) -> list[Decision]:
@@ -54,7 +57,7 @@ def tune(pipe, *, num_inference_steps: int = 2, config=None, **call_kwargs) -> l
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
     compiled = [type(getattr(m, "_orig_mod", m)).__name__ for m in pipeline_models(pipe)
-                if _is_compiled(m) and architecture_of(getattr(m, "_orig_mod", m)) is not None]
+                if architecture_of(getattr(m, "_orig_mod", m)) is not None and _is_compiled(m)]
     if compiled:
         raise ValueError(f"fastgen.tune: {', '.join(compiled)} is compiled already, and torch.compile fixes the "
                          "backends when it traces (no timing runs while it does): call fastgen.tune before "
