@@ -659,3 +659,22 @@ def test_tune_finds_blocks_compiled_one_by_one(tuner):
     pipe.transformer.transformer_blocks[0].compile(backend="aot_eager")
     with pytest.raises(ValueError, match="compiled already"):
         fastgen.tune(pipe, **call)
+
+
+def test_the_tolerance_follows_pytorchs_own_error(widened, monkeypatch):
+    # fp16: PyTorch's own error against float32 sets the bar (4x), not only the dtype's floor
+    tuner, ran = widened
+    seen = []
+    decide = tuner.decide
+
+    def spy(op, key, device, candidates, reference, pytorch_error, *a, **kw):
+        ref = reference()
+        seen.append(pytorch_error(ref))
+        return decide(op, key, device, candidates, reference, pytorch_error, *a, **kw)
+
+    monkeypatch.setattr(tuner, "decide", spy)
+    tuner.timer = _timer({"triton": 1.0, "sdpa": 5.0})
+    q, k, v, extra = (t.half() if torch.is_tensor(t) else [tuple(x.half() for x in e) for e in t] for t in _qkv())
+    fastgen.ops.attention(q, k, v, extra_kv=extra)
+    fastgen.ops.attention(q[:, :, :3], k, v, return_lse=True)
+    assert len(seen) == 2 and all(0 < e < 1e-2 for e in seen), seen  # finite: tuples compared alike

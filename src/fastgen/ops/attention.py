@@ -272,9 +272,9 @@ def _auto(q, k, v, extra_kv, biases, scale, return_lse, tensors, tune: bool | No
     def candidate(name):  # the output, and the log-sum-exp where asked for: both are checked
         return lambda: _run(name, q, k, v, extra_kv, biases, scale, return_lse, strict=True)[: 2 if return_lse else 1]
 
-    def pytorch_error(ref):
+    def pytorch_error(ref):  # ref: the candidates' form, (out,) or (out, lse)
         up = [t.float() for t in (q, k, v)]
-        ref32 = _run("sdpa", *up, _plain(extra_kv, torch.float32), biases, scale, False)[0]
+        ref32 = _run("sdpa", *up, _plain(extra_kv, torch.float32), biases, scale, return_lse)[: len(ref)]
         return tuning.relative_error(ref, ref32)
 
     decision = tuning.TUNER.decide(
