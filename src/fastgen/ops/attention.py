@@ -227,7 +227,9 @@ def _candidates(q, tensors, biases, return_lse) -> list[str]:
     # On a CPU the Triton interpreter is for correctness, never speed: PyTorch runs there.
     if q.device.type != "cuda":
         return ["sdpa"]
-    names = sdpa_candidates(q.device) or ["sdpa"]
+    # PyTorch's own choice is always a candidate: the reference itself, so one correct candidate exists
+    # even where every other one is wrong or cannot run (then never the table's possibly wrong guess).
+    names = ["sdpa"] + sdpa_candidates(q.device)
     if _why_not_triton(q, tensors) is None:
         names.append("triton")
     if _why_not_xformers(q, biases, return_lse) is None:
