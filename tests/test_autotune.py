@@ -678,3 +678,22 @@ def test_the_tolerance_follows_pytorchs_own_error(widened, monkeypatch):
     fastgen.ops.attention(q, k, v, extra_kv=extra)
     fastgen.ops.attention(q[:, :, :3], k, v, return_lse=True)
     assert len(seen) == 2 and all(0 < e < 1e-2 for e in seen), seen  # finite: tuples compared alike
+
+
+def test_patch_config_autotune_false_gives_the_table_for_that_patch(widened, monkeypatch):
+    from fastgen import models
+
+    tuner, ran = widened
+    base = importlib.import_module("fastgen.patching.processors.base")
+    monkeypatch.setattr(base, "attention_uses_kernel", lambda backend, device, dtype: True)
+    calls = []
+    tuner.timer = _timer({"triton": 1.0, "sdpa": 5.0, "torch": 3.0}, calls)
+    with pytest.raises(ValueError, match="autotune must be None, True or False"):
+        fastgen.PatchConfig(autotune="no")
+    pipe, call = models.build_pipeline("flux", "tiny")
+    with fastgen.patch(pipe, autotune=False):
+        pipe(**call, num_inference_steps=1, output_type="latent")
+    assert calls == [] and tuner.log == [] and set(ran) <= {"sdpa", "torch"}  # the table on a CPU
+    with fastgen.patch(pipe):  # None: FASTGEN_AUTOTUNE (on here) measures
+        pipe(**call, num_inference_steps=1, output_type="latent")
+    assert calls and {d.op for d in tuner.log} == {"attention", "qk_norm_rope"}

@@ -274,7 +274,8 @@ class InversionMask(KVProvider):
             qr, kc, vc = q[:, :, rows], ki[:, :, cols], vi[:, :, cols]
             if qr.shape[2]:
                 parts.append(ops.attention(qr, kt, vt, extra_kv=[(kc, vc)] if kc.shape[2] else None,
-                                           backend=layer.forward.config.attention_backend))
+                                           backend=layer.forward.config.attention_backend,
+                                           autotune=layer.forward.config.autotune))
         return torch.cat(parts, dim=2)
 
 

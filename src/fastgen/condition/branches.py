@@ -130,7 +130,8 @@ class BranchState(KVProvider):
         if self.config.attention == "symmetric":
             outs = _symmetric(layer, qkv, [live.branch.bias for live in self._live])
         else:  # each condition attends to itself
-            outs = [ops.attention(q, k, v, backend=layer.forward.config.attention_backend) for q, k, v in qkv]
+            outs = [ops.attention(q, k, v, backend=layer.forward.config.attention_backend,
+                                  autotune=layer.forward.config.autotune) for q, k, v in qkv]
         for live, out, p in zip(self._live, outs, pending):
             sw.select(block, live.branch.adapter, main=False)
             live.hidden = layer.finish(live.hidden, split_heads_output(out, [out.shape[2]])[0], p)
@@ -207,7 +208,8 @@ def _symmetric(layer: Layer, qkv: list[tuple], biases: list[float]) -> list[torc
     # bias, and softmax does not change when a row's logits all move by the same amount: add
     # -log(scale_c) to every condition's keys instead.
     return [ops.attention(q, keys[0], values[0], extra_kv=segs, extra_bias=zeros + [-b] * len(qkv),
-                          backend=layer.forward.config.attention_backend) for (q, _, _), b in zip(qkv, biases)]
+                          backend=layer.forward.config.attention_backend,
+                                  autotune=layer.forward.config.autotune) for (q, _, _), b in zip(qkv, biases)]
 
 
 def branch_forward(model, state: BranchState, *args, **kwargs):

@@ -264,7 +264,8 @@ def _auto(q, k, v, extra_kv, biases, scale, return_lse, tensors, tune: bool | No
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return "sdpa"  # autograd: PyTorch's backward
     if torch.is_autocast_enabled(q.device.type):
-        return "sdpa"  # PyTorch's SDPA casts under autocast, fastgen's op does not: the output dtype must not depend on a timing
+        # PyTorch's SDPA casts under autocast, fastgen's op does not: the output dtype never depends on a timing
+        return "sdpa"
     if not all(type(s) is int for s in q.shape) or q.numel() == 0:
         return static  # symbolic sizes while tracing (no key to look up), or nothing to measure
     key = tuning.make_key(q.device, "attention", _shape_key(q, k, extra_kv, biases, return_lse))

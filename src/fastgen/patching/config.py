@@ -40,7 +40,7 @@ class PatchConfig:
 
     Attributes:
         attention_backend: backend of ``fastgen.ops.attention`` for every patched attention:
-            ``"auto"`` (Triton on a GPU for fp16/bf16, PyTorch SDPA otherwise), ``"triton"``,
+            ``"auto"`` (measured on a GPU, see ``autotune``; PyTorch SDPA on a CPU), ``"triton"``,
             ``"cuda"``, ``"sdpa"`` or ``"xformers"``.
         fuse_prologue: fuse RMS-norm of q/k and RoPE into one kernel (``fastgen.ops.qk_norm_rope``)
             where the model has them (Flux, SD3.5, Wan, HunyuanVideo). Exact to rounding.
@@ -49,6 +49,8 @@ class PatchConfig:
             per generation and reuse them at every step (UNet, Wan). Exact: keyed on the very
             embeddings tensor, its in-place version and the projection weights.
         include_vae: also patch the VAE's attention (off: the VAE is left alone by default).
+        autotune: whether the ``"auto"`` backends measure (``fastgen.ops.autotune``): ``None`` (the
+            default) follows ``FASTGEN_AUTOTUNE``; ``False`` uses the fixed table for this patch.
     """
 
     attention_backend: str = "auto"
@@ -56,6 +58,7 @@ class PatchConfig:
     prologue_backend: str = "auto"
     cache_cross_attention_kv: bool = True
     include_vae: bool = False
+    autotune: bool | None = None
 
     def __post_init__(self):
         if self.attention_backend not in ATTENTION_BACKENDS:
@@ -65,6 +68,8 @@ class PatchConfig:
         for name in ("fuse_prologue", "cache_cross_attention_kv", "include_vae"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.autotune is not None and not isinstance(self.autotune, bool):
+            raise ValueError(f"autotune must be None, True or False, got {self.autotune!r}")
 
     @classmethod
     def build(cls, config: PatchConfig | None = None, **overrides) -> PatchConfig:

@@ -91,7 +91,7 @@ def prologue(q, k, norm_q, norm_k, rope, out_q, config: PatchConfig):
         return ops.qk_norm_rope(
             q, k, q_weight=nq.weight if nq else None, k_weight=nk.weight if nk else None, cos=cos, sin=sin,
             eps=nq.eps if nq else 1e-6, norm=nq.mode if nq else None, rope=mode,
-            backend=config.prologue_backend, out=(out_q, out_k),
+            backend=config.prologue_backend, out=(out_q, out_k), autotune=config.autotune,
         )
     # The modules as upstream runs them, then RoPE (the unfused PyTorch sequence) into the buffers.
     q = _apply_norm(q, norm_q, isinstance(nq, Norm) and nq.mode == NORM_ALL)
@@ -184,7 +184,7 @@ def attend_groups(q_joint: torch.Tensor, keys: list[torch.Tensor], values: list[
     segments = list(zip(keys[1:], values[1:])) + [s.kv for s in extra]
     biases = [0.0] * (len(keys) - 1) + [s.bias for s in extra]
     return ops.attention(q_joint, keys[0], values[0], extra_kv=segments or None, extra_bias=biases or None,
-                         backend=config.attention_backend)
+                         backend=config.attention_backend, autotune=config.autotune)
 
 
 def joint_attention(groups: list[TokenGroup], head_dim: int, config: PatchConfig,
@@ -209,7 +209,7 @@ def joint_attention(groups: list[TokenGroup], head_dim: int, config: PatchConfig
                 segs.append((k[b : b + 1, :, :take], v[b : b + 1, :, :take]))
             start += k.shape[2]
         parts.append(ops.attention(q_joint[b : b + 1], *segs[0], extra_kv=segs[1:] or None,
-                                   backend=config.attention_backend))
+                                   backend=config.attention_backend, autotune=config.autotune))
     # one copy, concatenated in (B, S, H, D) order so the flatten below is a view
     out = torch.cat([p.transpose(1, 2) for p in parts]).transpose(1, 2)
     return split_heads_output(out, sizes)

@@ -62,7 +62,8 @@ class FastgenAttnProcessor(FastgenProcessor):
         head_dim = key.shape[-1] // attn.heads
         q, k = prologue(heads_view(query, head_dim), heads_view(key, head_dim), attn.norm_q, attn.norm_k, None,
                         None, config)
-        out = ops.attention(q, k, heads_view(value, head_dim), backend=config.attention_backend)
+        out = ops.attention(q, k, heads_view(value, head_dim), backend=config.attention_backend,
+                            autotune=config.autotune)
         hidden_states = out.transpose(1, 2).flatten(2).to(query.dtype)
 
         hidden_states = attn.to_out[0](hidden_states)

@@ -78,8 +78,8 @@ class FastgenWanAttnProcessor(FastgenProcessor):
 
         key, value = self._cached(state, attn, context, text_kv, "text")
         q = heads_view(query, head_dim)
-        out = ops.attention(q, heads_view(key, head_dim), heads_view(value, head_dim),
-                            backend=config.attention_backend).transpose(1, 2).flatten(2).type_as(query)
+        out = ops.attention(q, heads_view(key, head_dim), heads_view(value, head_dim), backend=config.attention_backend,
+                            autotune=config.autotune).transpose(1, 2).flatten(2).type_as(query)
         if image_ctx is not None:
 
             def image_kv():
@@ -88,7 +88,7 @@ class FastgenWanAttnProcessor(FastgenProcessor):
 
             key_img, value_img = self._cached(state, attn, context, image_kv, "image")
             out_img = ops.attention(q, heads_view(key_img, head_dim), heads_view(value_img, head_dim),
-                                    backend=config.attention_backend)
+                                    backend=config.attention_backend, autotune=config.autotune)
             out = out + out_img.transpose(1, 2).flatten(2).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
