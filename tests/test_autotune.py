@@ -327,8 +327,10 @@ def test_dynamic_shapes_under_compile_use_the_table(widened):
     torch.testing.assert_close(compiled(q, k, v), f(q, k, v), atol=1e-4, rtol=1e-4)
 
 
-def test_tune_decides_a_pipeline_ahead_of_time(widened, monkeypatch):
-    from fastgen import demo
+def _tiny_pipeline_deciding(widened, monkeypatch):
+    """(tuner, ran, calls, pipe, call): a tiny Flux pipeline whose patched attention and prologue go
+    through the widened candidates, Triton measured fastest."""
+    from fastgen import models
 
     tuner, ran = widened
     # CPU processors run upstream where no fastgen kernel would: here the widened candidates do run.
@@ -336,7 +338,12 @@ def test_tune_decides_a_pipeline_ahead_of_time(widened, monkeypatch):
     monkeypatch.setattr(base, "attention_uses_kernel", lambda backend, device, dtype: True)
     calls = []
     tuner.timer = _timer({"triton": 1.0, "sdpa": 5.0, "torch": 3.0}, calls)
-    pipe, call = demo.build_pipeline("flux", "tiny")
+    pipe, call = models.build_pipeline("flux", "tiny")
+    return tuner, ran, calls, pipe, call
+
+
+def test_tune_decides_a_pipeline_ahead_of_time(widened, monkeypatch):
+    tuner, ran, calls, pipe, call = _tiny_pipeline_deciding(widened, monkeypatch)
     def run():
         return pipe(**call, num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0)).images
 
@@ -681,16 +688,9 @@ def test_the_tolerance_follows_pytorchs_own_error(widened, monkeypatch):
 
 
 def test_patch_config_autotune_false_gives_the_table_for_that_patch(widened, monkeypatch):
-    from fastgen import models
-
-    tuner, ran = widened
-    base = importlib.import_module("fastgen.patching.processors.base")
-    monkeypatch.setattr(base, "attention_uses_kernel", lambda backend, device, dtype: True)
-    calls = []
-    tuner.timer = _timer({"triton": 1.0, "sdpa": 5.0, "torch": 3.0}, calls)
+    tuner, ran, calls, pipe, call = _tiny_pipeline_deciding(widened, monkeypatch)
     with pytest.raises(ValueError, match="autotune must be None, True or False"):
         fastgen.PatchConfig(autotune="no")
-    pipe, call = models.build_pipeline("flux", "tiny")
     with fastgen.patch(pipe, autotune=False):
         pipe(**call, num_inference_steps=1, output_type="latent")
     assert calls == [] and tuner.log == [] and set(ran) <= {"sdpa", "torch"}  # the table on a CPU
