@@ -209,7 +209,8 @@ def sdpa_candidates(device: torch.device) -> list[str]:
     return [f"sdpa:{name}" for name, (_, flag) in SDPA_BACKENDS.items() if getattr(torch.backends.cuda, flag)()]
 
 
-def static_choice(q: torch.Tensor, tensors: Sequence[torch.Tensor], n_segments: int) -> str:
+def static_choice(q: torch.Tensor, tensors: Sequence[torch.Tensor], n_segments: int,
+                  triton_ok: bool | None = None) -> str:
     """The fixed table, used with ``FASTGEN_AUTOTUNE=0`` and, before a key is decided, under
     ``torch.compile`` or CUDA-graph capture:
 
@@ -217,8 +218,9 @@ def static_choice(q: torch.Tensor, tensors: Sequence[torch.Tensor], n_segments: 
       ``"triton"`` (segments read in place: no concatenation copy);
     - everything else: ``"sdpa"`` (PyTorch's own backend choice).
     """
-    if (n_segments and q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
-            and _why_not_triton(q, tensors) is None):
+    if triton_ok is None:  # ``triton_ok``: whether the kernel takes these inputs, if the caller knows
+        triton_ok = _why_not_triton(q, tensors) is None
+    if n_segments and q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and triton_ok:
         return "triton"
     return "sdpa"
 
@@ -260,12 +262,12 @@ def _auto(q, k, v, extra_kv, biases, scale, return_lse, tensors, tune: bool | No
     names = _candidates(q, tensors, biases, return_lse)
     if len(names) == 1:
         return names[0]
-    static = static_choice(q, tensors, len(extra_kv))
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return "sdpa"  # autograd: PyTorch's backward
     if torch.is_autocast_enabled(q.device.type):
         # PyTorch's SDPA casts under autocast, fastgen's op does not: the output dtype never depends on a timing
         return "sdpa"
+    static = static_choice(q, tensors, len(extra_kv), triton_ok="triton" in names)  # no second check of the kernel's limits
     if not all(type(s) is int for s in q.shape) or q.numel() == 0:
         return static  # symbolic sizes while tracing (no key to look up), or nothing to measure
     key = tuning.make_key(q.device, "attention", _shape_key(q, k, extra_kv, biases, return_lse))
