@@ -46,7 +46,7 @@ def test_equals_tomesd_after_unmerge(h, w, ratio, use_rand):
 
 
 def test_configs_validate_like_the_issue_says():
-    assert ToMeConfig(0.5).ratio == 0.5 and ToMeConfig(0.5).max_downsample == 1
+    assert ToMeConfig(0.5).ratio == 0.5 and ToMeConfig(0.5).max_downsample is None
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         ToMeConfig(1.0)
     with pytest.raises(ValueError, match="0.75"):

@@ -356,7 +356,7 @@ def test_config_errors_are_value_errors():
     with pytest.raises(ValueError, match="unknown PatchConfig option.*foo"):
         fastgen.PatchConfig(foo=1)
     with pytest.raises(ValueError, match="positional"):
-        fastgen.PatchConfig("auto", True, "auto", True, False, None, 1)
+        fastgen.PatchConfig("auto", True, "auto", True, False, None, None, None, 1)
     model, _ = BUILDERS["flux"]()
     with pytest.raises(ValueError, match="unknown PatchConfig option.*foo"):
         fastgen.patch(model, foo=1)

@@ -12,8 +12,8 @@ from fastgen._version import __version__
 from fastgen._warnings import FastgenFallbackWarning
 
 __all__ = [
-    "Condition", "FastgenFallbackWarning", "PatchConfig", "__version__", "benchmarks", "condition", "edit", "generation",
-    "is_patched", "ops", "patch", "tune", "unpatch",
+    "Condition", "FastgenFallbackWarning", "PatchConfig", "ToDoConfig", "ToMeConfig", "__version__", "benchmarks",
+    "condition", "edit", "generation", "is_patched", "merging", "ops", "patch", "tune", "unpatch",
 ]
 _PATCH_API = ("patch", "unpatch", "is_patched", "generation", "tune", "PatchConfig", "PatchHandle")
 
@@ -23,6 +23,9 @@ def __getattr__(name: str):
     # TRITON_INTERPRET (needed before Triton is first imported) can still be set after ``import fastgen``.
     if name in ("ops", "benchmarks", "condition", "edit"):
         return importlib.import_module(f"fastgen.{name}")
+    if name in ("ToMeConfig", "ToDoConfig", "merging"):
+        module = importlib.import_module("fastgen.merging")
+        return module if name == "merging" else getattr(module, name)
     if name == "Condition":
         return importlib.import_module("fastgen.condition").Condition
     if name in _PATCH_API:

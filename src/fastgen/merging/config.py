@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastgen.patching.config import validated
+from fastgen._config import validated
 
 
 @validated
@@ -16,19 +16,31 @@ class ToMeConfig:
         ratio: share of a block's tokens merged away, in [0, 1) and at most ``1 - 1/(sx*sy)`` (one
             token per cell stays dst).
         max_downsample: merge in blocks whose token grid is at most this much smaller than the
-            latent's (1: the highest resolution only; 1, 2, 4 or 8), as tomesd.
+            latent's (1: the highest resolution only; 1, 2, 4 or 8), as tomesd. None (the default):
+            the highest-resolution level that has attention, which is tomesd's 1 on SD 1.5 and 2 on
+            SDXL (whose level 1 has no attention, so tomesd's default merges nothing there). DiTs
+            have one level: every block merges.
         sx, sy: the cell one dst token is chosen from, in tokens (default 2 x 2).
         use_rand: draw the dst token of each cell at random (from ``seed`` or the pipeline call's
             generator) instead of taking the top-left one.
         merge_attn, merge_crossattn, merge_mlp: which parts of a transformer block run on merged tokens.
-        seed: the dst map's seed (None: from the pipeline call's generator, else 0).
+        seed: the dst map's seed (None: the pipeline call's generator's seed, else 0). The maps are a
+            function of the seed and the step, so one seed gives the same images; both halves of a
+            CFG batch share one map.
+        sf: frames per cell for video DiTs (Wan, HunyuanVideo): 1 (default) picks dst within each
+            frame (2-D cells), 2 or more makes spatio-temporal cells of sf x sy x sx tokens.
+        steps: (start, stop) fractions of the denoising steps during which merging is on, start
+            inclusive and stop exclusive (default (0, 1): every step; (0, 0.8): no merging in the
+            last fifth, where fine detail forms).
+        level_ratios: {level: ratio} overriding ``ratio`` per level (UNet levels 1, 2, 4, 8); a
+            level absent here uses ``ratio`` if ``max_downsample`` admits it.
 
     Raises:
         ValueError: for a ratio outside [0, 1) or above what the cell allows, bad strides, unknown options.
     """
 
     ratio: float
-    max_downsample: int = 1
+    max_downsample: int | None = None
     sx: int = 2
     sy: int = 2
     use_rand: bool = True
@@ -36,18 +48,72 @@ class ToMeConfig:
     merge_crossattn: bool = False
     merge_mlp: bool = False
     seed: int | None = None
+    sf: int = 1
+    steps: tuple[float, float] = (0.0, 1.0)
+    level_ratios: tuple[tuple[int, float], ...] | dict | None = None
 
     def __post_init__(self):
-        if not isinstance(self.sx, int) or not isinstance(self.sy, int) or self.sx < 1 or self.sy < 1:
-            raise ValueError(f"sx and sy must be positive integers, got sx={self.sx!r}, sy={self.sy!r}")
-        if not 0.0 <= float(self.ratio) < 1.0:
-            raise ValueError(f"ratio must be in [0, 1), got {self.ratio!r}")
-        limit = 1.0 - 1.0 / (self.sx * self.sy)
-        if self.ratio > limit:
-            raise ValueError(f"ratio {self.ratio} is above {limit:g}, the most a {self.sy} x {self.sx} cell allows "
-                             "(one token of each cell stays)")
-        if self.max_downsample not in (1, 2, 4, 8):
-            raise ValueError(f"max_downsample must be 1, 2, 4 or 8, got {self.max_downsample!r}")
+        for name in ("sx", "sy", "sf"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        _check_ratio(self.ratio, self.sx * self.sy * self.sf, "ratio")
+        _check_level(self.max_downsample, none_ok=True)
+        for name in ("use_rand", "merge_attn", "merge_crossattn", "merge_mlp"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be None or an integer, got {self.seed!r}")
+        object.__setattr__(self, "steps", _check_steps(self.steps))
+        if self.level_ratios is not None:
+            items = dict(self.level_ratios).items() if isinstance(self.level_ratios, (dict, tuple, list)) else None
+            if items is None:
+                raise ValueError(f"level_ratios must be a dict {{level: ratio}}, got {self.level_ratios!r}")
+            for level, ratio in items:
+                _check_level(level)
+                _check_ratio(ratio, self.sx * self.sy * self.sf, f"level_ratios[{level}]")
+            object.__setattr__(self, "level_ratios", tuple(sorted((int(k), float(v)) for k, v in items)))
+
+    def ratio_at(self, level: int, first: int = 1) -> float:
+        """The ratio blocks of ``level`` merge at (0 where they do not merge, see ``max_downsample``);
+        ``first``: the model's highest-resolution level that has attention."""
+        if self.level_ratios is not None:
+            for lv, ratio in self.level_ratios:
+                if lv == level:
+                    return ratio
+        limit = self.max_downsample if self.max_downsample is not None else first
+        return float(self.ratio) if level <= limit else 0.0
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_ratio(ratio, cell: int, name: str) -> None:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {ratio!r}")
+    limit = 1.0 - 1.0 / cell
+    if ratio > limit:
+        raise ValueError(f"{name} {ratio} is above {limit:g}, the most a cell of {cell} tokens allows "
+                         "(one token of each cell stays)")
+
+
+def _check_level(level, none_ok: bool = False) -> None:
+    if level is None and none_ok:
+        return
+    if level not in (1, 2, 4, 8) or isinstance(level, bool):
+        raise ValueError(f"max_downsample and levels must be 1, 2, 4 or 8{' (or None)' if none_ok else ''}, "
+                         f"got {level!r}")
+
+
+def _check_steps(steps) -> tuple[float, float]:
+    try:
+        start, stop = (float(s) for s in steps)
+    except (TypeError, ValueError):
+        raise ValueError(f"steps must be a (start, stop) pair of fractions, got {steps!r}") from None
+    if not 0.0 <= start < stop <= 1.0:
+        raise ValueError(f"steps must satisfy 0 <= start < stop <= 1, got {steps!r}")
+    return start, stop
 
 
 TODO_METHODS = ("nearest", "avg")
@@ -62,7 +128,9 @@ class ToDoConfig:
     Attributes:
         factor: downsampling factor per side, an integer >= 2.
         method: ``"nearest"`` (every factor-th token) or ``"avg"`` (the mean of each factor x factor cell).
-        max_downsample: as ``ToMeConfig.max_downsample``.
+        max_downsample: as ``ToMeConfig.max_downsample`` (None: the highest-resolution level with
+            attention).
+        steps: as ``ToMeConfig.steps``.
 
     Raises:
         ValueError: for a factor below 2, an unknown method or option.
@@ -70,12 +138,19 @@ class ToDoConfig:
 
     factor: int
     method: str = "nearest"
-    max_downsample: int = 1
+    max_downsample: int | None = None
+    steps: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self):
-        if not isinstance(self.factor, int) or self.factor < 2:
+        if not _is_int(self.factor) or self.factor < 2:
             raise ValueError(f"factor must be an integer of at least 2, got {self.factor!r}")
         if self.method not in TODO_METHODS:
             raise ValueError(f"method must be one of {TODO_METHODS}, got {self.method!r}")
-        if self.max_downsample not in (1, 2, 4, 8):
-            raise ValueError(f"max_downsample must be 1, 2, 4 or 8, got {self.max_downsample!r}")
+        _check_level(self.max_downsample, none_ok=True)
+        object.__setattr__(self, "steps", _check_steps(self.steps))
+
+    def factor_at(self, level: int, first: int = 1) -> int:
+        """The downsampling factor of this level's self-attention K/V (1: not downsampled); ``first``
+        as in ``ToMeConfig.ratio_at``."""
+        limit = self.max_downsample if self.max_downsample is not None else first
+        return self.factor if level <= limit else 1

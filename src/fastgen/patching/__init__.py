@@ -17,6 +17,8 @@ around a user's own denoising loop. Outside one, a patched model recomputes them
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from fastgen._warnings import warn_once
@@ -46,6 +48,13 @@ class PatchHandle:
     def config(self) -> PatchConfig:
         return self.state.config
 
+    @property
+    def merging(self) -> str:
+        """Where token merging (``tome=``) and downsampling (``todo=``) apply, per model: how many
+        blocks at which level do what. Empty when the config merges nothing."""
+        lines = [mp.merging.report() for mp in self.state.model_patches + self.state.shared if mp.merging is not None]
+        return "\n".join(lines)
+
     def remove(self) -> None:
         """Take this patch off. Where a newer patch sits on top of it, that one stays in force and
         this one is dropped from beneath it (nothing of it comes back when the newer one goes)."""
@@ -59,7 +68,8 @@ class PatchHandle:
         self.remove()
 
     def __repr__(self) -> str:
-        return f"PatchHandle({type(self.target).__name__}, {self.state.summary()}, {self.config})"
+        merging = f", merging: {self.merging}" if self.merging else ""
+        return f"PatchHandle({type(self.target).__name__}, {self.state.summary()}{merging}, {self.config})"
 
 
 def _targets(obj, config: PatchConfig):
@@ -110,7 +120,9 @@ def patch(target, config: PatchConfig | None = None, **options) -> PatchHandle:
             unless ``include_vae``) or a denoiser model. Patching is per model instance: another
             pipeline sharing the model (``from_pipe``, ``components``) runs the patched model too, but
             only a patched pipeline's calls are generations (reusing step-invariant work).
-        config: a ``PatchConfig``; keyword ``options`` override its fields.
+        config: a ``PatchConfig``; keyword ``options`` override its fields, e.g. the approximate
+            ``tome=0.5`` (token merging, ``fastgen.ToMeConfig``) and ``todo=2`` (K/V downsampling,
+            ``fastgen.ToDoConfig``); ``handle.merging`` then says which blocks merge.
 
     Returns:
         A ``PatchHandle`` (``.remove()``, or ``with fastgen.patch(pipe): ...``). A model already
@@ -144,7 +156,10 @@ def patch(target, config: PatchConfig | None = None, **options) -> PatchHandle:
         state.below = top(target)
         target.__dict__[STATE] = state
         target.__class__ = scoped_class(type(target))
-    return PatchHandle(target, state)
+    handle = PatchHandle(target, state)
+    if handle.merging:
+        logging.getLogger("fastgen").info("fastgen.patch: token merging in %s", handle.merging)
+    return handle
 
 
 def _current_state(target) -> PatchState | None:

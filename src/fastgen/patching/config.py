@@ -2,35 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
+from fastgen._config import build_config, validated
 from fastgen.constants import ATTENTION_BACKENDS
 from fastgen.constants import KERNEL_BACKENDS as PROLOGUE_BACKENDS
+from fastgen.merging.config import ToDoConfig, ToMeConfig
 
-
-def validated(cls):
-    """Make a config dataclass's constructor raise ``ValueError`` (naming the known options) for
-    unknown or surplus arguments, as ``build`` does, instead of Python's ``TypeError``."""
-    init = cls.__init__
-    names = [f.name for f in fields(cls) if f.init]
-
-    @functools.wraps(init)
-    def __init__(self, *args, **kwargs):
-        unknown = sorted(set(kwargs) - set(names))
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} option(s) {unknown}; the options are {sorted(names)}")
-        if len(args) > len(names):
-            raise ValueError(f"{cls.__name__} takes at most {len(names)} positional arguments ({', '.join(names)}), "
-                             f"got {len(args)}")
-        twice = sorted(set(names[: len(args)]) & set(kwargs))
-        if twice:
-            raise ValueError(f"{cls.__name__} got {twice} both by position and by name")
-        init(self, *args, **kwargs)
-
-    cls.__init__ = __init__
-    return cls
+__all__ = ["PatchConfig", "build_config", "validated"]
 
 
 @validated
@@ -51,6 +30,10 @@ class PatchConfig:
         include_vae: also patch the VAE's attention (off: the VAE is left alone by default).
         autotune: whether the ``"auto"`` backends measure (``fastgen.ops.autotune``): ``None`` (the
             default) follows ``FASTGEN_AUTOTUNE``; ``False`` uses the fixed table for this patch.
+        tome: token merging (approximate, off by default): None, a ratio (``tome=0.5`` is
+            ``fastgen.ToMeConfig(0.5)``; 0 is None) or a ``fastgen.ToMeConfig``.
+        todo: token downsampling of self-attention K/V (approximate, off by default): None, a factor
+            (``todo=2`` is ``fastgen.ToDoConfig(2)``) or a ``fastgen.ToDoConfig``.
     """
 
     attention_backend: str = "auto"
@@ -59,8 +42,21 @@ class PatchConfig:
     cache_cross_attention_kv: bool = True
     include_vae: bool = False
     autotune: bool | None = None
+    tome: ToMeConfig | float | None = None
+    todo: ToDoConfig | int | None = None
 
     def __post_init__(self):
+        tome, todo = self.tome, self.todo
+        if tome is not None and not isinstance(tome, ToMeConfig):
+            if isinstance(tome, bool) or not isinstance(tome, (int, float)):
+                raise ValueError(f"tome must be None, a ratio or a fastgen.ToMeConfig, got {tome!r}")
+            tome = ToMeConfig(float(tome)) if tome != 0 else None
+        if todo is not None and not isinstance(todo, ToDoConfig):
+            if isinstance(todo, bool) or not isinstance(todo, int):
+                raise ValueError(f"todo must be None, an integer factor or a fastgen.ToDoConfig, got {todo!r}")
+            todo = ToDoConfig(todo)
+        object.__setattr__(self, "tome", tome)
+        object.__setattr__(self, "todo", todo)
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.prologue_backend not in PROLOGUE_BACKENDS:
@@ -75,15 +71,3 @@ class PatchConfig:
     def build(cls, config: PatchConfig | None = None, **overrides) -> PatchConfig:
         """``config`` with ``overrides`` applied; unknown keys raise ``ValueError`` naming the known ones."""
         return build_config(cls, config, overrides, "fastgen.PatchConfig")
-
-
-def build_config(cls, config, overrides: dict, label: str):
-    """``config`` (an instance of the dataclass ``cls``, or None for the defaults) with
-    ``overrides`` applied; unknown keys or a config of another type raise ``ValueError``."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} option(s) {unknown}; the options are {sorted(known)}")
-    if config is not None and not isinstance(config, cls):
-        raise ValueError(f"config must be a {label}, got {type(config).__name__}")
-    return dataclasses.replace(config or cls(), **overrides)

@@ -52,7 +52,7 @@ def _caches(models) -> list[StepCache]:
 
 
 @contextlib.contextmanager
-def generation(target):
+def generation(target, generator=None):
     """The scope of one generation: step-invariant results computed in it (cross-attention K/V over
     the text, Wan's prompt and image projections) are reused by every later call inside it, and
     dropped when it ends, exceptions included.
@@ -68,6 +68,8 @@ def generation(target):
 
     Args:
         target: a pipeline (the models it runs) or a model.
+        generator: the generation's ``torch.Generator`` (or list of them), whose seed seeds token
+            merging's random dst maps when ``ToMeConfig.seed`` is None; never drawn from.
 
     Raises:
         ValueError: if ``target`` is neither a pipeline nor a ``torch.nn.Module``.
@@ -79,7 +81,7 @@ def generation(target):
             mp.heal()
     caches = _caches(models)
     for cache in caches:
-        cache.begin()
+        cache.begin(generator)
     try:
         yield
     finally:
@@ -106,7 +108,7 @@ def scoped_class(cls: type) -> type:
         def __call__(self, *args, **kwargs):
             if kwargs.get("callback_on_step_end") is not None:
                 _forget_after_callbacks(self, kwargs)
-            with generation(self):
+            with generation(self, kwargs.get("generator")):
                 return cls.__call__(self, *args, **kwargs)
 
         def __reduce_ex__(self, protocol):

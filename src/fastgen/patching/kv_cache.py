@@ -42,6 +42,8 @@ class StepCache:
     def __init__(self):
         self._entries: dict[tuple, _Entry] = {}
         self._depth = 0
+        self.generations = 0  # outermost generations begun so far (per-generation state keys on it)
+        self.generator = None  # the generator the running pipeline call was given, if any
         self.hits = 0
         self.misses = 0
 
@@ -55,10 +57,12 @@ class StepCache:
         """Whether a generation is running (entries may be served and stored)."""
         return self._depth > 0
 
-    def begin(self) -> None:
-        """A generation starts (scopes nest; the outermost one owns the entries)."""
+    def begin(self, generator=None) -> None:
+        """A generation starts (scopes nest; the outermost one owns the entries and ``generator``)."""
         if self._depth == 0:
             self._entries.clear()
+            self.generations += 1
+            self.generator = generator
         self._depth += 1
 
     def end(self) -> None:
@@ -66,6 +70,7 @@ class StepCache:
         self._depth = max(0, self._depth - 1)
         if self._depth == 0:
             self._entries.clear()
+            self.generator = None
 
     # --- lookups --------------------------------------------------------------------------------
 

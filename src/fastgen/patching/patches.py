@@ -98,6 +98,9 @@ class ModelPatch:
         self.replaced: list[tuple[torch.nn.Module, object, FastgenProcessor, str]] = []
         self.left_alone: list[tuple[torch.nn.Module, str]] = []  # attentions running processors fastgen skips
         self.hooked: list[tuple[torch.nn.Module, str, bool]] = []  # (module, hook name, had a registry)
+        self.merging = None  # fastgen.merging.runtime.Merging when the config merges tokens
+        self._merge_places: list[tuple] = []  # (module, hook with .pre / .post)
+        self._merge_handles: list = []
 
     def build(self) -> None:
         """Create a fastgen processor for every attention whose upstream processor fastgen knows."""
@@ -113,6 +116,9 @@ class ModelPatch:
                 self.left_alone.append((module, path))
                 continue
             self.replaced.append((module, old, new_cls(old, self.state.config, self.state), path))
+        from fastgen.merging.apply import merging_places
+
+        self.merging, self._merge_places = merging_places(self.model, self.arch, self.state)
         for name, n in left_alone.items():
             warn_once(f"patch:{type(self.model).__name__}:{name}",
                       f"fastgen.patch leaves {n} attention module(s) of {type(self.model).__name__} with processor "
@@ -125,6 +131,11 @@ class ModelPatch:
             module.__dict__[ATTN_STATE] = self.state
         if self.state.config.cache_cross_attention_kv:
             self._hook()
+        for module, hook in self._merge_places:  # PyTorch's hooks: ``forward`` itself stays untouched
+            if hasattr(hook, "pre"):
+                self._merge_handles.append(module.register_forward_pre_hook(hook.pre, with_kwargs=True))
+            if hasattr(hook, "post"):
+                self._merge_handles.append(module.register_forward_hook(hook.post))
         if hasattr(type(self.model), "set_default_attn_processor"):
             # diffusers' version refuses processors that are not its own classes: take fastgen off first
             self.model.__dict__["set_default_attn_processor"] = functools.partial(_set_default_attn_processor,
@@ -142,6 +153,9 @@ class ModelPatch:
                 module.set_processor(current.original)
             module.__dict__.pop(ATTN_STATE, None)
         self._unhook()
+        for handle in self._merge_handles:
+            handle.remove()
+        self._merge_handles.clear()
         self.model.__dict__.pop("set_default_attn_processor", None)
 
     def heal(self) -> None:

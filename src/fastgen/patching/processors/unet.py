@@ -27,8 +27,10 @@ class FastgenAttnProcessor(FastgenProcessor):
     ) -> torch.Tensor:
         state = self.bound(attn)
         config = state.config if state is not None else None
-        cached = (encoder_hidden_states is not None and config is not None and config.cache_cross_attention_kv
-                  and state.kv_cache.open)
+        # only a cross-attention's context is step-invariant: a self-attention given other keys and
+        # values (ToDo's downsampled grid) computes them afresh at every call
+        cross = encoder_hidden_states is not None and attn.is_cross_attention
+        cached = cross and config is not None and config.cache_cross_attention_kv and state.kv_cache.open
         # an attention mask (the token refiner's, a user's) runs upstream: fastgen's op takes none
         if (state is None or attention_mask is not None or args or kwargs or self.unsupported()
                 or not (cached or self.kernels_here(hidden_states, config))):
@@ -53,7 +55,7 @@ class FastgenAttnProcessor(FastgenProcessor):
                 c = attn.norm_encoder_hidden_states(context) if attn.norm_cross else context
                 return attn.to_k(c), attn.to_v(c)
 
-            if config.cache_cross_attention_kv:
+            if cross and config.cache_cross_attention_kv:
                 mods = (attn.to_k, attn.to_v) + ((attn.norm_cross,) if attn.norm_cross else ())
                 key, value = state.kv_cache.get(attn, context, project, mods)
             else:

@@ -1,0 +1,154 @@
+"""Token merging in one patched model: the per-call facts its merging blocks read.
+
+A ``Merging`` belongs to one model's patch. The model's own hook tells it, at every forward, the
+latent size (UNet) or token grid (DiT) and the timestep; blocks then ask it for their grid, whether
+merging is on at this step, and the dst map of their grid.
+
+Randomness (``ToMeConfig.use_rand``): the dst maps of a forward are drawn from a generator seeded
+with (seed, index of the forward in the generation), where the seed is ``ToMeConfig.seed``, else
+the pipeline call's generator's seed (read, never drawn from: the pipeline's own noise is unchanged),
+else 0. One map per grid per forward is shared by every block of that grid and by the whole batch,
+so both halves of a CFG batch get the same map whatever the batch size (tomesd turns randomness off
+for odd batches instead), and one seed gives the same images run after run. Outside a generation
+every forward is the first one.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from fastgen._warnings import warn_once
+from fastgen.merging.config import ToDoConfig, ToMeConfig
+from fastgen.merging.matching import dst_grid
+
+_MIX = 0x9E3779B97F4A7C15  # splits (seed, forward) into well-separated generator seeds
+
+
+class Merging:
+    """ToMe / ToDo state of one patched model.
+
+    Attributes:
+        tome, todo: the configs (either may be None).
+        size: the current forward's latent (H, W) for UNets, token grid (F, H, W) for DiTs.
+        rows: the report: (block path, level, what merges there), filled when the patch is built.
+    """
+
+    def __init__(self, model, tome: ToMeConfig | None, todo: ToDoConfig | None, state):
+        self.model_name = type(model).__name__
+        self.tome, self.todo = tome, todo
+        self.cache = state.kv_cache
+        self._state = weakref.ref(state)
+        self.size: tuple[int, ...] | None = None
+        self.rows: list[tuple[str, int, str]] = []
+        self.first_level = 1
+        self._generation = None
+        self._forward = -1
+        self._step = 0
+        self._last_t = None
+        self._maps: dict[tuple, torch.Tensor] = {}
+
+    # --- per forward ---------------------------------------------------------------------------
+
+    def begin_forward(self, size: tuple[int, ...], timestep=None) -> None:
+        """Called by the model's hook before each forward."""
+        generation = self.cache.generations if self.cache.open else None
+        if generation is None or generation != self._generation:
+            self._generation, self._forward, self._step, self._last_t = generation, -1, 0, None
+        self._forward += 1
+        if self._needs_steps() and timestep is not None:
+            # the step advances when the timestep changes (two CFG passes of one step share it);
+            # read on the host only when a step schedule asks for it
+            t = timestep.flatten()[0].item() if torch.is_tensor(timestep) else float(timestep)
+            if self._last_t is not None and t != self._last_t:
+                self._step += 1
+            self._last_t = t
+        self.size = tuple(int(s) for s in size)
+        self._maps.clear()
+
+    def _needs_steps(self) -> bool:
+        return any(c is not None and c.steps != (0.0, 1.0) for c in (self.tome, self.todo))
+
+    def on(self, config) -> bool:
+        """Whether ``config`` (the ToMe or ToDo config) applies at the current step."""
+        if config is None:
+            return False
+        start, stop = config.steps
+        if (start, stop) == (0.0, 1.0):
+            return True
+        total = self._total_steps()
+        if total is None:
+            warn_once(f"merging-steps:{self.model_name}",
+                      f"{type(config).__name__}.steps={config.steps} needs the number of denoising steps, which only "
+                      "a patched pipeline's call gives: merging at every step of this call")
+            return True
+        return start <= self._step / total < stop
+
+    def _total_steps(self) -> int | None:
+        state = self._state()
+        pipe = state.pipeline if state is not None and self.cache.open else None
+        total = getattr(pipe, "_num_timesteps", None) if pipe is not None else None
+        return int(total) if isinstance(total, int) and total > 0 else None
+
+    # --- dst maps ------------------------------------------------------------------------------
+
+    def seed(self) -> int:
+        if self.tome is not None and self.tome.seed is not None:
+            return self.tome.seed
+        gen = self.cache.generator if self.cache.open else None
+        if isinstance(gen, (list, tuple)):
+            gen = gen[0] if gen else None
+        return int(gen.initial_seed()) if isinstance(gen, torch.Generator) else 0
+
+    def dst_mask(self, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+        """(F * H, W) bool dst mask of a (F, H, W) token grid for the current forward (F = 1 for
+        images), with ``ToMeConfig``'s cells; the same tensor for every block of that grid."""
+        tome = self.tome
+        key = (grid, device)
+        mask = self._maps.get(key)
+        if mask is None:
+            gen = None
+            if tome.use_rand:
+                gen = torch.Generator().manual_seed((self.seed() * _MIX + self._forward) % (1 << 63))
+            mask = dst_grid_3d(*grid, tome.sf, tome.sy, tome.sx, use_rand=tome.use_rand, generator=gen, device=device)
+            self._maps[key] = mask
+        return mask
+
+    # --- the report ----------------------------------------------------------------------------
+
+    def report(self) -> str:
+        """Which blocks merge, one line per level."""
+        if not self.rows:
+            return f"{self.model_name}: no block merges or downsamples tokens"
+        levels: dict[tuple[int, str], int] = {}
+        for _, level, what in self.rows:
+            levels[(level, what)] = levels.get((level, what), 0) + 1
+        parts = [f"{n} block(s) at level {level} ({what})" for (level, what), n in sorted(levels.items())]
+        return f"{self.model_name}: " + ", ".join(parts)
+
+
+def dst_grid_3d(f: int, h: int, w: int, sf: int, sy: int, sx: int, *, use_rand: bool,
+                generator: torch.Generator | None, device) -> torch.Tensor:
+    """(f * h, w) bool mask: one dst token per whole (sf, sy, sx) cell of an (f, h, w) grid, drawn
+    from ``generator`` (top-left without randomness); leftover frames, rows and columns stay src.
+    For f = sf = 1 it is ``dst_grid`` (tomesd's map for the same generator)."""
+    if f == 1 and sf == 1:
+        return dst_grid(h, w, sx, sy, use_rand=use_rand, generator=generator, device=device)
+    if sf > f or sy > h or sx > w:
+        raise ValueError(f"a ({sf}, {sy}, {sx}) cell does not fit in an ({f}, {h}, {w}) token grid")
+    fs, hs, ws = f // sf, h // sy, w // sx
+    if use_rand:
+        pick = torch.randint(sf * sy * sx, (fs, hs, ws, 1), generator=generator).to(device)
+    else:
+        pick = torch.zeros(fs, hs, ws, 1, dtype=torch.int64, device=device)
+    cells = torch.zeros(fs, hs, ws, sf * sy * sx, dtype=torch.bool, device=device).scatter_(3, pick, True)
+    cells = cells.view(fs, hs, ws, sf, sy, sx).permute(0, 3, 1, 4, 2, 5).reshape(fs * sf, hs * sy, ws * sx)
+    mask = torch.zeros(f, h, w, dtype=torch.bool, device=device)
+    mask[: fs * sf, : hs * sy, : ws * sx] = cells
+    return mask.view(f * h, w)
+
+
+def tokens_merged(n: int, ratio: float) -> int:
+    """tomesd's r: ``int(n * ratio)`` tokens merged away out of n."""
+    return int(n * ratio)
