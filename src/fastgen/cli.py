@@ -197,14 +197,20 @@ def cmd_demo(args) -> int:
         print(demo.report_edit(result, env, what))
         return 0 if result["background_exact"] else 1
     config = PatchConfig(attention_backend=args.attention_backend, fuse_prologue=not args.no_fuse_prologue)
-    with tqdm(total=2 * args.repeats + 1, desc="demo runs", unit="run", disable=args.quiet) as bar:
+    tome, todo = args.tome, args.todo
+    if tome is None and todo is None and device.type != "cuda":
+        tome = DEFAULT_CPU_TOME  # no kernel speed to show without a GPU: show what merging saves, and its cost
+    approximate = [PatchConfig.build(config, tome=tome or None, todo=todo)] if (tome or todo) else []
+    with tqdm(total=(2 + len(approximate)) * args.repeats + 1, desc="demo runs", unit="run",
+              disable=args.quiet) as bar:
         result = demo.compare(pipe, call, steps=args.steps, repeats=args.repeats, device=device, config=config,
-                              progress=bar.update)
+                              approximate=approximate, progress=bar.update)
     print(demo.report(result, env, what))
     return 0 if result["unpatch_bit_exact"] else 1
 
 
 DTYPES = ("float32", "float16", "bfloat16")
+DEFAULT_CPU_TOME = 0.5  # the ToMe row a demo without a GPU adds (--tome 0 drops it)
 
 
 def _positive(text: str) -> int:
@@ -251,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--repeats", type=int, default=3, help="timed runs of each (median)")
     d.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
     d.add_argument("--no-fuse-prologue", action="store_true")
+    d.add_argument("--tome", type=float, help="also run token merging at this ratio (approximate; its deviation is "
+                   f"reported). Default: {DEFAULT_CPU_TOME} without a GPU, off on a GPU; 0 turns it off")
+    d.add_argument("--todo", type=int, help="also run token downsampling of self-attention K/V by this factor "
+                   "(approximate; with --tome, both in one row)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_demo)
 

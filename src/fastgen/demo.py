@@ -149,13 +149,19 @@ def _rounds(pipe, variants: list[Variant], warm: dict[str, torch.Tensor], steps:
 # --------------------------------------------------------------------------------------------
 
 
-def compare(pipe, call, *, steps=4, repeats=3, device="cpu", config=None, progress=lambda: None) -> dict:
+def compare(pipe, call, *, steps=4, repeats=3, device="cpu", config=None, approximate=(),
+            progress=lambda: None) -> dict:
     """Baseline (diffusers) and ``fastgen.patch`` with ``config``, same seed, same device: a warm-up
     of each, then ``repeats`` interleaved rounds (patched and unpatched around each fastgen round).
     Returns the two ``Run`` s (ms per step of every round, peak memory, latents), the measured
     speed-up (None: no measurable difference), the output differences, what was patched, and whether
     every unpatched round (each after an unpatch) reproduced the output from before any patch bit
-    for bit. ``progress`` is called after the warm-ups and after each round's run (2 * repeats + 1)."""
+    for bit. ``progress`` is called after the warm-ups and after each round's run
+    ((2 + len(approximate)) * repeats + 1).
+
+    ``approximate``: more ``PatchConfig`` s (token merging: ``tome=``, ``todo=``) run in the same
+    rounds; each comes back in ``result["approximate"]`` as a dict with its ``Run``, speed-up,
+    deviation from the baseline (relative L2 and max of the final latents) and merging report."""
     _check_repeats(repeats)
     device = torch.device(device)
     pipe.set_progress_bar_config(disable=True)
@@ -168,16 +174,38 @@ def compare(pipe, call, *, steps=4, repeats=3, device="cpu", config=None, progre
             yield
 
     base, fast = Variant("baseline (diffusers)", call), Variant("fastgen.patch", call, patch)
+    merged, reports = [], {}
+    for extra in approximate:
+        label = f"fastgen.patch + {merging_label(extra)}"
+
+        @contextlib.contextmanager
+        def patch_extra(extra=extra, label=label):
+            with fastgen.patch(pipe, extra) as handle:
+                reports[label] = handle.merging
+                yield
+
+        merged.append(Variant(label, call, patch_extra))
     decided = len(tuning.TUNER.log)
     # The baseline's warm-up runs before any patch: the output every later unpatched round must equal
-    warm = {v.label: _warm_up(pipe, v, steps) for v in (base, fast)}
+    warm = {v.label: _warm_up(pipe, v, steps) for v in [base, fast, *merged]}
     progress()
-    runs = _rounds(pipe, [base, fast], warm, steps, device, repeats, progress)
+    runs = _rounds(pipe, [base, fast, *merged], warm, steps, device, repeats, progress)
     b, f = runs[base.label], runs[fast.label]
     diff = (f.latents - b.latents).abs()
+    extras = [dict(run=runs[v.label], speedup=measured_speedup(b.round_ms, runs[v.label].round_ms),
+                   rel_l2=float((runs[v.label].latents - b.latents).norm() / b.latents.norm().clamp_min(1e-30)),
+                   max_diff=float((runs[v.label].latents - b.latents).abs().max()), merging=reports.get(v.label, ""))
+              for v in merged]
     return dict(baseline=b, fastgen=f, speedup=measured_speedup(b.round_ms, f.round_ms), max_diff=float(diff.max()),
                 mean_diff=float(diff.mean()), patched=patched["summary"], config=patched["config"],
-                unpatch_bit_exact=b.repeatable, decisions=tuning.TUNER.log[decided:])
+                unpatch_bit_exact=b.repeatable, decisions=tuning.TUNER.log[decided:], approximate=extras)
+
+
+def merging_label(config) -> str:
+    """"ToMe 0.5", "ToDo x2", "ToMe 0.5 + ToDo x2" for a ``PatchConfig`` with token merging."""
+    parts = ([f"ToMe {config.tome.ratio:g}"] if config.tome is not None else []) + (
+        [f"ToDo x{config.todo.factor}"] if config.todo is not None else [])
+    return " + ".join(parts) or "no merging"
 
 
 def _header(env: dict, what: str) -> list[str]:
@@ -236,7 +264,8 @@ def report(result: dict, env: dict, what: str) -> str:
     """The demo's printout: device and versions, what was patched, the per-step time table (median,
     min-max, peak memory), the speed-up or "no measurable difference", output differences, unpatch."""
     b, f = result["baseline"], result["fastgen"]
-    head, align, cells = _time_columns([b, f])
+    extras = result.get("approximate", [])
+    head, align, cells = _time_columns([b, f] + [e["run"] for e in extras])
     lines = _header(env, what) + [
         f"patched: {result['patched']} | {result['config']}",
         "",
@@ -244,16 +273,22 @@ def report(result: dict, env: dict, what: str) -> str:
         f"| --- | {align} |",
         f"| {b.label} | {cells(b)} |",
         f"| {f.label} | {cells(f)} |",
+        *[f"| {e['run'].label} (approximate) | {cells(e['run'])} |" for e in extras],
         *_memory_note([b, f]),
         "",
         f"speed-up: {speedup_text(b.round_ms, f.round_ms)}",
         f"output difference (final latents): max {result['max_diff']:.3e}, mean {result['mean_diff']:.3e}",
         f"unpatch restores bit-identical output: {result['unpatch_bit_exact']}",
-        *decisions_text(result.get("decisions", []), result["config"], env),
     ]
+    for e in extras:
+        lines += [f"{e['run'].label}: speed-up {speedup_text(b.round_ms, e['run'].round_ms)}; its cost: final latents "
+                  f"deviate by {e['rel_l2']:.2%} (relative L2), max {e['max_diff']:.3e}"
+                  + (f"; merges in {e['merging']}" if e["merging"] else "")]
+    lines += decisions_text(result.get("decisions", []), result["config"], env)
     if env.get("compute_capability") is None:
-        lines.append("(no GPU: fastgen's kernels do not run here; the patched pipeline runs upstream's attention "
-                     "plus the exact K/V reuse, so expect no measurable difference. Kernel speed needs a GPU.)")
+        lines.append("(no GPU: fastgen's kernels do not run here; the exactly patched pipeline runs upstream's "
+                     "attention plus the exact K/V reuse, so expect no measurable difference there. Kernel speed "
+                     "needs a GPU; token merging saves work on any device.)")
     return "\n".join(lines)
 
 

@@ -49,6 +49,11 @@ class Merging:
         self._last_t = None
         self._maps: dict[tuple, torch.Tensor] = {}
 
+    @property
+    def patch_state(self):
+        """The ``PatchState`` of the patch this merging belongs to (None once it is gone)."""
+        return self._state()
+
     # --- per forward ---------------------------------------------------------------------------
 
     def begin_forward(self, size: tuple[int, ...], timestep=None) -> None:
@@ -101,17 +106,19 @@ class Merging:
             gen = gen[0] if gen else None
         return int(gen.initial_seed()) if isinstance(gen, torch.Generator) else 0
 
-    def dst_mask(self, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    def dst_mask(self, grid: tuple[int, int, int], device: torch.device | None = None) -> torch.Tensor:
         """(F * H, W) bool dst mask of a (F, H, W) token grid for the current forward (F = 1 for
-        images), with ``ToMeConfig``'s cells; the same tensor for every block of that grid."""
+        images), with ``ToMeConfig``'s cells; the same tensor for every block of that grid. Kept on
+        the CPU whatever the model's device: the matching reads its layout on the host, which a
+        device mask would cost a synchronisation (``device`` is accepted and ignored)."""
         tome = self.tome
-        key = (grid, device)
+        key = grid
         mask = self._maps.get(key)
         if mask is None:
             gen = None
             if tome.use_rand:
                 gen = torch.Generator().manual_seed((self.seed() * _MIX + self._forward) % (1 << 63))
-            mask = dst_grid_3d(*grid, tome.sf, tome.sy, tome.sx, use_rand=tome.use_rand, generator=gen, device=device)
+            mask = dst_grid_3d(*grid, tome.sf, tome.sy, tome.sx, use_rand=tome.use_rand, generator=gen, device="cpu")
             self._maps[key] = mask
         return mask
 
