@@ -228,3 +228,45 @@ def test_runs_under_inference_mode_and_on_the_tiny_unet_with_keywords():
         with fastgen.patch(unet, tome=0.5):
             out = unet(**inputs).sample  # sample given by keyword: read all the same
     assert out.shape == ref.shape and not torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("offload", ["model_cpu_offload", "group_offload_block_level", "group_offload_leaf_level"])
+def test_composes_with_offload_hooks(offload):
+    pipe, call = build_pipeline("sd15", "tiny")
+    call = dict(call, num_inference_steps=2, output_type="latent")
+
+    def run():
+        with torch.no_grad():
+            return pipe(**call, generator=torch.Generator().manual_seed(0)).images
+
+    with fastgen.patch(pipe, tome=0.5):
+        ref = run()
+        if offload == "model_cpu_offload":
+            pipe.enable_model_cpu_offload(device="cpu")  # accelerate's hooks, cpu as the execution device
+        else:
+            pipe.unet.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                                           offload_type=offload.split("offload_")[1],
+                                           **({"num_blocks_per_group": 1} if "block" in offload else {}))
+        out = run()
+    assert torch.equal(out, ref)
+
+
+def test_under_autocast_and_in_a_pipeline_sharing_the_model(sd15_unet):
+    args = _args(12, seed=9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _run(sd15_unet, args)
+        with fastgen.patch(sd15_unet, tome=ToMeConfig(0.5, use_rand=False)):
+            out = _run(sd15_unet, args)
+    assert out.dtype == ref.dtype
+    rel = float((out.float() - ref.float()).norm() / ref.float().norm())
+    assert 0 < rel < 0.5
+    pipe, call = build_pipeline("sd15", "tiny")
+    twin = type(pipe)(**pipe.components)  # shares the UNet
+    call = dict(call, num_inference_steps=2, output_type="latent")
+    with torch.no_grad():
+        plain = twin(**call, generator=torch.Generator().manual_seed(0)).images
+        with fastgen.patch(pipe, tome=ToMeConfig(0.5, seed=3)):
+            a = twin(**call, generator=torch.Generator().manual_seed(0)).images  # runs the merging model
+            b = twin(**call, generator=torch.Generator().manual_seed(0)).images
+        after = twin(**call, generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(a, b) and not torch.equal(a, plain) and torch.equal(after, plain)
