@@ -17,6 +17,10 @@ def merging_places(model, arch, state) -> tuple[Merging | None, list[tuple]]:
         from fastgen.merging.unet import unet_places
 
         places = unet_places(model, merging)
+    elif arch.token_grid:
+        from fastgen.merging.dit import dit_places
+
+        places = dit_places(model, arch, merging)
     else:
         places = []
     asked = (config.tome is not None and config.tome.ratio > 0) or config.todo is not None

@@ -6,18 +6,23 @@ concatenates the groups (``torch.cat`` of q, k and v), normalises, rotates and c
 each group's fused prologue writes its queries straight into its slice of one joint query buffer,
 keys and values are attended as in-place segments (no concatenation), and the joint output splits
 back into groups as views.
+
+A group may carry a ``Reduction`` (``TokenGroup.reduce``) over a range of its tokens: token merging
+or K/V downsampling (``fastgen.merging.dit``) plugs in there, after the prologue, so every token is
+normalised and rotated at its own position before it is merged; this module knows nothing more of it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 
 import fastgen.ops as ops
 from fastgen._hooks import places_own_weights
+from fastgen._warnings import warn_once
 from fastgen.kernels.qk_norm_rope import empty_like_bshd
 from fastgen.patching.config import PatchConfig
 
@@ -101,9 +106,51 @@ def prologue(q, k, norm_q, norm_k, rope, out_q, config: PatchConfig):
     return ops.qk_norm_rope(q, k, cos=cos, sin=sin, norm=None, rope=mode, backend="torch", out=(out_q, out_k))
 
 
+class Reduction(Protocol):
+    """Fewer tokens in attention for tokens [start, stop) of one group (``TokenGroup.reduce``), applied
+    to their queries, keys and values after the prologue (post-norm, post-RoPE), all (B, H, S, D)."""
+
+    start: int
+    stop: int
+
+    def queries(self, q: torch.Tensor) -> torch.Tensor:
+        """(B, H, S, D) -> (B, H, S', D): the queries attention runs (S' = S where queries stay whole)."""
+
+    def keys_values(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, S, D) each -> (B, H, S'', D) each: the keys and values attended."""
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """(B, S', H*D) attention output of the queries -> (B, S, H*D), one row per original token."""
+
+
+# Where an attention module holds (PatchState, Reduction) of its current call: set by that patch's
+# forward pre-hook on the module, removed by its post-hook. The patch is kept with it so that a
+# reduction left behind by a forward that raised is never read by another patch's processor.
+REDUCTION = "_fastgen_reduction"
+
+
+def reduction_of(attn, state) -> Reduction | None:
+    """The token reduction the current call of attention module ``attn`` runs with under the patch
+    ``state`` (a ``PatchState``, or None: no reduction), or None."""
+    entry = attn.__dict__.get(REDUCTION)
+    return entry[1] if entry is not None and state is not None and entry[0] is state else None
+
+
+def unreduced(processor, reduce: Reduction | None, why: str, *args, **kwargs):
+    """``processor``'s upstream processor on these inputs; where a reduction was asked for this call
+    (``reduce``), it does not happen: said once, with ``why``."""
+    if reduce is not None:
+        warn_once(f"reduce-upstream:{type(processor).__name__}:{why}",
+                  f"{type(processor).__name__}: token merging skips calls with {why} (they run diffusers' "
+                  f"{type(processor.original).__name__} unmerged)")
+    return processor.upstream(*args, **kwargs)
+
+
 @dataclass
 class TokenGroup:
-    """One group's projections (B, S, H*D each), norms and RoPE (cos, sin, mode) or None."""
+    """One group's projections (B, S, H*D each), norms and RoPE (cos, sin, mode) or None (the
+    tables may cover only the first tokens: the rest are not rotated); ``reduce``: a ``Reduction``
+    of some of its tokens."""
 
     query: torch.Tensor
     key: torch.Tensor
@@ -111,6 +158,7 @@ class TokenGroup:
     norm_q: torch.nn.Module | None = None
     norm_k: torch.nn.Module | None = None
     rope: tuple | None = None
+    reduce: Reduction | None = None
 
 
 def heads_view(x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -194,12 +242,19 @@ def joint_attention(groups: list[TokenGroup], head_dim: int, config: PatchConfig
     Equivalent to concatenating the groups along the sequence, normalising, rotating and calling
     SDPA, then splitting. ``key_lengths``: per batch element, how many leading keys of the joint
     sequence are valid (a key-padding mask); the rest are excluded by truncating segments in place.
-    Returns one (B, S_i, H*D) tensor per group.
+    Groups with a ``reduce`` attend with their reduced tokens (see ``Reduction``); every output has
+    the group's own tokens. Returns one (B, S_i, H*D) tensor per group.
     """
+    if any(g.reduce is not None for g in groups):
+        return _reduced_attention(groups, head_dim, config, key_lengths)
     sizes = [g.query.shape[1] for g in groups]
     q_joint, keys, values = project_groups(groups, head_dim, config)
+    return split_heads_output(_attend(q_joint, keys, values, config, key_lengths), sizes)
+
+
+def _attend(q_joint, keys, values, config: PatchConfig, key_lengths: list[int] | None) -> torch.Tensor:
     if key_lengths is None:
-        return split_heads_output(attend_groups(q_joint, keys, values, config), sizes)
+        return attend_groups(q_joint, keys, values, config)
     parts = []
     for b, length in enumerate(key_lengths):
         segs, start = [], 0
@@ -211,5 +266,71 @@ def joint_attention(groups: list[TokenGroup], head_dim: int, config: PatchConfig
         parts.append(ops.attention(q_joint[b : b + 1], *segs[0], extra_kv=segs[1:] or None,
                                    backend=config.attention_backend, autotune=config.autotune))
     # one copy, concatenated in (B, S, H, D) order so the flatten below is a view
-    out = torch.cat([p.transpose(1, 2) for p in parts]).transpose(1, 2)
-    return split_heads_output(out, sizes)
+    return torch.cat([p.transpose(1, 2) for p in parts]).transpose(1, 2)
+
+
+def split_group(g: TokenGroup, bounds: Sequence[int]) -> list[TokenGroup]:
+    """``g`` cut at token positions ``bounds`` (ascending, inside (0, S); none: one copy) into consecutive
+    groups with the same norms, each with its rows of the RoPE tables (None where the tables end before
+    it), none with ``g``'s reduction."""
+    edges = [0, *bounds, g.query.shape[1]]
+    out = []
+    for a, b in zip(edges[:-1], edges[1:]):
+        rope = None
+        if g.rope is not None and g.rope[0].shape[0] > a:
+            cos, sin, mode = g.rope
+            rope = (cos[a:b], sin[a:b], mode)
+        out.append(TokenGroup(g.query[:, a:b], g.key[:, a:b], g.value[:, a:b], g.norm_q, g.norm_k, rope))
+    return out
+
+
+def _reduced_attention(groups, head_dim, config, key_lengths):
+    # Each reduced range becomes a group of its own (the prologue is per token, so cutting a group
+    # changes nothing before the reduction); its outputs are joined back at the end.
+    parts, spans = [], []
+    for g in groups:
+        red = g.reduce
+        n = g.query.shape[1]
+        if red is None:
+            spans.append([len(parts)])
+            parts.append(g)
+            continue
+        if not 0 <= red.start < red.stop <= n:
+            raise ValueError(f"a reduction of tokens [{red.start}, {red.stop}) does not fit a group of {n} tokens")
+        bounds = [i for i in (red.start, red.stop) if 0 < i < n]
+        pieces = split_group(g, bounds)
+        pieces[1 if red.start > 0 else 0].reduce = red
+        spans.append(list(range(len(parts), len(parts) + len(pieces))))
+        parts.extend(pieces)
+    sizes = [p.query.shape[1] for p in parts]
+    q_joint, keys, values = project_groups(parts, head_dim, config)
+    key_sizes = [k.shape[2] for k in keys]
+    queries, start = [], 0
+    for i, (p, n) in enumerate(zip(parts, sizes)):
+        q = q_joint[:, :, start : start + n]
+        start += n
+        if p.reduce is not None:
+            q = p.reduce.queries(q)
+            keys[i], values[i] = p.reduce.keys_values(keys[i], values[i])
+        queries.append(q)
+    out_sizes = [q.shape[2] for q in queries]
+    if out_sizes != sizes:  # merged queries: one joint buffer again, in (B, S, H, D) order
+        q_joint = torch.cat([q.transpose(1, 2) for q in queries], dim=1).transpose(1, 2)
+    if key_lengths is not None:
+        key_lengths = [_reduced_length(n, key_sizes, [k.shape[2] for k in keys]) for n in key_lengths]
+    outs = split_heads_output(_attend(q_joint, keys, values, config, key_lengths), out_sizes)
+    outs = [p.reduce.output(o) if p.reduce is not None else o for p, o in zip(parts, outs)]
+    return [outs[s[0]] if len(s) == 1 else torch.cat([outs[i] for i in s], dim=1) for s in spans]
+
+
+def _reduced_length(length: int, before: list[int], after: list[int]) -> int:
+    # A key-padding prefix of `length` keys, counted in the reduced segments: a reduced segment must
+    # be wholly valid or wholly padding (HunyuanVideo's video tokens always are valid).
+    out, start = 0, 0
+    for n, m in zip(before, after):
+        take = min(max(length - start, 0), n)
+        if n != m and 0 < take < n:
+            raise ValueError("a key-padding mask that ends inside reduced tokens cannot be reduced with them")
+        out += m if take == n else take
+        start += n
+    return out

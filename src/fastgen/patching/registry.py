@@ -25,21 +25,33 @@ class Architecture:
     # torch.concat([image, text], dim=1) and uses only so: the join is done (and reused) by its hook,
     # which returns (..., joined, None), so the joined context is one tensor all generation long
     joined_context: str = ""
+    # token merging (fastgen.merging.dit): how a forward's image/video token grid (F, H, W) is read
+    # ("ids": Flux's img_ids rows and columns; "latent": the latent's (F,) H, W over the config's
+    # patch sizes; "": not a DiT fastgen merges in), and the self-attentions over those tokens that
+    # merge (module path patterns, ``*`` for a block index; the block is the path's parent)
+    token_grid: str = ""
+    merge_attention: tuple[str, ...] = ()
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("sd15/sdxl", ("UNet2DConditionModel",), {"AttnProcessor2_0": FastgenAttnProcessor}),
+    # attn2: the sample-only second attention of SD3.5's dual-attention layers
     Architecture("sd3", ("SD3Transformer2DModel",),
-                 {"JointAttnProcessor2_0": FastgenJointAttnProcessor, "AttnProcessor2_0": FastgenAttnProcessor}),
-    Architecture("flux", ("FluxTransformer2DModel",), {"FluxAttnProcessor": FastgenFluxAttnProcessor}),
+                 {"JointAttnProcessor2_0": FastgenJointAttnProcessor, "AttnProcessor2_0": FastgenAttnProcessor},
+                 token_grid="latent", merge_attention=("transformer_blocks.*.attn", "transformer_blocks.*.attn2")),
+    Architecture("flux", ("FluxTransformer2DModel",), {"FluxAttnProcessor": FastgenFluxAttnProcessor},
+                 token_grid="ids", merge_attention=("transformer_blocks.*.attn", "single_transformer_blocks.*.attn")),
+    # attn2 is the cross-attention over the text: not merged
     Architecture("wan", ("WanTransformer3DModel",), {"WanAttnProcessor": FastgenWanAttnProcessor},
                  step_invariant=("condition_embedder.text_embedder", "condition_embedder.image_embedder"),
                  # WanTransformer3DModel.forward: encoder_hidden_states = torch.concat([image, text], dim=1)
-                 joined_context="condition_embedder"),
-    # The token refiner's Attention (AttnProcessor2_0) runs with a square mask: left to upstream.
+                 joined_context="condition_embedder", token_grid="latent", merge_attention=("blocks.*.attn1",)),
+    # The token refiner's Attention (AttnProcessor2_0) runs with a square mask: left to upstream, never merged.
     Architecture("hunyuanvideo", ("HunyuanVideoTransformer3DModel", "HunyuanVideoFramepackTransformer3DModel"),
                  {"HunyuanVideoAttnProcessor2_0": FastgenHunyuanVideoAttnProcessor,
-                  "AttnProcessor2_0": FastgenAttnProcessor}),
+                  "AttnProcessor2_0": FastgenAttnProcessor},
+                 token_grid="latent",
+                 merge_attention=("transformer_blocks.*.attn", "single_transformer_blocks.*.attn")),
 )
 
 # The VAE is patched only on request (PatchConfig.include_vae).

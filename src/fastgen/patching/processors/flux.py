@@ -1,11 +1,13 @@
 """Flux (and every model built of FluxAttention): double-stream blocks attend text + image jointly,
-single-stream blocks attend one concatenated stream; QK RMS-norm and RoPE on all tokens."""
+single-stream blocks attend one concatenated stream; QK RMS-norm and RoPE on all tokens. Token
+merging (``fastgen.merging.dit``) reduces the image tokens after the prologue: the image part of the
+double-stream image group, the trailing image part of the single-stream [text, image] group."""
 
 from __future__ import annotations
 
 import torch
 
-from fastgen.patching.core import ROPE_INTERLEAVED, TokenGroup, joint_attention
+from fastgen.patching.core import ROPE_INTERLEAVED, TokenGroup, joint_attention, reduction_of, unreduced
 from fastgen.patching.processors.base import FastgenProcessor
 
 try:  # the upstream projection helper (plain or fused QKV); its absence means a different diffusers
@@ -36,9 +38,10 @@ class FastgenFluxAttnProcessor(FastgenProcessor):
     ) -> torch.Tensor:
         args = (attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         state = self.bound(attn)
+        reduce = reduction_of(attn, state)  # token merging at this call: fastgen's path wherever it runs
         if (state is None or attention_mask is not None or self.unsupported()
-                or not self.kernels_here(hidden_states, state.config)):
-            return self.upstream(*args)
+                or not (reduce is not None or self.kernels_here(hidden_states, state.config))):
+            return unreduced(self, reduce, "an attention mask or a diffusers backend / parallel config", *args)
         if _get_qkv_projections is None:
             return self.defer("this diffusers has no transformer_flux._get_qkv_projections (fastgen is tested "
                               "with diffusers 0.42)", *args)
@@ -55,7 +58,8 @@ class FastgenFluxAttnProcessor(FastgenProcessor):
             groups.append(TokenGroup(eq, ek, ev, attn.norm_added_q, attn.norm_added_k,
                                      split_rope(image_rotary_emb, 0, n_txt)))
         n_all = n_txt + query.shape[1]
-        groups.append(TokenGroup(query, key, value, attn.norm_q, attn.norm_k, split_rope(image_rotary_emb, n_txt, n_all)))
+        groups.append(TokenGroup(query, key, value, attn.norm_q, attn.norm_k,
+                                 split_rope(image_rotary_emb, n_txt, n_all), reduce))
         outs = joint_attention(groups, attn.head_dim, state.config)
 
         if joint_text:

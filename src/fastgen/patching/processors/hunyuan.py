@@ -1,13 +1,15 @@
 """HunyuanVideo (and FramePack's HunyuanVideo) ``HunyuanVideoAttnProcessor2_0``: double-stream
 blocks attend video + text jointly (video first, RoPE on video only); single-stream blocks project
 the concatenation and rotate its video part. The model's text-padding mask is a per-batch key
-prefix: attended exactly by truncating the text segment, with no mask."""
+prefix: attended exactly by truncating the text segment, with no mask. Token merging
+(``fastgen.merging.dit``) reduces the video tokens after RoPE (FramePack: its noisy latents, the last
+video tokens; clean and history tokens stay whole); the text is never merged."""
 
 from __future__ import annotations
 
 import torch
 
-from fastgen.patching.core import ROPE_INTERLEAVED, TokenGroup, joint_attention
+from fastgen.patching.core import ROPE_INTERLEAVED, TokenGroup, joint_attention, reduction_of, unreduced
 from fastgen.patching.processors.base import FastgenProcessor
 
 
@@ -25,8 +27,10 @@ class FastgenHunyuanVideoAttnProcessor(FastgenProcessor):
     ) -> torch.Tensor:
         args = (attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         state = self.bound(attn)
-        if state is None or self.unsupported() or not self.kernels_here(hidden_states, state.config):
-            return self.upstream(*args)
+        reduce = reduction_of(attn, state)  # token merging at this call: fastgen's path wherever it runs
+        if (state is None or self.unsupported()
+                or not (reduce is not None or self.kernels_here(hidden_states, state.config))):
+            return unreduced(self, reduce, "a diffusers backend / parallel config", *args)
         if image_rotary_emb is not None and not isinstance(image_rotary_emb, (tuple, list)):
             return self.defer("complex RoPE tables are not a layout fastgen reads", *args)
         B = hidden_states.shape[0]
@@ -35,7 +39,7 @@ class FastgenHunyuanVideoAttnProcessor(FastgenProcessor):
         n_vid = hidden_states.shape[1]
         lengths = state.key_lengths(attention_mask, B, n_vid + n_txt)
         if lengths is False:
-            return self.upstream(*args)
+            return unreduced(self, reduce, "an attention mask other than a key-padding prefix", *args)
         rope = None
         if image_rotary_emb is not None:
             cos, sin = image_rotary_emb
@@ -46,7 +50,7 @@ class FastgenHunyuanVideoAttnProcessor(FastgenProcessor):
         x = torch.cat([hidden_states, encoder_hidden_states], dim=1) if single else hidden_states
         query = attn.to_q(x)
         head_dim = query.shape[-1] // attn.heads
-        groups = [TokenGroup(query, attn.to_k(x), attn.to_v(x), attn.norm_q, attn.norm_k, rope)]
+        groups = [TokenGroup(query, attn.to_k(x), attn.to_v(x), attn.norm_q, attn.norm_k, rope, reduce)]
         if encoder_hidden_states is not None and not single:
             groups.append(TokenGroup(attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
                                      attn.add_v_proj(encoder_hidden_states), attn.norm_added_q, attn.norm_added_k))

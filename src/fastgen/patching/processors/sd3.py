@@ -1,11 +1,12 @@
 """SD3 / SD3.5 ``JointAttnProcessor2_0``: sample and context tokens attend jointly (sample first);
-SD3.5 adds QK RMS-norm; dual-attention layers run a second, sample-only attention."""
+SD3.5 adds QK RMS-norm; dual-attention layers run a second, sample-only attention. Token merging
+(``fastgen.merging.dit``) reduces the sample tokens after the QK norm, in both attentions."""
 
 from __future__ import annotations
 
 import torch
 
-from fastgen.patching.core import TokenGroup, joint_attention
+from fastgen.patching.core import TokenGroup, joint_attention, reduction_of, unreduced
 from fastgen.patching.processors.base import FastgenProcessor
 
 
@@ -23,12 +24,15 @@ class FastgenJointAttnProcessor(FastgenProcessor):
         **kwargs,
     ) -> torch.FloatTensor:
         state = self.bound(attn)
+        reduce = reduction_of(attn, state)  # token merging at this call: fastgen's path wherever it runs
         if (state is None or attention_mask is not None or args or kwargs or self.unsupported()
-                or not self.kernels_here(hidden_states, state.config)):
-            return self.upstream(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+                or not (reduce is not None or self.kernels_here(hidden_states, state.config))):
+            return unreduced(self, reduce, "an attention mask, extra arguments or a diffusers backend / parallel "
+                             "config", attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         key = attn.to_k(hidden_states)
         head_dim = key.shape[-1] // attn.heads
-        groups = [TokenGroup(attn.to_q(hidden_states), key, attn.to_v(hidden_states), attn.norm_q, attn.norm_k)]
+        groups = [TokenGroup(attn.to_q(hidden_states), key, attn.to_v(hidden_states), attn.norm_q, attn.norm_k,
+                             reduce=reduce)]
         if encoder_hidden_states is not None:
             groups.append(TokenGroup(attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
                                      attn.add_v_proj(encoder_hidden_states), attn.norm_added_q, attn.norm_added_k))

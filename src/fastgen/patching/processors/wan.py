@@ -1,13 +1,15 @@
 """Wan 2.x ``WanAttnProcessor``: self-attention with RMS-norm over all heads and Wan's RoPE;
 cross-attention over the text (and, for image-to-video, a second attention over the image
-context), whose K/V are the same at every step and come from the per-generation cache."""
+context), whose K/V are the same at every step and come from the per-generation cache. Token
+merging (``fastgen.merging.dit``) reduces the video tokens of the self-attention after RoPE; the
+cross-attention is never merged."""
 
 from __future__ import annotations
 
 import torch
 
 from fastgen import ops
-from fastgen.patching.core import ROPE_INTERLEAVED, TokenGroup, heads_view, joint_attention
+from fastgen.patching.core import ROPE_INTERLEAVED, TokenGroup, heads_view, joint_attention, reduction_of, unreduced
 from fastgen.patching.processors.base import FastgenProcessor
 
 try:
@@ -44,9 +46,10 @@ class FastgenWanAttnProcessor(FastgenProcessor):
         config = state.config if state is not None else None
         cached = (encoder_hidden_states is not None and config is not None and config.cache_cross_attention_kv
                   and state.kv_cache.open)
+        reduce = reduction_of(attn, state)  # token merging at this call: fastgen's path wherever it runs
         if (state is None or attention_mask is not None or self.unsupported()
-                or not (cached or self.kernels_here(hidden_states, config))):
-            return self.upstream(*args)
+                or not (cached or reduce is not None or self.kernels_here(hidden_states, config))):
+            return unreduced(self, reduce, "an attention mask or a diffusers backend / parallel config", *args)
         if _get_qkv_projections is None:
             return self.defer("this diffusers has no transformer_wan._get_qkv_projections (fastgen is tested with "
                               "diffusers 0.42)", *args)
@@ -55,7 +58,7 @@ class FastgenWanAttnProcessor(FastgenProcessor):
             return self.defer("RoPE tables of a shape other than Wan's (1, S, 1, D)", *args)
         if encoder_hidden_states is None:  # self-attention
             query, key, value = _get_qkv_projections(attn, hidden_states, None)
-            (out,) = joint_attention([TokenGroup(query, key, value, attn.norm_q, attn.norm_k, rope)],
+            (out,) = joint_attention([TokenGroup(query, key, value, attn.norm_q, attn.norm_k, rope, reduce)],
                                      query.shape[-1] // attn.heads, config)
             return attn.to_out[1](attn.to_out[0](out.type_as(query)))
 
