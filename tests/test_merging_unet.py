@@ -270,3 +270,15 @@ def test_under_autocast_and_in_a_pipeline_sharing_the_model(sd15_unet):
             b = twin(**call, generator=torch.Generator().manual_seed(0)).images
         after = twin(**call, generator=torch.Generator().manual_seed(0)).images
     assert torch.equal(a, b) and not torch.equal(a, plain) and torch.equal(after, plain)
+
+
+def test_the_demo_reports_a_merging_row_with_its_deviation(capsys):
+    from fastgen.cli import main
+
+    assert main(["demo", "--family", "sd15", "--size", "tiny", "--device", "cpu", "--steps", "2", "--repeats", "1",
+                 "--quiet", "--tome", "0.5", "--todo", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| fastgen.patch + ToMe 0.5 + ToDo x2 (approximate) |" in out
+    line = next(x for x in out.splitlines() if x.startswith("fastgen.patch + ToMe 0.5 + ToDo x2: speed-up"))
+    assert "deviate by" in line and "relative L2" in line and "merges in UNet2DConditionModel" in line
+    assert "unpatch restores bit-identical output: True" in out

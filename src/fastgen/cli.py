@@ -178,6 +178,12 @@ def cmd_demo(args) -> int:
 
     if args.task != "patch" and not args.model and args.family != "flux":
         raise SystemExit(f"--task {args.task} runs on Flux; drop --family {args.family}")
+    merging_row = args.tome is None and args.todo is None and _device_arg(args.device).type != "cuda"
+    if (args.task == "patch" and merging_row and not (args.model or args.size or args.height or args.width)
+            and args.family in CPU_DEMO_SIDE_FAMILIES):
+        # the default ToMe row shows what merging saves where it saves something: at 256^2 a small
+        # model's 256 image tokens cost less to attend than to merge; at 1024^2 its 4096 do not
+        args.height = args.width = CPU_DEMO_SIDE
     pipe, call, what, device, dtype = _pipeline(args)
     what += f", {args.steps} steps, {dtype}"
     env = B.environment(device)
@@ -211,6 +217,8 @@ def cmd_demo(args) -> int:
 
 DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_CPU_TOME = 0.5  # the ToMe row a demo without a GPU adds (--tome 0 drops it)
+CPU_DEMO_SIDE = 1024  # ... on images of this side, for the image families, unless a size is given
+CPU_DEMO_SIDE_FAMILIES = ("flux", "sd3", "sd15", "sdxl")
 
 
 def _positive(text: str) -> int:
