@@ -282,3 +282,21 @@ def test_the_demo_reports_a_merging_row_with_its_deviation(capsys):
     line = next(x for x in out.splitlines() if x.startswith("fastgen.patch + ToMe 0.5 + ToDo x2: speed-up"))
     assert "deviate by" in line and "relative L2" in line and "merges in UNet2DConditionModel" in line
     assert "unpatch restores bit-identical output: True" in out
+
+
+def test_cuda_graph_capture_runs_unmerged_and_says_so(monkeypatch, sd15_unet):
+    # No GPU here: capture is simulated where fastgen asks for it. The dst maps are drawn on the host,
+    # which a captured graph cannot replay, so ToMe steps aside (ToDo, pure device work, stays).
+    import fastgen.merging.runtime as runtime
+
+    args = _args(9, seed=10)
+    monkeypatch.setattr(runtime, "capturing", lambda: True)
+    for name in ("unet", "flux"):
+        model, inputs = (sd15_unet, None) if name == "unet" else tiny_denoiser("flux")
+        run = (lambda: _run(sd15_unet, args)) if inputs is None else (lambda: model(**inputs).sample)
+        with fastgen.patch(model), torch.no_grad():
+            exact = run()
+        with pytest.warns(UserWarning, match="while a CUDA graph is captured"):
+            with fastgen.patch(model, tome=0.5), torch.no_grad():
+                out = run()
+        assert torch.equal(out, exact)

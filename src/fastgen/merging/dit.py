@@ -215,7 +215,7 @@ class AttentionMerging:
             return args, kwargs
         merging = self.merging
         tome, todo = merging.tome, merging.todo
-        merge_now = self.ratio > 0 and merging.on(tome)
+        merge_now = self.ratio > 0 and merging.on(tome) and merging.can_match()
         todo_now = self.factor > 1 and merging.on(todo)
         if not (merge_now or todo_now):
             return args, kwargs

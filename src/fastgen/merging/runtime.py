@@ -19,6 +19,7 @@ import weakref
 
 import torch
 
+from fastgen._validity import capturing
 from fastgen._warnings import warn_once
 from fastgen.merging.config import ToDoConfig, ToMeConfig
 from fastgen.merging.matching import dst_grid
@@ -71,6 +72,16 @@ class Merging:
             self._last_t = t
         self.size = tuple(int(s) for s in size)
         self._maps.clear()
+
+    def can_match(self) -> bool:
+        """Whether ToMe's matching may run now: not during CUDA-graph capture, where its host-built
+        dst map and index lists cannot be copied to the device (said once; ToDo still applies)."""
+        if capturing():
+            warn_once(f"merging-capture:{self.model_name}",
+                      f"ToMe does not merge in {self.model_name} while a CUDA graph is captured (its dst maps are "
+                      "drawn on the host at every forward): the captured graph runs unmerged attention")
+            return False
+        return True
 
     def _needs_steps(self) -> bool:
         return any(c is not None and c.steps != (0.0, 1.0) for c in (self.tome, self.todo))

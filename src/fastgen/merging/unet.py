@@ -124,7 +124,7 @@ class BlockGrid:
         self.grid = grid
         tome, todo = self.merging.tome, self.merging.todo
         self.downsample = self.factor > 1 and self.merging.on(todo)
-        if self.ratio > 0 and self.merging.on(tome):
+        if self.ratio > 0 and self.merging.on(tome) and self.merging.can_match():
             r = tokens_merged(x.shape[1], self.ratio)
             if r > 0:
                 h, w = grid
