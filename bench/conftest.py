@@ -50,7 +50,8 @@ def _results(config) -> list[core.Result]:
     for suite, baseline in (("attention", is_sdpa), ("prologue", lambda p: p == "torch-unfused"),
                             ("quantize", lambda p: p == "torch-unfused"),
                             ("denoiser", lambda p: p == "diffusers"), ("condition", lambda p: p.startswith("(a)")),
-                            ("edit", lambda p: p.startswith("full generation"))):
+                            ("edit", lambda p: p.startswith("full generation")),
+                            ("merging", lambda p: p == "unpatched")):
         core.add_speedups([r for r in rows if r.suite == suite], baseline)
     return rows
 

@@ -368,6 +368,12 @@ def edit_table(rows: list[Result]) -> list[str]:
 _OWN_TABLES = {"condition": condition_table, "edit": edit_table}
 
 
+def register_table(suite: str, table: Callable[[list[Result]], list[str]]) -> None:
+    """Give ``suite`` a table of its own in ``markdown_table`` (its rows leave the shared table):
+    ``table(rows)`` returns its lines, a blank line and a heading first."""
+    _OWN_TABLES[suite] = table
+
+
 def markdown_table(results: list[Result], env: dict) -> str:
     """The environment line, notes (interpreter, no CUDA), the shared table, then the conditions
     and KV-Edit tables, as markdown."""

@@ -58,8 +58,8 @@ import torch
 import fastgen
 from fastgen import models
 from fastgen._warnings import FastgenFallbackWarning
-from fastgen.benchmarks.core import (PeakMemory, Result, call_ms, free_memory, measured_speedup, run_once,
-                                     speedup_text, synced, time_ms)
+from fastgen.benchmarks.core import (PeakMemory, Result, call_ms, free_memory, measured_speedup, register_table,
+                                     run_once, speedup_text, synced, time_ms)
 
 SUITE = "merging"
 RATIOS = (0.3, 0.5, 0.7)
@@ -68,17 +68,9 @@ ROUNDS = 3
 MATCH_CHANNELS = 320  # SD 1.5's width at level 1
 MATCH_BATCH = 2  # a CFG batch
 
-# The released SD 1.5 UNet (stable-diffusion-v1-5, unet/config.json): diffusers' defaults but for the
-# 768-wide CLIP text embeddings. It belongs beside SDXL_UNET in fastgen.models.
-SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
-                 layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768,
-                 attention_head_dim=8)
-
-
 def sd15(px: int) -> models.DenoiserSpec:
     """SD 1.5's UNet at ``px`` x ``px`` pixels (latent px / 8), CFG batch of 2, 77 text tokens."""
-    return models.DenoiserSpec(f"sd15 {px}px cfg", "UNet2DConditionModel", SD15_UNET,
+    return models.DenoiserSpec(f"sd15 {px}px cfg", "UNet2DConditionModel", models.SD15_UNET,
                                models.unet_inputs(2, px // 8, 4, 77, 768, False))
 
 
@@ -518,3 +510,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+register_table(SUITE, merging_table)  # fastgen bench / bench/ tables show this suite's own columns

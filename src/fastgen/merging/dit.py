@@ -70,9 +70,8 @@ import torch
 from fastgen._validity import capturing, tensor_key
 from fastgen._warnings import warn_once
 from fastgen.merging.matching import Matching, bipartite_match, merge, unmerge
-from fastgen.merging.runtime import Merging, tokens_merged
+from fastgen.merging.runtime import REDUCTION, Merging, tokens_merged
 from fastgen.merging.unet import downsample_tokens
-from fastgen.patching.core import REDUCTION, heads_view
 
 Grid = tuple[int, int, int]  # (frames, rows, columns) of image / video tokens
 
@@ -264,18 +263,23 @@ class GridReduction:
     def queries(self, q: torch.Tensor) -> torch.Tensor:
         if self.matching is None:
             return q
-        return heads_view(merge(_tokens(q), self.matching), q.shape[-1])
+        return _heads(merge(_tokens(q), self.matching), q.shape[-1])
 
     def keys_values(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.factor > 1:
-            return tuple(heads_view(downsample_grid(_tokens(t), self.grid, self.factor, self.method), t.shape[-1])
+            return tuple(_heads(downsample_grid(_tokens(t), self.grid, self.factor, self.method), t.shape[-1])
                          for t in (k, v))
         if self.matching is None:
             return k, v
-        return tuple(heads_view(merge(_tokens(t), self.matching), t.shape[-1]) for t in (k, v))
+        return tuple(_heads(merge(_tokens(t), self.matching), t.shape[-1]) for t in (k, v))
 
     def output(self, out: torch.Tensor) -> torch.Tensor:
         return out if self.matching is None else unmerge(out, self.matching)
+
+
+def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    # (B, S, H*D) -> (B, H, S, D), a view: ``_tokens``' inverse
+    return x.unflatten(-1, (-1, head_dim)).transpose(1, 2)
 
 
 def _tokens(x: torch.Tensor) -> torch.Tensor:

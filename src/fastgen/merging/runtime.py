@@ -24,6 +24,12 @@ from fastgen._warnings import warn_once
 from fastgen.merging.config import ToDoConfig, ToMeConfig
 from fastgen.merging.matching import dst_grid
 
+# Where an attention module holds (PatchState, Reduction) of its current call: set by that patch's
+# forward pre-hook on the module (``fastgen.merging.dit``), removed by its post-hook, read by the
+# processor (``fastgen.patching.core.reduction_of``). The patch is kept with it so that a reduction
+# left behind by a forward that raised is never read by another patch's processor.
+REDUCTION = "_fastgen_reduction"
+
 _MIX = 0x9E3779B97F4A7C15  # splits (seed, forward) into well-separated generator seeds
 
 

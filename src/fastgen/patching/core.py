@@ -24,6 +24,7 @@ import fastgen.ops as ops
 from fastgen._hooks import places_own_weights
 from fastgen._warnings import warn_once
 from fastgen.kernels.qk_norm_rope import empty_like_bshd
+from fastgen.merging.runtime import REDUCTION
 from fastgen.patching.config import PatchConfig
 
 # The prologue's modes (``fastgen.ops.qk_norm_rope``'s ``norm`` and ``rope``), named once for the
@@ -121,12 +122,6 @@ class Reduction(Protocol):
 
     def output(self, out: torch.Tensor) -> torch.Tensor:
         """(B, S', H*D) attention output of the queries -> (B, S, H*D), one row per original token."""
-
-
-# Where an attention module holds (PatchState, Reduction) of its current call: set by that patch's
-# forward pre-hook on the module, removed by its post-hook. The patch is kept with it so that a
-# reduction left behind by a forward that raised is never read by another patch's processor.
-REDUCTION = "_fastgen_reduction"
 
 
 def reduction_of(attn, state) -> Reduction | None:
