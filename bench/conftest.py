@@ -40,6 +40,13 @@ def _results(config) -> list[core.Result]:
             rows.append(core.Result("edit", info["case"], info["provider"], ms, max_diff=info.get("max_diff"),
                                     peak_mb=info.get("peak_mb"), extra=extra))
             continue
+        if info["suite"] == "merging":  # its own table (benchmarks.merging.merging_table): rounds and deviation
+            rows.append(core.Result("merging", info["case"], info["provider"], ms, max_diff=info.get("max_diff"),
+                                    peak_mb=info.get("peak_mb"), extra={
+                                        "kind": "matching" if info["case"].startswith("matching") else "step",
+                                        "round_ms": [t * 1e3 for t in bench.stats.data],
+                                        "rel_l2": info.get("rel_l2"), "merging": info.get("merging", "")}))
+            continue
         rows.append(core.Result(
             info["suite"], info["case"], info["provider"], ms,
             tflops=info["flops"] / ms / 1e9 if "flops" in info else None,
@@ -51,8 +58,14 @@ def _results(config) -> list[core.Result]:
                             ("quantize", lambda p: p == "torch-unfused"),
                             ("denoiser", lambda p: p == "diffusers"), ("condition", lambda p: p.startswith("(a)")),
                             ("edit", lambda p: p.startswith("full generation")),
-                            ("merging", lambda p: p == "unpatched")):
+                            ("merging", lambda p: p == "unpatched" or (p.startswith("tomesd") and "match" in p))):
         core.add_speedups([r for r in rows if r.suite == suite], baseline)
+    for r in rows:  # a speed-up counts as measured only where the rounds' ranges are apart
+        if r.suite == "merging":
+            base = next((b for b in rows if b.suite == "merging" and b.case == r.case
+                         and (b.provider == "unpatched" or b.provider.startswith("tomesd") and "match" in b.provider)), None)
+            r.extra["measured_speedup"] = (core.measured_speedup(base.extra["round_ms"], r.extra["round_ms"])
+                                           if base is not None else None)
     return rows
 
 

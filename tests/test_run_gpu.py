@@ -40,6 +40,19 @@ def _run(out, *args, **env):
                           timeout=300)
 
 
+@pytest.mark.slow
+def test_merging_phase_dry_run(tmp_path):
+    proc = _run(tmp_path / "out", "merging", "--dry-run")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert len(files) <= 8, files
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    for stage in ("mtests", "merging"):
+        assert re.search(rf"^\| {stage} \| ok \| \d+ \|$", summary, re.M), summary
+    assert "Token merging: ms per denoising step" in summary and "| fastgen ToMe 0.5 |" in summary
+    assert "Matching: fastgen bipartite_match vs tomesd" in summary
+
+
 def test_a_stage_cut_at_its_limit_still_leaves_a_summary_that_says_so(tmp_path):
     proc = _run(tmp_path / "out", "demo", "--dry-run", RUN_GPU_LIMIT_demo="1")
     assert proc.returncode == 1, proc.stdout[-3000:]

@@ -475,6 +475,9 @@ def merging_table(rows: list[Result]) -> list[str]:
     return lines
 
 
+register_table(SUITE, merging_table)  # fastgen bench / bench/ tables show this suite's own columns
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m fastgen.benchmarks.merging``: run the suite, print its tables, save with --out."""
     import argparse
@@ -511,5 +514,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     raise SystemExit(main())
 
-
-register_table(SUITE, merging_table)  # fastgen bench / bench/ tables show this suite's own columns
