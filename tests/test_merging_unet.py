@@ -310,3 +310,112 @@ def test_merging_under_torch_compile_equals_eager(name):
         eager = model(**inputs).sample
         compiled = torch.compile(model, backend="aot_eager")(**inputs).sample
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-6)
+
+
+def test_steps_follow_the_schedulers_own_steps_with_heun():
+    # Heun repeats each timestep (two scheduler steps per timestep but the last): the schedule
+    # counts the scheduler's steps, so (0.5, 1) merges in the second half and (0, 0.5) in the first
+    from diffusers import HeunDiscreteScheduler
+
+    pipe, call = build_pipeline("sd15", "tiny")
+    pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    call = dict(call, num_inference_steps=4, output_type="latent")
+    seen = []
+
+    def run(tome=None):
+        with fastgen.patch(pipe, tome=tome) as handle, torch.no_grad():
+            mp = handle.state.model_patches[0]
+            if mp.merging is not None:
+                on = mp.merging.on
+                mp.merging.on = lambda config: seen.append(on(config)) or seen[-1]
+            return pipe(**call, generator=torch.Generator().manual_seed(0)).images
+
+    exact = run()
+    late, early = run(ToMeConfig(0.5, steps=(0.5, 1.0))), None
+    late_seen, seen[:] = list(seen), []
+    early = run(ToMeConfig(0.5, steps=(0.0, 0.5)))
+    n = len(pipe.scheduler.timesteps)
+    assert n == 7 and len(late_seen) // 4 == n  # 4 merging blocks ask at each of the 7 forwards
+    per_forward = [late_seen[i * 4] for i in range(n)]
+    assert per_forward == [i / n >= 0.5 for i in range(n)]
+    assert [seen[i * 4] for i in range(n)] == [i / n < 0.5 for i in range(n)]
+    assert not torch.equal(late, exact) and not torch.equal(early, exact)
+
+
+def test_cells_that_do_not_fit_skip_with_a_warning_instead_of_failing():
+    pipe, call = build_pipeline("sd15", "tiny")
+    call = dict(call, num_inference_steps=2, output_type="latent")
+    with torch.no_grad():
+        plain = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+        with pytest.warns(UserWarning, match="sf=2 applies to video"):
+            with fastgen.patch(pipe, tome=ToMeConfig(0.5, sf=2)):  # images: 2-D cells
+                video_cells = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+        with fastgen.patch(pipe, tome=ToMeConfig(0.5)):
+            flat = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+        assert torch.equal(video_cells, flat)
+        with pytest.warns(UserWarning, match=r"cell does not fit"):
+            with fastgen.patch(pipe, tome=ToMeConfig(0.9, sx=16, sy=16)):  # larger than the 4 x 4 grid
+                big = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(big, plain)
+
+
+def test_merge_mlp_follows_diffusers_feed_forward_chunking():
+    unet, inputs = tiny_denoiser("unet")
+    args = (inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"])
+    config = ToMeConfig(0.5, use_rand=False, merge_mlp=True)
+    with fastgen.patch(unet, tome=config):
+        ref = _run(unet, args)
+    blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    for b in blocks:
+        b.set_chunk_feed_forward(1, 0)  # along the batch: each chunk merges with its own matching
+    with fastgen.patch(unet, tome=config):
+        torch.testing.assert_close(_run(unet, args), ref, rtol=0, atol=1e-5)
+    for b in blocks:
+        b.set_chunk_feed_forward(2, 1)  # along the tokens: the feed-forward runs unmerged, said once
+    with pytest.warns(UserWarning, match="chunked along the tokens"):
+        with fastgen.patch(unet, tome=config):
+            out = _run(unet, args)
+    with fastgen.patch(unet, tome=ToMeConfig(0.5, use_rand=False)):
+        torch.testing.assert_close(out, _run(unet, args), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["unet", "flux"])
+def test_a_merging_model_pickles_and_its_copy_merges_alike(name):
+    import pickle
+
+    model, inputs = tiny_denoiser(name)
+    with torch.no_grad(), fastgen.patch(model, tome=ToMeConfig(0.5, seed=3), todo=2):
+        out = model(**inputs).sample
+        copy = pickle.loads(pickle.dumps(model))
+        assert torch.equal(copy(**inputs).sample, out)
+    fastgen.unpatch(copy)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in copy.modules())
+
+
+def test_bad_merging_options_are_value_errors():
+    import numpy as np
+
+    for bad in (dict(level_ratios=(1, 0.5)), dict(level_ratios=[1, 2]), dict(steps="01"), dict(max_downsample=1.0),
+                dict(steps=(True, 1.0)), dict(seed=1.5)):
+        with pytest.raises(ValueError):
+            ToMeConfig(0.5, **bad)
+    with pytest.raises(ValueError):
+        ToDoConfig(2, max_downsample=2.0)
+    assert fastgen.PatchConfig(tome=np.float32(0.5)).tome.ratio == 0.5
+    assert fastgen.PatchConfig(todo=np.int64(2)).todo.factor == 2
+    assert fastgen.PatchConfig(todo=0).todo is None and fastgen.PatchConfig(todo=1).todo is None
+
+
+def test_level_ratios_alone_that_merge_nothing_warn():
+    unet = _unet(level1_attention=False)  # attention at level 2 only
+    with pytest.warns(UserWarning, match="merges nothing"):
+        fastgen.patch(unet, tome=ToMeConfig(0.0, level_ratios={1: 0.3})).remove()
+
+
+@pytest.mark.parametrize("arg", ["--tome=1.5", "--tome=nan", "--tome=abc", "--todo=2.5"])
+def test_demo_refuses_bad_merging_arguments_as_usage_errors(arg, capsys):
+    from fastgen.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["demo", arg])
+    assert e.value.code == 2 and "--to" in capsys.readouterr().err

@@ -221,6 +221,32 @@ CPU_DEMO_SIDE = 1024  # ... on images of this side, for the image families, unle
 CPU_DEMO_SIDE_FAMILIES = ("flux", "sd3", "sd15", "sdxl")
 
 
+def _tome_ratio(text: str) -> float:
+    # checked as fastgen.ToMeConfig checks it, so a bad ratio is a usage error, not a traceback
+    from fastgen.merging import ToMeConfig
+
+    try:
+        ratio = float(text)
+        if ratio != 0:
+            ToMeConfig(ratio)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e) if "ratio" in str(e) else f"not a ratio: {text!r}") from None
+    return ratio
+
+
+def _todo_factor(text: str) -> int:
+    from fastgen.merging import ToDoConfig
+
+    try:
+        factor = int(text)
+        if factor in (0, 1):
+            return 0  # no downsampling, as todo=0 / 1 in fastgen.patch
+        ToDoConfig(factor)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e) if "factor" in str(e) else f"not an integer factor: {text!r}") from None
+    return factor
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -265,9 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--repeats", type=int, default=3, help="timed runs of each (median)")
     d.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
     d.add_argument("--no-fuse-prologue", action="store_true")
-    d.add_argument("--tome", type=float, help="also run token merging at this ratio (approximate; its deviation is "
+    d.add_argument("--tome", type=_tome_ratio, help="also run token merging at this ratio (approximate; its deviation is "
                    f"reported). Default: {DEFAULT_CPU_TOME} without a GPU, off on a GPU; 0 turns it off")
-    d.add_argument("--todo", type=int, help="also run token downsampling of self-attention K/V by this factor "
+    d.add_argument("--todo", type=_todo_factor, help="also run token downsampling of self-attention K/V by this factor "
                    "(approximate; with --tome, both in one row)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_demo)

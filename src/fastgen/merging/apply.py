@@ -23,7 +23,7 @@ def merging_places(model, arch, state) -> tuple[Merging | None, list[tuple]]:
         places = dit_places(model, arch, merging)
     else:
         places = []
-    asked = (config.tome is not None and config.tome.ratio > 0) or config.todo is not None
+    asked = (config.tome is not None and config.tome.merges) or config.todo is not None
     if asked and not merging.rows:
         warn_once(f"merging-none:{type(model).__name__}:{config.tome}:{config.todo}",
                   f"fastgen.patch: tome={config.tome} todo={config.todo} merges nothing in {type(model).__name__}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 from fastgen._config import validated
@@ -66,13 +67,24 @@ class ToMeConfig:
             raise ValueError(f"seed must be None or an integer, got {self.seed!r}")
         object.__setattr__(self, "steps", _check_steps(self.steps))
         if self.level_ratios is not None:
-            items = dict(self.level_ratios).items() if isinstance(self.level_ratios, (dict, tuple, list)) else None
+            try:
+                items = dict(self.level_ratios).items() if isinstance(self.level_ratios, (dict, tuple, list)) else None
+            except (TypeError, ValueError):
+                items = None
             if items is None:
                 raise ValueError(f"level_ratios must be a dict {{level: ratio}}, got {self.level_ratios!r}")
             for level, ratio in items:
                 _check_level(level)
                 _check_ratio(ratio, self.sx * self.sy * self.sf, f"level_ratios[{level}]")
             object.__setattr__(self, "level_ratios", tuple(sorted((int(k), float(v)) for k, v in items)))
+        object.__setattr__(self, "ratio", float(self.ratio))
+        if self.max_downsample is not None:
+            object.__setattr__(self, "max_downsample", int(self.max_downsample))
+
+    @property
+    def merges(self) -> bool:
+        """Whether any level merges at a ratio above 0."""
+        return self.ratio > 0 or any(r > 0 for _, r in self.level_ratios or ())
 
     def ratio_at(self, level: int, first: int = 1) -> float:
         """The ratio blocks of ``level`` merge at (0 where they do not merge, see ``max_downsample``);
@@ -86,11 +98,11 @@ class ToMeConfig:
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy integers too
 
 
 def _check_ratio(ratio, cell: int, name: str) -> None:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 <= float(ratio) < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {ratio!r}")
     limit = 1.0 - 1.0 / cell
     if ratio > limit:
@@ -101,13 +113,16 @@ def _check_ratio(ratio, cell: int, name: str) -> None:
 def _check_level(level, none_ok: bool = False) -> None:
     if level is None and none_ok:
         return
-    if level not in (1, 2, 4, 8) or isinstance(level, bool):
+    if not _is_int(level) or level not in (1, 2, 4, 8):
         raise ValueError(f"max_downsample and levels must be 1, 2, 4 or 8{' (or None)' if none_ok else ''}, "
                          f"got {level!r}")
 
 
 def _check_steps(steps) -> tuple[float, float]:
     try:
+        if isinstance(steps, (str, bytes)) or any(isinstance(s, bool) or not isinstance(s, numbers.Real)
+                                                  for s in steps):
+            raise TypeError
         start, stop = (float(s) for s in steps)
     except (TypeError, ValueError):
         raise ValueError(f"steps must be a (start, stop) pair of fractions, got {steps!r}") from None
@@ -144,9 +159,12 @@ class ToDoConfig:
     def __post_init__(self):
         if not _is_int(self.factor) or self.factor < 2:
             raise ValueError(f"factor must be an integer of at least 2, got {self.factor!r}")
+        object.__setattr__(self, "factor", int(self.factor))
         if self.method not in TODO_METHODS:
             raise ValueError(f"method must be one of {TODO_METHODS}, got {self.method!r}")
         _check_level(self.max_downsample, none_ok=True)
+        if self.max_downsample is not None:
+            object.__setattr__(self, "max_downsample", int(self.max_downsample))
         object.__setattr__(self, "steps", _check_steps(self.steps))
 
     def factor_at(self, level: int, first: int = 1) -> int:

@@ -131,6 +131,9 @@ class TokenGrid:
         self.names = list(inspect.signature(type(model).forward).parameters)[1:]
         self._ids: tuple | None = None  # (weakref to img_ids, its tensor_key, grid): read once per tensor
 
+    def __getstate__(self):  # pickled with its model: the ids read last time are not part of it
+        return dict(self.__dict__, _ids=None)
+
     def arg(self, args, kwargs, name: str):
         if name in kwargs:
             return kwargs[name]
@@ -226,10 +229,11 @@ class AttentionMerging:
             return args, kwargs
         start, stop = x.shape[1] - n, x.shape[1]
         matching = None
-        if merge_now and _cell_fits(tome, grid, self.path):
+        cells = merging.cells(grid, self.path) if merge_now else None
+        if cells is not None:
             r = tokens_merged(n, self.ratio)
             if r > 0:
-                mask = merging.dst_mask(grid)  # on the CPU: no device sync
+                mask = merging.dst_mask(grid, cells=cells)  # on the CPU: no device sync
                 matching = bipartite_match(x[:, start:stop], F * H, W, tome.sx, tome.sy, r, dst_mask=mask)
         if matching is not None or todo_now:
             reduction = GridReduction(start, stop, grid, matching, self.factor if todo_now else 1,
@@ -240,16 +244,6 @@ class AttentionMerging:
     def post(self, module, args, output):
         module.__dict__.pop(REDUCTION, None)  # no tensor of this call outlives it
         return output
-
-
-def _cell_fits(tome, grid: Grid, path: str) -> bool:
-    F, H, W = grid
-    if tome.sf <= F and tome.sy <= H and tome.sx <= W:
-        return True
-    warn_once(f"merging-dit-cell:{path}:{grid}",
-              f"token merging skips {path}: a ({tome.sf}, {tome.sy}, {tome.sx}) cell does not fit its "
-              f"{F} x {H} x {W} token grid")
-    return False
 
 
 class GridReduction:

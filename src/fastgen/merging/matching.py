@@ -27,6 +27,7 @@ matchings may differ from tomesd's where its rounding makes ties; fp32 ones equa
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,14 @@ class Matching:
     @property
     def tokens_out(self) -> int:
         return self.n - self.r
+
+    def batch(self, start: int, stop: int) -> Matching:
+        """The matching of batch elements [start, stop) (a batch-1 matching serves any: itself)."""
+        if self.row_of.shape[0] == 1:
+            return self
+        cut = {name: getattr(self, name)[start:stop] for name in
+               ("unmerged", "merged", "into", "row_of", "members", "offsets")}
+        return dataclasses.replace(self, **cut)
 
 
 def dst_grid(h: int, w: int, sx: int, sy: int, *, use_rand: bool = True, generator: torch.Generator | None = None,

@@ -15,8 +15,6 @@ every forward is the first one.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from fastgen._validity import capturing
@@ -45,8 +43,9 @@ class Merging:
     def __init__(self, model, tome: ToMeConfig | None, todo: ToDoConfig | None, state):
         self.model_name = type(model).__name__
         self.tome, self.todo = tome, todo
-        self.cache = state.kv_cache
-        self._state = weakref.ref(state)
+        # held strongly, as the model's patch holds it: pickled and deep-copied with the model, and
+        # its step cache (PatchState gives a copy a fresh one) read through it, never kept apart
+        self.state = state
         self.size: tuple[int, ...] | None = None
         self.rows: list[tuple[str, int, str]] = []
         self.first_level = 1
@@ -58,8 +57,12 @@ class Merging:
 
     @property
     def patch_state(self):
-        """The ``PatchState`` of the patch this merging belongs to (None once it is gone)."""
-        return self._state()
+        """The ``PatchState`` of the patch this merging belongs to."""
+        return self.state
+
+    @property
+    def cache(self):
+        return self.state.kv_cache
 
     # --- per forward ---------------------------------------------------------------------------
 
@@ -99,19 +102,52 @@ class Merging:
         start, stop = config.steps
         if (start, stop) == (0.0, 1.0):
             return True
-        total = self._total_steps()
-        if total is None:
+        position = self._position()
+        if position is None:
             warn_once(f"merging-steps:{self.model_name}",
                       f"{type(config).__name__}.steps={config.steps} needs the number of denoising steps, which only "
                       "a patched pipeline's call gives: merging at every step of this call")
             return True
-        return start <= self._step / total < stop
+        step, total = position
+        return start <= step / total < stop
 
-    def _total_steps(self) -> int | None:
-        state = self._state()
-        pipe = state.pipeline if state is not None and self.cache.open else None
-        total = getattr(pipe, "_num_timesteps", None) if pipe is not None else None
-        return int(total) if isinstance(total, int) and total > 0 else None
+    def _position(self) -> tuple[int, int] | None:
+        """(scheduler steps taken, scheduler steps in all) of the running pipeline call, or None.
+
+        The scheduler's own ``step_index`` over its ``timesteps`` where it keeps one (Euler, Heun,
+        DPM-Solver, flow matching: Heun's repeated timesteps count as the steps they are); else the
+        timesteps seen change by change over the pipeline's ``_num_timesteps``."""
+        pipe = self.state.pipeline if self.cache.open else None
+        if pipe is None:
+            return None
+        scheduler = getattr(pipe, "scheduler", None)
+        timesteps = getattr(scheduler, "timesteps", None)
+        if hasattr(scheduler, "step_index") and timesteps is not None and len(timesteps) > 0:
+            return int(scheduler.step_index or 0), len(timesteps)
+        total = getattr(pipe, "_num_timesteps", None)
+        return (self._step, int(total)) if isinstance(total, int) and total > 0 else None
+
+    def cells(self, grid: tuple[int, int, int], where: str) -> tuple[int, int, int] | None:
+        """``ToMeConfig``'s (sf, sy, sx) cell for an (F, H, W) grid, or None where it does not fit
+        (said once per model and grid: nothing merges there). Frames per cell beyond the grid's
+        (``sf`` on images) count as 1, said once."""
+        tome = self.tome
+        F, H, W = grid
+        sf = tome.sf
+        if sf > F:
+            if F == 1:
+                warn_once(f"merging-sf:{self.model_name}",
+                          f"ToMeConfig.sf={sf} applies to video: {self.model_name}'s image tokens merge in 2-D cells")
+            else:
+                warn_once(f"merging-sf:{self.model_name}:{F}",
+                          f"ToMeConfig.sf={sf} is more than the {F} frames of {self.model_name}'s grid: cells of {F} frames")
+            sf = F
+        if tome.sy > H or tome.sx > W:
+            warn_once(f"merging-cell:{self.model_name}:{grid}",
+                      f"token merging skips {where} of {self.model_name}: a ({tome.sy}, {tome.sx}) cell does not fit "
+                      f"its {F} x {H} x {W} token grid")
+            return None
+        return sf, tome.sy, tome.sx
 
     # --- dst maps ------------------------------------------------------------------------------
 
@@ -123,19 +159,22 @@ class Merging:
             gen = gen[0] if gen else None
         return int(gen.initial_seed()) if isinstance(gen, torch.Generator) else 0
 
-    def dst_mask(self, grid: tuple[int, int, int], device: torch.device | None = None) -> torch.Tensor:
+    def dst_mask(self, grid: tuple[int, int, int], device: torch.device | None = None,
+                 cells: tuple[int, int, int] | None = None) -> torch.Tensor:
         """(F * H, W) bool dst mask of a (F, H, W) token grid for the current forward (F = 1 for
-        images), with ``ToMeConfig``'s cells; the same tensor for every block of that grid. Kept on
+        images), with ``cells`` (sf, sy, sx) (default ``ToMeConfig``'s, see ``cells``); the same tensor
+        for every block of that grid. Kept on
         the CPU whatever the model's device: the matching reads its layout on the host, which a
         device mask would cost a synchronisation (``device`` is accepted and ignored)."""
         tome = self.tome
-        key = grid
+        cells = cells or (tome.sf, tome.sy, tome.sx)
+        key = (grid, cells)
         mask = self._maps.get(key)
         if mask is None:
             gen = None
             if tome.use_rand:
                 gen = torch.Generator().manual_seed((self.seed() * _MIX + self._forward) % (1 << 63))
-            mask = dst_grid_3d(*grid, tome.sf, tome.sy, tome.sx, use_rand=tome.use_rand, generator=gen, device="cpu")
+            mask = dst_grid_3d(*grid, *cells, use_rand=tome.use_rand, generator=gen, device="cpu")
             self._maps[key] = mask
         return mask
 

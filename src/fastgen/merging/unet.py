@@ -111,9 +111,11 @@ class BlockGrid:
         self.grid: tuple[int, int] | None = None
         self.matching: Matching | None = None
         self.downsample = False
+        self.module = None  # the block, during its forward
+        self.ff_calls = 0  # its feed-forward's calls in this forward (diffusers' batch chunking calls it per chunk)
 
     def pre(self, module, args, kwargs):
-        self.grid, self.matching, self.downsample = None, None, False
+        self.grid, self.matching, self.downsample, self.module, self.ff_calls = None, None, False, module, 0
         x = args[0] if args else kwargs.get("hidden_states")
         size = self.merging.size
         if size is None or not torch.is_tensor(x) or x.dim() != 3:
@@ -125,15 +127,16 @@ class BlockGrid:
         tome, todo = self.merging.tome, self.merging.todo
         self.downsample = self.factor > 1 and self.merging.on(todo)
         if self.ratio > 0 and self.merging.on(tome) and self.merging.can_match():
+            h, w = grid
+            cells = self.merging.cells((1, h, w), self.path)
             r = tokens_merged(x.shape[1], self.ratio)
-            if r > 0:
-                h, w = grid
-                mask = self.merging.dst_mask((1, h, w), x.device)
+            if r > 0 and cells is not None:
+                mask = self.merging.dst_mask((1, h, w), cells=cells)  # on the CPU: no device sync
                 self.matching = bipartite_match(x, h, w, tome.sx, tome.sy, r, dst_mask=mask)
         return args, kwargs
 
     def post(self, module, args, output):
-        self.matching = None  # no tensor of this call outlives it
+        self.matching, self.module = None, None  # no tensor of this call outlives it
         return output
 
     def _grid(self, size: tuple[int, ...], n: int) -> tuple[int, int] | None:
@@ -161,17 +164,39 @@ class MergedPart:
     def pre(self, module, args, kwargs):
         self._active = None
         block = self.block
-        if not args or not torch.is_tensor(args[0]) or kwargs.get("attention_mask") is not None:
+        if not args or not torch.is_tensor(args[0]):
+            return args, kwargs
+        if kwargs.get("attention_mask") is not None:
+            if block.matching is not None or (self.todo and block.downsample):
+                warn_once(f"merging-mask:{block.merging.model_name}",
+                          f"token merging leaves the attentions of {block.merging.model_name} that get an attention "
+                          "mask unmerged (a mask over all tokens cannot follow them)")
             return args, kwargs
         x = args[0]
         if self.todo and block.downsample and kwargs.get("encoder_hidden_states") is None:
             kwargs = dict(kwargs, encoder_hidden_states=downsample_tokens(x, block.grid, block.factor,
                                                                            block.merging.todo.method))
         m = block.matching if self.merge else None
+        chunk = getattr(block.module, "_chunk_size", None)
+        if m is not None and chunk is not None and module is getattr(block.module, "ff", None):
+            m = self._chunk(m, block, chunk)
         if m is not None and x.shape[1] == m.n:
             self._active = m
             args = (merge(x, m), *args[1:])
         return args, kwargs
+
+    def _chunk(self, m: Matching, block: BlockGrid, chunk: int) -> Matching | None:
+        # diffusers' feed-forward chunking (set_chunk_feed_forward) calls ``ff`` once per chunk: along
+        # the batch, each chunk merges with its own elements' matching; along the tokens no chunk
+        # holds the tokens a merge needs, so the feed-forward runs unmerged (said once)
+        if getattr(block.module, "_chunk_dim", 0) == 0:
+            k = block.ff_calls
+            block.ff_calls += 1
+            return m.batch(k * chunk, (k + 1) * chunk)
+        warn_once(f"merging-ff-chunk:{block.merging.model_name}",
+                  f"merge_mlp leaves the feed-forwards of {block.merging.model_name} chunked along the tokens "
+                  "(set_chunk_feed_forward(dim=1)) unmerged; chunk along the batch (dim=0) to merge them")
+        return None
 
     def post(self, module, args, output):
         m, self._active = self._active, None

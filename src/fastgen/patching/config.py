@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 from fastgen._config import build_config, validated
@@ -33,7 +34,7 @@ class PatchConfig:
         tome: token merging (approximate, off by default): None, a ratio (``tome=0.5`` is
             ``fastgen.ToMeConfig(0.5)``; 0 is None) or a ``fastgen.ToMeConfig``.
         todo: token downsampling of self-attention K/V (approximate, off by default): None, a factor
-            (``todo=2`` is ``fastgen.ToDoConfig(2)``) or a ``fastgen.ToDoConfig``.
+            (``todo=2`` is ``fastgen.ToDoConfig(2)``; 0 and 1 are None) or a ``fastgen.ToDoConfig``.
     """
 
     attention_backend: str = "auto"
@@ -48,13 +49,13 @@ class PatchConfig:
     def __post_init__(self):
         tome, todo = self.tome, self.todo
         if tome is not None and not isinstance(tome, ToMeConfig):
-            if isinstance(tome, bool) or not isinstance(tome, (int, float)):
+            if isinstance(tome, bool) or not isinstance(tome, numbers.Real):
                 raise ValueError(f"tome must be None, a ratio or a fastgen.ToMeConfig, got {tome!r}")
             tome = ToMeConfig(float(tome)) if tome != 0 else None
         if todo is not None and not isinstance(todo, ToDoConfig):
-            if isinstance(todo, bool) or not isinstance(todo, int):
+            if isinstance(todo, bool) or not isinstance(todo, numbers.Integral):
                 raise ValueError(f"todo must be None, an integer factor or a fastgen.ToDoConfig, got {todo!r}")
-            todo = ToDoConfig(todo)
+            todo = ToDoConfig(int(todo)) if todo not in (0, 1) else None  # as tome=0: no downsampling
         object.__setattr__(self, "tome", tome)
         object.__setattr__(self, "todo", todo)
         if self.attention_backend not in ATTENTION_BACKENDS:
