@@ -35,9 +35,11 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from fastgen.kernels import attention as A  # noqa: E402
 from fastgen.kernels import fp8 as Q  # noqa: E402
+from fastgen.kernels import merging as MK  # noqa: E402
 from fastgen.kernels import qk_norm_rope as P  # noqa: E402
 
-_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float8_e4m3fn: "fp8e4nv"}
+_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float8_e4m3fn: "fp8e4nv",
+       torch.int32: "i32", torch.int64: "i64"}
 
 
 @dataclass
@@ -161,6 +163,32 @@ def record_quantize(B=1, H=24, N=1024, D=128, dtype=torch.bfloat16) -> _Recorder
     return rec
 
 
+def _recorded(module, name: str, launch) -> _Recorder:
+    # the launch of module.<name> that ``launch()`` makes, recorded instead of run
+    real = getattr(module, name)
+    rec = _Recorder(real)
+    setattr(module, name, rec)
+    try:
+        launch()
+    finally:
+        setattr(module, name, real)
+    return rec
+
+
+def record_merging(B=2, N=4096, C=320, dtype=torch.bfloat16) -> dict[str, _Recorder]:
+    """The token-merging launches (kernels/merging.py) at SD 1.5's level-1 size: matching of N/4 dst
+    against 3N/4 src, merge to N/2 rows, unmerge with and without the residual add."""
+    x = torch.empty(B, N, C, dtype=dtype)
+    src, dst = torch.arange(N // 4, N), torch.arange(N // 4)
+    members, row_of = torch.zeros(B, N, dtype=torch.int32), torch.zeros(B, N, dtype=torch.int32)
+    offsets = torch.zeros(B, N // 2 + 1, dtype=torch.int32)
+    y = torch.empty(B, N // 2, C, dtype=dtype)
+    return {"match": _recorded(MK, "_match_kernel", lambda: MK.match_fwd(x, src, dst)),
+            "merge": _recorded(MK, "_merge_kernel", lambda: MK.merge_fwd(x, members, offsets)),
+            "unmerge": _recorded(MK, "_unmerge_kernel", lambda: MK.unmerge_fwd(y, row_of)),
+            "unmerge+residual": _recorded(MK, "_unmerge_kernel", lambda: MK.unmerge_fwd(y, row_of, x))}
+
+
 def attention_configs() -> list[tuple[dict, int, int]]:
     return [({"BLOCK_M": c.kwargs["BLOCK_M"], "BLOCK_N": c.kwargs["BLOCK_N"]}, c.num_warps, c.num_stages)
             for c in A._gpu_configs()]
@@ -210,6 +238,14 @@ def run(targets=(90, 80), fixed_only=False) -> list[Report]:
             rec = record_prologue(**kw)
             w = rec.kwargs.get("num_warps", 4)
             reports.append(compile_recorded("qk_norm_rope", vname, rec, cc, w, 1, force))
+        for dtype, tag in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+            for op, rec in record_merging(dtype=dtype).items():
+                name = "tome_" + op.split("+")[0]
+                reports.append(compile_recorded(name, f"{tag} N4096 C320" + (" +res" if "+" in op else ""), rec, cc, 4,
+                                                1, {}))
+                if dtype == torch.bfloat16:
+                    reports.append(compile_recorded(name, f"{tag} N4096 C320 int64" + (" +res" if "+" in op else ""),
+                                                    rec, cc, 4, 1, {"INT64": True}))
         if cc >= 89:
             rec = record_quantize()
             reports.append(compile_recorded("quantize_fp8", "bf16 D128 H24", rec, cc, 4, 1, {}))

@@ -63,6 +63,19 @@ def test_fp8_kernels_compile_for_sm90(reports):
         assert r["stack"] == 0
 
 
+def test_token_merging_kernels_compile_for_sm90_and_sm80(reports):
+    # the matching's similarity tiles run on the tensor cores (wgmma on Hopper, mma on Ampere);
+    # merge and unmerge are gathers: no spills anywhere, fp32 included
+    for target in ("sm_90", "sm_80"):
+        for kernel in ("tome_match", "tome_merge", "tome_unmerge"):
+            rows = _pick(reports, kernel, target, low_precision=False)
+            assert len(rows) >= 3, rows
+            for r in rows:
+                assert r["stack"] <= (8 if target == "sm_80" else 0), f"{kernel} {r['variant']} on {target} spills"
+    low = _pick(reports, "tome_match", "sm_90") + _pick(reports, "tome_match", "sm_80")
+    assert all(r["wgmma"] if r["target"] == "sm_90" else r["mma_sync"] for r in low), low
+
+
 # (dtype, D, fp8 segment): bf16 is wrong under the interpreter, so a CPU checks the same tilings in fp16
 CONFIG_CASES = [(torch.bfloat16, 128, False), (torch.float16, 80, False), (torch.bfloat16, 256, False),
                 (torch.bfloat16, 128, True)]
