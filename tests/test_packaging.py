@@ -46,7 +46,9 @@ def test_wheel_contains_library_and_kernels(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in ("fastgen/__init__.py", "fastgen/ops/attention.py", "fastgen/kernels/attention.py",
                    "fastgen/kernels/qk_norm_rope.py", "fastgen/cli.py", "fastgen/models.py",
-                   "fastgen/benchmarks/__init__.py", "fastgen/benchmarks/core.py", "fastgen/benchmarks/edit.py"):
+                   "fastgen/benchmarks/__init__.py", "fastgen/benchmarks/core.py", "fastgen/benchmarks/edit.py",
+                   "fastgen/kernels/merging.py", "fastgen/merging/dit.py", "fastgen/export/operators.py",
+                   "fastgen/export/tensorrt_operators.json"):
         assert needed in names, f"{needed} missing from {wheel.name}"
     meta = next(n for n in names if n.endswith("METADATA"))
     text = zipfile.ZipFile(wheel).read(meta).decode()
