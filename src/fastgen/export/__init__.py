@@ -5,5 +5,5 @@
 - ``onnx``: ``to_onnx`` of a pipeline's denoiser with dynamic batch / resolution / sequence
   dimensions, validated with ``onnx.checker`` and onnxruntime.
 
-ONNX Runtime pipelines and TensorRT engines come next.
+ONNX Runtime pipelines and TensorRT engines come next (issue #13).
 """
