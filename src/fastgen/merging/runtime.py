@@ -72,9 +72,9 @@ class Merging:
         if generation is None or generation != self._generation:
             self._generation, self._forward, self._step, self._last_t = generation, -1, 0, None
         self._forward += 1
-        if self._needs_steps() and timestep is not None:
-            # the step advances when the timestep changes (two CFG passes of one step share it);
-            # read on the host only when a step schedule asks for it
+        if self._needs_steps() and timestep is not None and self._scheduler() is None:
+            # no scheduler step_index to follow: the step advances when the timestep changes (two CFG
+            # passes of one step share it), read on the host only then
             t = timestep.flatten()[0].item() if torch.is_tensor(timestep) else float(timestep)
             if self._last_t is not None and t != self._last_t:
                 self._step += 1
@@ -120,12 +120,21 @@ class Merging:
         pipe = self.state.pipeline if self.cache.open else None
         if pipe is None:
             return None
-        scheduler = getattr(pipe, "scheduler", None)
-        timesteps = getattr(scheduler, "timesteps", None)
-        if hasattr(scheduler, "step_index") and timesteps is not None and len(timesteps) > 0:
-            return int(scheduler.step_index or 0), len(timesteps)
+        scheduler = self._scheduler()
+        if scheduler is not None:
+            return int(scheduler.step_index or 0), len(scheduler.timesteps)
         total = getattr(pipe, "_num_timesteps", None)
         return (self._step, int(total)) if isinstance(total, int) and total > 0 else None
+
+    def _scheduler(self):
+        """The running pipeline call's scheduler where it counts its own steps (``step_index`` over
+        its ``timesteps``), else None."""
+        pipe = self.state.pipeline if self.cache.open else None
+        scheduler = getattr(pipe, "scheduler", None) if pipe is not None else None
+        timesteps = getattr(scheduler, "timesteps", None)
+        if hasattr(scheduler, "step_index") and timesteps is not None and len(timesteps) > 0:
+            return scheduler
+        return None
 
     def cells(self, grid: tuple[int, int, int], where: str) -> tuple[int, int, int] | None:
         """``ToMeConfig``'s (sf, sy, sx) cell for an (F, H, W) grid, or None where it does not fit
@@ -159,13 +168,11 @@ class Merging:
             gen = gen[0] if gen else None
         return int(gen.initial_seed()) if isinstance(gen, torch.Generator) else 0
 
-    def dst_mask(self, grid: tuple[int, int, int], device: torch.device | None = None,
-                 cells: tuple[int, int, int] | None = None) -> torch.Tensor:
+    def dst_mask(self, grid: tuple[int, int, int], cells: tuple[int, int, int] | None = None) -> torch.Tensor:
         """(F * H, W) bool dst mask of a (F, H, W) token grid for the current forward (F = 1 for
         images), with ``cells`` (sf, sy, sx) (default ``ToMeConfig``'s, see ``cells``); the same tensor
-        for every block of that grid. Kept on
-        the CPU whatever the model's device: the matching reads its layout on the host, which a
-        device mask would cost a synchronisation (``device`` is accepted and ignored)."""
+        for every block of that grid. Kept on the CPU whatever the model's device: the matching reads
+        its layout on the host, which a device mask would cost a synchronisation."""
         tome = self.tome
         cells = cells or (tome.sf, tome.sy, tome.sx)
         key = (grid, cells)
