@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 import fastgen
-from fastgen.benchmarks.core import PeakMemory, measured_speedup, speedup_text
+from fastgen.benchmarks.core import PeakMemory, measured_speedup, range_text, speedup_text
 from fastgen.ops import autotune as tuning
 from fastgen.models import build_pipeline
 
@@ -220,10 +220,6 @@ def _mem(run: Run) -> str:
     return f"{run.peak_mb:.0f} MB"
 
 
-def _range(ms: Sequence[float], spec: str) -> str:
-    return f"{min(ms):{spec}}-{max(ms):{spec}}"
-
-
 def _rounds_text(n: int) -> str:
     return "1 round" if n == 1 else f"{n} rounds"
 
@@ -232,7 +228,7 @@ def _time_columns(runs: Sequence[Run]) -> tuple[str, str, Callable[[Run], str]]:
     """(header cells, alignment cells, row cells of a run) of the time and memory columns."""
     n, kind = min(len(r.round_ms) for r in runs), runs[0].memory
     head = f"ms / step, median | min-max of {_rounds_text(n)} | peak memory ({kind})"
-    return head, "---: | ---: | ---:", lambda r: f"{r.ms_per_step:.2f} | {_range(r.round_ms, '.2f')} | {_mem(r)}"
+    return head, "---: | ---: | ---:", lambda r: f"{r.ms_per_step:.2f} | {range_text(r.round_ms, '.2f')} | {_mem(r)}"
 
 
 def _memory_note(runs: Sequence[Run]) -> list[str]:
@@ -419,8 +415,8 @@ def report_edit(result: dict, env: dict, what: str) -> str:
     lines = _header(env, f"{what}; KV-Edit of a generated image, {c.steps} steps, {c.skip_steps} skipped")
     lines += edit_table(result["rows"])[2:]  # the table, without its heading line
     lines += ["", f"ms over {_rounds_text(len(edit))}, interleaved, median (min-max): full generation "
-              f"{statistics.median(full):.1f} ({_range(full, '.1f')}), edit {statistics.median(edit):.1f} "
-              f"({_range(edit, '.1f')})"]
+              f"{statistics.median(full):.1f} ({range_text(full, '.1f')}), edit {statistics.median(edit):.1f} "
+              f"({range_text(edit, '.1f')})"]
     if result["memory"] == "host RSS":
         mb = {k: "n/a" if v is None else f"{v:.0f} MB" for k, v in result["peak_mb"].items()}
         lines.append(f"peak memory (host RSS of the whole process, sampled every 10 ms): full generation "

@@ -123,6 +123,11 @@ def measured_speedup(baseline_ms: Sequence[float], fastgen_ms: Sequence[float]) 
     return statistics.median(baseline_ms) / statistics.median(fastgen_ms)
 
 
+def range_text(ms: Sequence[float], spec: str) -> str:
+    """"min-max" of timed rounds, each formatted with ``spec``."""
+    return f"{min(ms):{spec}}-{max(ms):{spec}}"
+
+
 def speedup_text(baseline_ms: Sequence[float], fastgen_ms: Sequence[float]) -> str:
     """``measured_speedup`` in words: "1.234x (...)" or "no measurable difference (...)"."""
     rounds = min(len(baseline_ms), len(fastgen_ms))

@@ -58,8 +58,8 @@ import torch
 import fastgen
 from fastgen import models
 from fastgen._warnings import FastgenFallbackWarning
-from fastgen.benchmarks.core import (PeakMemory, Result, call_ms, free_memory, measured_speedup, register_table,
-                                     run_once, speedup_text, synced, time_ms)
+from fastgen.benchmarks.core import (PeakMemory, Result, call_ms, free_memory, measured_speedup, range_text,
+                                     register_table, run_once, speedup_text, synced, time_ms)
 
 SUITE = "merging"
 RATIOS = (0.3, 0.5, 0.7)
@@ -424,10 +424,6 @@ def _fmt(x, spec: str, suffix: str = "") -> str:
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:{spec}}{suffix}"
 
 
-def _range(ms: list[float], spec: str) -> str:
-    return f"{min(ms):{spec}}-{max(ms):{spec}}"
-
-
 def _speedup_cell(ratio: float | None, measured: float | None) -> str:
     if ratio is None:
         return ""
@@ -455,7 +451,7 @@ def merging_table(rows: list[Result]) -> list[str]:
                 lines.append(f"| {r.case} | {r.provider} | {e['status']} |  |  |  |  |  |  | {e.get('note', '')} |")
                 continue
             vs_t = _speedup_cell(e.get("vs_tomesd"), e.get("vs_tomesd_measured"))
-            lines.append(f"| {r.case} | {r.provider} | {r.ms:.1f} | {_range(e['round_ms'], '.1f')} | "
+            lines.append(f"| {r.case} | {r.provider} | {r.ms:.1f} | {range_text(e['round_ms'], '.1f')} | "
                          f"{_speedup_cell(r.speedup, e['measured_speedup']) if r.provider != 'unpatched' else ''} | "
                          f"{vs_t} | {_fmt(e['rel_l2'], '.3e')} | {_fmt(r.max_diff, '.2e')} | "
                          f"{_fmt(r.peak_mb, '.0f')} | "
@@ -469,7 +465,7 @@ def merging_table(rows: list[Result]) -> list[str]:
             e = r.extra
             fast = r.provider.startswith("fastgen")
             speed = _speedup_cell(r.speedup, e["measured_speedup"]) if fast else ""
-            lines.append(f"| {r.case} | {r.provider} | {r.ms:.2f} | {_range(e['round_ms'], '.2f')} | {speed} | "
+            lines.append(f"| {r.case} | {r.provider} | {r.ms:.2f} | {range_text(e['round_ms'], '.2f')} | {speed} | "
                          f"{_fmt(r.max_diff, '.2e')} | "
                          f"{_fmt(r.peak_mb, '.0f')} |")
     return lines
