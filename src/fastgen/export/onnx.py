@@ -323,7 +323,7 @@ def _denoiser(pipe_or_model) -> torch.nn.Module:
 
 
 def to_onnx(pipe_or_model, path, *, height=None, width=None, frames=None, batch=None, dtype=torch.float32,
-            opset: int = 20, validate: bool = True) -> ExportReport:
+            opset: int = 20, validate: bool = True, progress: bool = False) -> ExportReport:
     """Export the denoiser of ``pipe_or_model`` to ONNX at ``path``, with dynamic dimensions.
 
     - ``pipe_or_model``: a diffusers pipeline (its ``transformer`` or ``unet``) or the model;
@@ -343,6 +343,7 @@ def to_onnx(pipe_or_model, path, *, height=None, width=None, frames=None, batch=
     - ``validate``: run onnxruntime (CPUExecutionProvider) at 3 shapes inside the ranges (an odd
       batch, a non-square size, other text lengths than the export's example) and compare with
       PyTorch; the differences are in the report, not judged here.
+    - ``progress``: a tqdm bar over the phases (trace, ONNX, check, one step per validated shape).
 
     Inputs of the graph: the model's tensors by their diffusers names (see the ``_Flux`` and ``_UNet``
     docstrings); one output, ``noise_pred``, shaped like the image input.
@@ -390,6 +391,10 @@ def to_onnx(pipe_or_model, path, *, height=None, width=None, frames=None, batch=
     path.parent.mkdir(parents=True, exist_ok=True)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     external = weight_bytes > _PROTO_LIMIT
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=3 + (len(_SHAPES) if validate else 0), desc=f"to_onnx {arch.name}", unit="step",
+               disable=not progress)
     start = time.perf_counter()
     try:
         # torch.export first, on its own: given a module, torch.onnx.export retries strategies when
@@ -400,16 +405,23 @@ def to_onnx(pipe_or_model, path, *, height=None, width=None, frames=None, batch=
             # keeps anyway): nothing a caller can act on, and errors under -W error.
             warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)", FutureWarning)
             warnings.filterwarnings("ignore", r"# The axis name: .* will not be used", UserWarning)
+            bar.set_postfix_str("torch.export")
             program = torch.export.export(wrapper, (), kwargs=example, dynamic_shapes=dyn, strict=False)
+            bar.update()
+            bar.set_postfix_str("torch.onnx")
             # dynamic_shapes again only names the ONNX dims after the Dims (else "s2", "s29").
             torch.onnx.export(program, (), str(path), kwargs=example, dynamo=True, dynamic_shapes=dyn,
                               opset_version=opset, output_names=[_OUTPUT],
                               external_data=external, verbose=False)
+            bar.update()
     finally:
         model.train(was_training)
     export_s = time.perf_counter() - start
+    bar.set_postfix_str("onnx.checker")
     # Given a path, the checker also reads external data and runs shape inference (full_check).
+    _write_metadata(path, model, arch, dtype, b, h, w, external)
     onnx.checker.check_model(str(path), full_check=True)
+    bar.update()
 
     proto = onnx.load(str(path), load_external_data=False)
     data = path.with_name(path.name + ".data")
@@ -422,9 +434,59 @@ def to_onnx(pipe_or_model, path, *, height=None, width=None, frames=None, batch=
         export_seconds=export_s)
     if validate:
         start = time.perf_counter()
-        report.checks = _validate(path, arch, wrapper, model, b, h, w, dtype, device)
+        report.checks = _validate(path, arch, wrapper, model, b, h, w, dtype, device, bar)
         report.validate_seconds = time.perf_counter() - start
+    bar.close()
     return report
+
+
+# Keys of the ONNX model's ``metadata_props`` that ``to_onnx`` writes, so a runtime module can stand in
+# for the model (``config``, input names) without the PyTorch model at hand.
+METADATA = ("fastgen.version", "fastgen.class", "fastgen.architecture", "fastgen.config", "fastgen.inputs",
+            "fastgen.output", "fastgen.dtype", "fastgen.ranges")
+
+
+def _write_metadata(path: Path, model, arch, dtype, b, h, w, external: bool) -> None:
+    import json
+
+    import onnx
+
+    from fastgen import __version__
+
+    proto = onnx.load(str(path), load_external_data=False)
+    ranges = {"batch": [b.lo, b.hi], "height": [h.lo * arch.px_step, _px(h.hi, arch.px_step)],
+              "width": [w.lo * arch.px_step, _px(w.hi, arch.px_step)]}
+    values = {"fastgen.version": __version__, "fastgen.class": type(model).__name__,
+              "fastgen.architecture": arch.name, "fastgen.config": model.to_json_string(),
+              "fastgen.inputs": json.dumps(list(arch.inputs)), "fastgen.output": _OUTPUT,
+              "fastgen.dtype": str(dtype).removeprefix("torch."), "fastgen.ranges": json.dumps(ranges)}
+    del proto.metadata_props[:]
+    for k, v in values.items():
+        proto.metadata_props.add(key=k, value=v)
+    # The weights stay where the exporter put them (inline or in <path>.data): only the graph file
+    # is rewritten.
+    onnx.save(proto, str(path))
+
+
+def read_metadata(path) -> dict[str, object]:
+    """The ``fastgen.*`` metadata ``to_onnx`` wrote into ``path``: ``class``, ``architecture``,
+    ``config`` (the model's diffusers config, a dict), ``inputs`` (graph input names in order),
+    ``output``, ``dtype`` (a ``torch.dtype``), ``ranges`` (as in ``ExportReport.ranges``), ``version``.
+    Raises ``ValueError`` for a file ``to_onnx`` did not write."""
+    import json
+
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    missing = [k for k in METADATA if k not in props]
+    if missing:
+        raise ValueError(f"{path} has no fastgen metadata ({', '.join(missing)}): export it with "
+                         "fastgen.export.to_onnx")
+    return {"version": props["fastgen.version"], "class": props["fastgen.class"],
+            "architecture": props["fastgen.architecture"], "config": json.loads(props["fastgen.config"]),
+            "inputs": json.loads(props["fastgen.inputs"]), "output": props["fastgen.output"],
+            "dtype": getattr(torch, props["fastgen.dtype"]),
+            "ranges": {k: tuple(v) for k, v in json.loads(props["fastgen.ranges"]).items()}}
 
 
 def _px(units: int | None, step: int) -> int | None:
@@ -435,19 +497,24 @@ def _dims(values) -> dict[str, tuple[int | str, ...]]:
     return {v.name: tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim) for v in values}
 
 
-def _validate(path, arch, wrapper, model, b, h, w, dtype, device) -> list[ShapeCheck]:
+# Validated shapes in model units (batch, height steps, width steps, text tokens): odd batches, a
+# non-square and a square size, text lengths other than the example's 7.
+_SHAPES = ((3, 2, 5, 5), (1, 4, 4, 11), (5, 3, 1, 3))
+
+
+def _validate(path, arch, wrapper, model, b, h, w, dtype, device, bar) -> list[ShapeCheck]:
     try:
         import onnxruntime as ort
     except ImportError as e:
         raise ImportError("validating an export needs onnxruntime: pip install onnxruntime (or validate=False)") from e
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    # Odd batches, a non-square and a square size, text lengths other than the example's 7.
-    shapes = [(3, 2, 5, 5), (1, 4, 4, 11), (5, 3, 1, 3)]
     checks, seen = [], set()
     was_training = model.training
     model.eval()
     try:
-        for bs, hu, wu, t in shapes:
+        for bs, hu, wu, t in _SHAPES:
+            bar.set_postfix_str("onnxruntime")
+            bar.update()
             bs, hu, wu = b.clamp(bs), h.clamp(hu), w.clamp(wu)
             if (bs, hu, wu, t) in seen:
                 continue
@@ -468,4 +535,4 @@ def _validate(path, arch, wrapper, model, b, h, w, dtype, device) -> list[ShapeC
     return checks
 
 
-__all__ = ["ExportReport", "SUPPORTED", "ShapeCheck", "to_onnx"]
+__all__ = ["ExportReport", "METADATA", "SUPPORTED", "ShapeCheck", "read_metadata", "to_onnx"]
