@@ -1,17 +1,20 @@
-"""``to_onnx``: a diffusers denoiser exported to ONNX with dynamic batch / resolution / text length,
-checked by ``onnx.checker`` and validated against PyTorch with onnxruntime (issue #13, first
-increment: Flux and UNet2DConditionModel (SD 1.5, SDXL), unpatched models).
+"""``to_onnx``: a diffusers denoiser exported to ONNX with dynamic batch / resolution / frames / text
+length, in the operator forms of a target runtime, checked by ``onnx.checker`` and validated against
+PyTorch with onnxruntime (issue #13). Flux, UNet2DConditionModel (SD 1.5, SDXL), SD3 / SD3.5, Wan and
+HunyuanVideo; patched models too, their custom ops lowered to standard ONNX.
 
-The export goes through ``torch.onnx.export(..., dynamo=True, dynamic_shapes=...)`` with
-``torch.export.Dim``: ``dynamic_axes`` with dynamo mislabels inputs, and the legacy TorchScript
-exporter fails on ``aten::rms_norm`` (docs: ENGINEERING.md). Per-architecture facts (inputs, which
-of their dimensions are batch / spatial / token dimensions, pixels per step) live in one table,
-``_ARCHES``.
+The export goes through ``torch.export`` (which proves the dynamic dimensions or raises), then
+``torch.onnx.export(..., dynamo=True, dynamic_shapes=...)`` with ``torch.export.Dim``: ``dynamic_axes``
+with dynamo mislabels inputs, and the legacy TorchScript exporter fails on ``aten::rms_norm`` (docs:
+ENGINEERING.md). Per-architecture facts (inputs, which of their dimensions are batch / spatial /
+frame / token dimensions, pixels per step, limits) live in one table, ``_ARCHES``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import math
 import time
 import warnings
@@ -19,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from fastgen.ops.portable import portable
 
 # ONNX protobufs cannot exceed 2 GiB: above that the weights must go to an external data file.
 _PROTO_LIMIT = 2**31 - 2**20  # a MiB below the limit, for the graph itself
@@ -36,6 +41,7 @@ class ShapeCheck:
     text_tokens: int
     max_abs_diff: float
     max_rel_diff: float
+    frames: int | None = None  # video frames (video models)
 
 
 @dataclass
@@ -53,6 +59,7 @@ class ExportReport:
     path: Path
     architecture: str
     opset: int
+    target: str | None
     dtype: torch.dtype
     inputs: dict[str, tuple[int | str, ...]]
     outputs: dict[str, tuple[int | str, ...]]
@@ -93,14 +100,27 @@ class _Arch:
     latent_step = 1
     max_units: int | None = None
     max_batch: int | None = None
+    # Video models: ``frame_step`` latent frames per model step (patch_size_t), ``max_frame_units``
+    # the most steps the model accepts; the VAE makes (frames - 1) / 4 + 1 latent frames.
+    video = False
+    frame_step = 1
+    max_frame_units: int | None = None
 
     def wrapper(self, model) -> torch.nn.Module:
         raise NotImplementedError
 
-    def tensors(self, b, hu, wu, t, dtype, device) -> dict[str, torch.Tensor]:
+    def traceable(self, model):
+        """A context in which ``model`` traces with dynamic shapes (default: as it is)."""
+        return contextlib.nullcontext()
+
+    def tensors(self, b, hu, wu, t, dtype, device, fu=1) -> dict[str, torch.Tensor]:
+        """One forward's inputs: batch ``b``, ``hu`` x ``wu`` spatial steps, ``t`` text tokens,
+        ``fu`` frame steps (video models)."""
         raise NotImplementedError
 
-    def dynamic_shapes(self, batch, h, w, text) -> dict:
+    def dynamic_shapes(self, batch, h, w, text, f=None) -> dict:
+        """torch.export dynamic shapes per input: ``batch`` / ``text`` Dims (or None), ``h`` /
+        ``w`` / ``f`` ``_Range``s in steps."""
         raise NotImplementedError
 
 
@@ -138,7 +158,7 @@ class _Flux(_Arch):
     def wrapper(self, model):
         return _FluxWrapper(model, self.guidance)
 
-    def tensors(self, b, hu, wu, t, dtype, device):
+    def tensors(self, b, hu, wu, t, dtype, device, fu=1):
         c = self.config
         img_ids = torch.zeros(hu * wu, 3)
         img_ids[:, 1] = torch.arange(hu * wu) // wu  # row, column of each packed token (RoPE positions)
@@ -153,7 +173,7 @@ class _Flux(_Arch):
             out["guidance"] = torch.full((b,), 3.5, device=device, dtype=dtype)
         return out
 
-    def dynamic_shapes(self, batch, h, w, text):
+    def dynamic_shapes(self, batch, h, w, text, f=None):
         # Image tokens are one dimension (h/16 * w/16): its range is the product of the side ranges.
         tokens = _dim("image_tokens", _mul(h, w))
         ds = dict(hidden_states={0: batch, 1: tokens}, encoder_hidden_states={0: batch, 1: text},
@@ -203,7 +223,7 @@ class _UNet(_Arch):
     def wrapper(self, model):
         return _UNetWrapper(model, self.sdxl)
 
-    def tensors(self, b, hu, wu, t, dtype, device):
+    def tensors(self, b, hu, wu, t, dtype, device, fu=1):
         c, s = self.config, self.latent_step
         out = dict(sample=_randn(b, c.in_channels, hu * s, wu * s, dtype=dtype, device=device, seed=1),
                    timestep=torch.linspace(300.0, 900.0, b).to(device=device, dtype=dtype),
@@ -218,7 +238,7 @@ class _UNet(_Arch):
             out["time_ids"] = px.repeat(b, 1).to(device)
         return out
 
-    def dynamic_shapes(self, batch, h, w, text):
+    def dynamic_shapes(self, batch, h, w, text, f=None):
         ds = dict(sample={0: batch, 2: _scaled(h, self.latent_step), 3: _scaled(w, self.latent_step)},
                   timestep={0: batch}, encoder_hidden_states={0: batch, 1: text})
         if self.sdxl:
@@ -226,11 +246,241 @@ class _UNet(_Arch):
         return ds
 
 
-# SD3Transformer2DModel is not here yet: torch.export cannot prove its position-table crop
-# ((pos_embed_max_size - h) // 2 : ... + h) in range for a dynamic h (a constraint violation), and
-# torch.onnx.export given the module falls back to a graph that fails at other sizes.
-_ARCHES = {"FluxTransformer2DModel": _Flux, "UNet2DConditionModel": _UNet}
+class _SD3Wrapper(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+        return self.model(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                          pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
+
+
+class _SD3(_Arch):
+    """SD3Transformer2DModel (SD3, SD3.5): latents ``hidden_states [B, C, height/8, width/8]`` with
+    sides a multiple of ``patch_size``, ``encoder_hidden_states [B, T, joint_attention_dim]``,
+    ``pooled_projections [B, P]``, ``timestep [B]`` in [0, 1000]. The position table is cropped
+    around its centre, so a side may not exceed ``pos_embed_max_size`` patches (the model raises
+    beyond it): that bound is the range's default maximum, and what lets torch.export prove the crop."""
+
+    name = "sd3"
+    inputs = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
+
+    def __init__(self, model):
+        super().__init__(model)
+        c = self.config
+        self.latent_step = c.patch_size
+        self.px_step = 8 * c.patch_size
+        self.max_units = c.pos_embed_max_size
+
+    def wrapper(self, model):
+        return _SD3Wrapper(model)
+
+    @contextlib.contextmanager
+    def traceable(self, model):
+        # Upstream crops the table with slices whose bounds torch.export cannot prove from the
+        # range of a symbolic side ((n - h) // 2 + h <= n). The same crop as a gather of rows and
+        # columns has no such bounds; installed on this instance for the trace only.
+        embed = model.pos_embed
+        embed.cropped_pos_embed = functools.partial(_crop_by_gather, embed)
+        try:
+            yield
+        finally:
+            del embed.cropped_pos_embed
+
+    def tensors(self, b, hu, wu, t, dtype, device, fu=1):
+        c, s = self.config, self.latent_step
+        return dict(hidden_states=_randn(b, c.in_channels, hu * s, wu * s, dtype=dtype, device=device, seed=1),
+                    encoder_hidden_states=_randn(b, t, c.joint_attention_dim, dtype=dtype, device=device, seed=2),
+                    pooled_projections=_randn(b, c.pooled_projection_dim, dtype=dtype, device=device, seed=3),
+                    timestep=torch.linspace(300.0, 900.0, b).to(device=device, dtype=dtype))
+
+    def dynamic_shapes(self, batch, h, w, text, f=None):
+        s = self.latent_step
+        return dict(hidden_states={0: batch, 2: _scaled(h, s), 3: _scaled(w, s)},
+                    encoder_hidden_states={0: batch, 1: text}, pooled_projections={0: batch}, timestep={0: batch})
+
+
+def _crop_by_gather(embed, height: int, width: int) -> torch.Tensor:
+    """diffusers' ``PatchEmbed.cropped_pos_embed`` (the centre ``height`` x ``width`` patches of the
+    ``pos_embed_max_size``-square table, ``[1, h * w, D]``; sides in latent pixels) as index gathers."""
+    n, p = embed.pos_embed_max_size, embed.patch_size
+    h, w = height // p, width // p
+    table = embed.pos_embed.reshape(n, n, -1)
+    rows = torch.arange(h, device=table.device) + (n - h) // 2
+    cols = torch.arange(w, device=table.device) + (n - w) // 2
+    return table.index_select(0, rows).index_select(1, cols).reshape(1, h * w, table.shape[-1])
+
+
+class _WanWrapper(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None):
+        return self.model(hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                          encoder_hidden_states_image=encoder_hidden_states_image, return_dict=False)[0]
+
+
+_WAN_I2V_TEXT = 512  # text tokens an image-to-video Wan takes (WanAttnProcessor: image context = T - 512)
+
+
+class _Wan(_Arch):
+    """WanTransformer3DModel (Wan 2.1 text- and image-to-video): latents ``hidden_states
+    [B, C, latent_frames, height/8, width/8]`` (sides a multiple of the patch), ``timestep [B]`` in
+    [0, 1000], ``encoder_hidden_states [B, T, text_dim]``; image-to-video models (``image_dim`` set)
+    add ``encoder_hidden_states_image [B, I, image_dim]`` (CLIP tokens, I dynamic) and take exactly
+    512 text tokens (upstream splits image from text context at ``T - 512``). RoPE tables hold
+    ``rope_max_seq_len`` positions per axis: the most patches per side and per frame axis."""
+
+    name = "wan"
+    video = True
+
+    def __init__(self, model):
+        super().__init__(model)
+        c = self.config
+        pt, ph, pw = c.patch_size
+        if ph != pw:
+            raise ValueError(f"to_onnx exports Wan models with square patches, this one has {c.patch_size}")
+        self.frame_step, self.latent_step, self.px_step = pt, ph, 8 * ph
+        self.max_units = self.max_frame_units = c.rope_max_seq_len
+        self.image = c.image_dim is not None
+        self.inputs = ("hidden_states", "timestep", "encoder_hidden_states") + (
+            ("encoder_hidden_states_image",) if self.image else ())
+
+    def wrapper(self, model):
+        return _WanWrapper(model)
+
+    def tensors(self, b, hu, wu, t, dtype, device, fu=1):
+        c, s = self.config, self.latent_step
+        if self.image:
+            t, n_image = _WAN_I2V_TEXT, t + 2
+        out = dict(hidden_states=_randn(b, c.in_channels, fu * self.frame_step, hu * s, wu * s, dtype=dtype,
+                                        device=device, seed=1),
+                   timestep=torch.linspace(300.0, 900.0, b).to(device=device, dtype=dtype),
+                   encoder_hidden_states=_randn(b, t, c.text_dim, dtype=dtype, device=device, seed=2))
+        if self.image:
+            out["encoder_hidden_states_image"] = _randn(b, n_image, c.image_dim, dtype=dtype, device=device, seed=3)
+        return out
+
+    def dynamic_shapes(self, batch, h, w, text, f=None):
+        s = self.latent_step
+        ds = dict(hidden_states={0: batch, 2: _scaled(f, self.frame_step), 3: _scaled(h, s), 4: _scaled(w, s)},
+                  timestep={0: batch}, encoder_hidden_states={0: batch, 1: None if self.image else text})
+        if self.image:
+            ds["encoder_hidden_states_image"] = {0: batch, 1: torch.export.Dim("image_tokens", min=1)}
+        return ds
+
+
+class _HunyuanWrapper(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, pooled_projections,
+                guidance=None):
+        return self.model(hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                          encoder_attention_mask=encoder_attention_mask, pooled_projections=pooled_projections,
+                          guidance=guidance, return_dict=False)[0]
+
+
+class _Hunyuan(_Arch):
+    """HunyuanVideoTransformer3DModel: latents ``hidden_states [B, C, latent_frames, height/8,
+    width/8]`` (sides a multiple of ``patch_size``, frames of ``patch_size_t``), ``timestep [B]`` in
+    [0, 1000], ``encoder_hidden_states [B, T, text_embed_dim]`` with ``encoder_attention_mask [B, T]``
+    (1 = a prompt token, 0 = padding), ``pooled_projections [B, P]``, and ``guidance [B]`` for
+    guidance-distilled models (``guidance_embeds``)."""
+
+    name = "hunyuan"
+    video = True
+
+    def __init__(self, model):
+        super().__init__(model)
+        c = self.config
+        self.frame_step, self.latent_step, self.px_step = c.patch_size_t, c.patch_size, 8 * c.patch_size
+        self.guidance = bool(c.guidance_embeds)
+        self.inputs = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask",
+                       "pooled_projections") + (("guidance",) if self.guidance else ())
+
+    def wrapper(self, model):
+        return _HunyuanWrapper(model)
+
+    def tensors(self, b, hu, wu, t, dtype, device, fu=1):
+        c, s = self.config, self.latent_step
+        mask = torch.ones(b, t, dtype=torch.int64)
+        mask[-1, max(1, t - 2):] = 0  # one prompt shorter than the padded length: the mask must matter
+        out = dict(hidden_states=_randn(b, c.in_channels, fu * self.frame_step, hu * s, wu * s, dtype=dtype,
+                                        device=device, seed=1),
+                   timestep=torch.linspace(300.0, 900.0, b).to(device=device, dtype=dtype),
+                   encoder_hidden_states=_randn(b, t, c.text_embed_dim, dtype=dtype, device=device, seed=2),
+                   encoder_attention_mask=mask.to(device),
+                   pooled_projections=_randn(b, c.pooled_projection_dim, dtype=dtype, device=device, seed=3))
+        if self.guidance:
+            out["guidance"] = torch.full((b,), 6000.0, device=device, dtype=dtype)  # the pipeline's 6.0 * 1000
+        return out
+
+    def dynamic_shapes(self, batch, h, w, text, f=None):
+        s = self.latent_step
+        ds = dict(hidden_states={0: batch, 2: _scaled(f, self.frame_step), 3: _scaled(h, s), 4: _scaled(w, s)},
+                  timestep={0: batch}, encoder_hidden_states={0: batch, 1: text},
+                  encoder_attention_mask={0: batch, 1: text}, pooled_projections={0: batch})
+        if self.guidance:
+            ds["guidance"] = {0: batch}
+        return ds
+
+
+_ARCHES = {"FluxTransformer2DModel": _Flux, "UNet2DConditionModel": _UNet, "SD3Transformer2DModel": _SD3,
+           "WanTransformer3DModel": _Wan, "HunyuanVideoTransformer3DModel": _Hunyuan}
 SUPPORTED = tuple(_ARCHES)
+DEFAULT_OPSET = 20
+NEWEST_OPSET = 23  # the newest opset whose operator forms fastgen exports and tests
+# Fused ONNX operators torch.onnx emits from opset 23 on -> the aten op each comes from. A target
+# without the fused operator gets that op traced as its decomposition (MatMul-Softmax-MatMul;
+# Pow / ReduceMean / Sqrt) instead.
+_FUSED = {"Attention": "scaled_dot_product_attention", "RMSNormalization": "rms_norm"}
+
+
+def _optimize(model, opset: int, target_name: str | None) -> None:
+    """torch.onnx's optimisation of ``model`` (an ``onnx_ir.Model``, in place): constant folding and
+    clean-up, then at opset 23 onnxscript's fusions into ``RMSNormalization`` / ``RotaryEmbedding``
+    (and onnxruntime's ``GroupQueryAttention``) from the primitive ops diffusers' own norms and
+    rotations are written in, only for a target that runs every form they produce (unset: as
+    torch.onnx does). A target without them keeps the primitive forms."""
+    import onnxscript.optimizer
+    import onnxscript.rewriter.onnx_fusions
+
+    onnxscript.optimizer.optimize_ir(model)
+    if opset < 23:
+        return  # the fusions target opset 23 only
+    if target_name is not None:
+        from fastgen.export.operators import target
+
+        t = target(target_name)
+        if not ({"RMSNormalization", "RotaryEmbedding"} <= t.operators and "com.microsoft" in t.domains):
+            return
+    onnxscript.rewriter.onnx_fusions.fuse(model)
+
+
+def _forms(opset, target_name):
+    """(opset, aten ops to decompose) for ``opset`` (None: the default) and ``target_name``."""
+    t = None
+    if target_name is not None:
+        from fastgen.export.operators import target
+
+        t = target(target_name)  # ValueError naming the known targets
+    if opset is None:
+        opset = DEFAULT_OPSET if t is None or t.max_opset is None else min(t.max_opset, NEWEST_OPSET)
+    if not isinstance(opset, int) or isinstance(opset, bool) or not 18 <= opset <= NEWEST_OPSET:
+        raise ValueError(f"opset must be an int from 18 (torch.onnx's dynamo exporter) to {NEWEST_OPSET}, got {opset!r}")
+    if t is not None and t.max_opset is not None and not (t.min_opset or 0) <= opset <= t.max_opset:
+        raise ValueError(f"{t.name} parses opsets {t.min_opset} to {t.max_opset}, got opset={opset}: leave opset "
+                         "unset to get the newest it parses")
+    if t is None or opset < 23:
+        return opset, []
+    return opset, [getattr(torch.ops.aten, a).default for op, a in _FUSED.items() if op not in t.operators]
+
+
+_VAE_FRAMES = 4  # video frames per latent frame after the first (Wan's and HunyuanVideo's VAEs)
 _OUTPUT = "noise_pred"  # not "sample": the UNet's input already has that name, and ONNX names are unique
 
 
@@ -312,60 +562,89 @@ def _denoiser(pipe_or_model) -> torch.nn.Module:
                              f"got {type(pipe_or_model).__name__}")
     if type(model).__name__ not in _ARCHES:
         raise ValueError(f"to_onnx exports {', '.join(SUPPORTED)}; got {type(model).__name__}")
-    from fastgen.patching import is_patched  # lazy: the patching package imports much of fastgen
-
-    if is_patched(model):
-        # This increment exports upstream attention only: fastgen's processors call custom ops with
-        # no ONNX lowering yet. Refusing beats silently exporting something other than what runs.
-        raise ValueError("to_onnx exports unpatched models only for now: call fastgen.unpatch(model) (or export "
-                         "before fastgen.patch); patched-model export comes with the custom-op lowering")
+    merging = sorted({f"tome={c.tome}, todo={c.todo}" for c in _patch_configs(model)
+                      if c.tome is not None or c.todo is not None})
+    if merging:
+        # Merge maps are drawn on the host per forward (seeded, shape-dependent): a graph could only
+        # bake one forward's map in as constants. Refusing beats exporting a different model.
+        raise ValueError("to_onnx exports exact patches only; this model merges tokens (tome / todo), whose merge "
+                         "maps are drawn on the host at every forward and cannot be one static graph: patch it "
+                         f"without tome / todo to export. Patches found: {'; '.join(merging)}")
     return model
 
 
+def _patch_configs(model):
+    """The ``PatchConfig`` of every live fastgen patch on ``model``'s attention modules."""
+    from fastgen.patching.processors.base import ATTN_STATE, FastgenProcessor  # lazy: patching imports much
+
+    configs = []
+    for module in model.modules():
+        state = module.__dict__.get(ATTN_STATE)
+        if isinstance(getattr(module, "processor", None), FastgenProcessor) and state is not None \
+                and not state.removed and state.config not in configs:
+            configs.append(state.config)
+    return configs
+
+
 def to_onnx(pipe_or_model, path, *, height=None, width=None, frames=None, batch=None, dtype=torch.float32,
-            opset: int = 20, validate: bool = True, progress: bool = False) -> ExportReport:
+            opset: int | None = None, target: str | None = None, validate: bool = True,
+            progress: bool = False) -> ExportReport:
     """Export the denoiser of ``pipe_or_model`` to ONNX at ``path``, with dynamic dimensions.
 
-    - ``pipe_or_model``: a diffusers pipeline (its ``transformer`` or ``unet``) or the model;
-      supported: ``FluxTransformer2DModel``, ``UNet2DConditionModel`` (SD 1.5 / SD 2 / SDXL
-      layouts). Unpatched only (see errors).
+    - ``pipe_or_model``: a diffusers pipeline (its ``transformer`` or ``unet``) or the model:
+      ``FluxTransformer2DModel``, ``UNet2DConditionModel`` (SD 1.5 / SD 2 / SDXL layouts),
+      ``SD3Transformer2DModel`` (SD3, SD3.5), ``WanTransformer3DModel`` (text- and image-to-video),
+      ``HunyuanVideoTransformer3DModel``. Patched or not: a ``fastgen.patch``-ed model is traced
+      with its ops' PyTorch references (``fastgen.ops.portable``), so the graph holds standard ONNX
+      operators only and is validated against the patched model running its kernels. Token merging
+      (``tome`` / ``todo``) is refused (see errors).
     - ``height`` / ``width``: image size in pixels, None (default: every size the model accepts),
       an int (fixed) or a ``(min, max)`` pair; multiples of the model's pixel step (Flux 16; UNet
-      8 * 2**(levels - 1): 64 for SD 1.5, 32 for SDXL).
+      8 * 2**(levels - 1): 64 for SD 1.5, 32 for SDXL; SD3 / Wan / HunyuanVideo 8 * patch size).
       Flux's image-token dimension gets the product range: (hmin/16 * wmin/16, hmax/16 * wmax/16).
-    - ``batch``: None (default: 1 and up; UNet 1 to 63), an int or ``(min, max)``. The text length is dynamic
-      (1 and up) always.
-    - ``frames``: for video models, not in this increment: must be None.
+      SD3's sides stop at ``pos_embed_max_size`` patches, Wan's at ``rope_max_seq_len``.
+    - ``frames``: video models only: video frames, None (every length), an int or ``(min, max)``,
+      each 4k + 1 (the VAE keeps the first frame and packs 4 into one latent frame after it).
+    - ``batch``: None (default: 1 and up; UNet 1 to 63), an int or ``(min, max)``. The text length is
+      dynamic (1 and up), except Wan image-to-video's, which upstream fixes at 512.
     - ``dtype``: weights and inputs (default float32); a model in another dtype is converted on a
       copy, the caller's model is never changed. ``bfloat16`` exports but cannot be validated on
       onnxruntime's CPU provider: pass ``validate=False``.
-    - ``opset``: ONNX opset (default 20).
+    - ``opset``: ONNX opset, 18 to 23; default 20, or with a ``target`` the newest it parses.
+    - ``target``: the runtime the graph is for (``fastgen.export.operators``: ``"onnxruntime"``,
+      ``"onnxruntime:<Provider>"``, ``"tensorrt-10.1"``, ``"tensorrt-10.14"``, ``"tensorrt-10.15"``).
+      Operator forms follow it: at opset 23, fused ``Attention`` / ``RMSNormalization`` only where
+      the target runs them (TensorRT: ``Attention`` from 10.14, ``RMSNormalization`` from 10.15),
+      else their decompositions; then every node is checked against the target's operator list.
     - ``validate``: run onnxruntime (CPUExecutionProvider) at 3 shapes inside the ranges (an odd
-      batch, a non-square size, other text lengths than the export's example) and compare with
-      PyTorch; the differences are in the report, not judged here.
+      batch, a non-square size, other text lengths and frame counts than the export's example) and
+      compare with PyTorch; the differences are in the report, not judged here.
     - ``progress``: a tqdm bar over the phases (trace, ONNX, check, one step per validated shape).
 
-    Inputs of the graph: the model's tensors by their diffusers names (see the ``_Flux`` and ``_UNet``
-    docstrings); one output, ``noise_pred``, shaped like the image input.
-    Weights go to ``<path>.data`` (external data) when they exceed 2 GiB, else into the file.
-    The file passes ``onnx.checker.check_model(path, full_check=True)`` before this returns.
+    Inputs of the graph: the model's tensors by their diffusers names (see the ``_Flux``, ``_UNet``,
+    ``_SD3``, ``_Wan``, ``_Hunyuan`` docstrings); one output, ``noise_pred``, shaped like the latent
+    input. The file carries fastgen's metadata (``read_metadata``: model class and config, input
+    names, dtype, ranges). Weights go to ``<path>.data`` (external data) when they exceed 2 GiB,
+    else into the file. The file passes ``onnx.checker.check_model(path, full_check=True)`` before
+    this returns.
 
-    Raises ``ValueError`` for an unsupported pipeline / model, a patched model, ranges that are not
-    positive, ordered multiples of the step or that exceed the model's limit, ``frames`` with an
-    image model, bfloat16 with ``validate=True``; ``ImportError`` when onnx / onnxscript (or
+    Raises ``ValueError`` for an unsupported pipeline / model, a model patched with token merging,
+    ranges that are not positive, ordered multiples of the step or that exceed the model's limit,
+    ``frames`` that are not 4k + 1 or given to an image model, bfloat16 with ``validate=True``, an
+    opset outside 18-23 or the target's range, an unknown target, and (after writing the file) a
+    graph with nodes the target refuses, naming each; ``ImportError`` when onnx / onnxscript (or
     onnxruntime, to validate) is missing.
     """
     model = _denoiser(pipe_or_model)
     arch = _ARCHES[type(model).__name__](model)
-    if frames is not None:
+    if frames is not None and not arch.video:
         raise ValueError(f"frames applies to video models; {type(model).__name__} is an image model: pass frames=None")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if validate and dtype == torch.bfloat16:
         raise ValueError("onnxruntime's CPU provider cannot run bfloat16 graphs: pass validate=False (or export "
                          "float16 / float32)")
-    if not isinstance(opset, int) or opset < 18:
-        raise ValueError(f"opset must be an int >= 18 (torch.onnx's dynamo exporter), got {opset!r}")
+    opset, decompose = _forms(opset, target)
     try:
         import onnx
     except ImportError as e:
@@ -374,6 +653,7 @@ def to_onnx(pipe_or_model, path, *, height=None, width=None, frames=None, batch=
     b = _parse("batch", batch, 1, "items", arch.max_batch)
     h = _parse("height", height, arch.px_step, "pixels", arch.max_units)
     w = _parse("width", width, arch.px_step, "pixels", arch.max_units)
+    f = _parse_frames(frames, arch) if arch.video else None
     text = _dim("text_tokens", _Range("text_tokens", 1, None))
 
     param = next(model.parameters())
@@ -384,8 +664,9 @@ def to_onnx(pipe_or_model, path, *, height=None, width=None, frames=None, batch=
     model.eval()  # dropout off while tracing; restored below
     wrapper = arch.wrapper(model).eval()
     # Example sizes of 2+ (of 0/1 torch.export would specialise) and unlike each other, inside the ranges.
-    example = arch.tensors(b.clamp(2), h.clamp(3), w.clamp(5), 7, dtype, device)
-    dyn = arch.dynamic_shapes(_dim("batch", b), h, w, text)
+    # Video: 9 frame steps, a size no other example dimension has (else torch.export may tie them).
+    example = arch.tensors(b.clamp(2), h.clamp(3), w.clamp(5), 7, dtype, device, fu=f.clamp(9) if f else 1)
+    dyn = arch.dynamic_shapes(_dim("batch", b), h, w, text, f)
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -400,41 +681,52 @@ def to_onnx(pipe_or_model, path, *, height=None, width=None, frames=None, batch=
         # torch.export first, on its own: given a module, torch.onnx.export retries strategies when
         # the dynamic shapes fail and can hand back a graph that runs only at the example's size
         # (seen with SD3's position crop). An ExportedProgram's dims are proven, or this raises.
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), portable(), arch.traceable(model), warnings.catch_warnings():
+            # portable(): fastgen's ops (a patched model) trace as their PyTorch references, so the
+            # graph holds standard operators only, and no step cache serves a traced forward.
             # torch's exporter warns about its own internals (a pytree deprecation; Dim names it
             # keeps anyway): nothing a caller can act on, and errors under -W error.
             warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)", FutureWarning)
             warnings.filterwarnings("ignore", r"# The axis name: .* will not be used", UserWarning)
             bar.set_postfix_str("torch.export")
             program = torch.export.export(wrapper, (), kwargs=example, dynamic_shapes=dyn, strict=False)
+            if decompose:  # fused ONNX forms the target lacks: trace those ops as their decompositions
+                table = torch.export.default_decompositions()
+                program = program.run_decompositions({op: table[op] for op in decompose})
             bar.update()
             bar.set_postfix_str("torch.onnx")
             # dynamic_shapes again only names the ONNX dims after the Dims (else "s2", "s29").
-            torch.onnx.export(program, (), str(path), kwargs=example, dynamo=True, dynamic_shapes=dyn,
-                              opset_version=opset, output_names=[_OUTPUT],
-                              external_data=external, verbose=False)
+            exported = torch.onnx.export(program, (), kwargs=example, dynamo=True, dynamic_shapes=dyn,
+                                         opset_version=opset, output_names=[_OUTPUT], optimize=False,
+                                         verbose=False)
+            _optimize(exported.model, opset, target)
+            exported.save(str(path), external_data=external)
             bar.update()
     finally:
         model.train(was_training)
     export_s = time.perf_counter() - start
     bar.set_postfix_str("onnx.checker")
     # Given a path, the checker also reads external data and runs shape inference (full_check).
-    _write_metadata(path, model, arch, dtype, b, h, w, external)
+    ranges = _ranges(arch, b, h, w, f)
+    _finish(path, model, arch, dtype, ranges)
     onnx.checker.check_model(str(path), full_check=True)
+    if target is not None:
+        from fastgen.export.operators import require_supported
+
+        require_supported(str(path), target)  # ValueError naming every node the target would refuse
     bar.update()
 
     proto = onnx.load(str(path), load_external_data=False)
     data = path.with_name(path.name + ".data")
     report = ExportReport(
-        path=path, architecture=arch.name, opset=opset, dtype=dtype, inputs=_dims(proto.graph.input),
+        path=path, architecture=arch.name, opset=opset, target=target, dtype=dtype, inputs=_dims(proto.graph.input),
         outputs=_dims(proto.graph.output),
-        ranges={"batch": (b.lo, b.hi), "height": (h.lo * arch.px_step, _px(h.hi, arch.px_step)),
-                "width": (w.lo * arch.px_step, _px(w.hi, arch.px_step))},
+        ranges=ranges,
         external_data=external, file_bytes=path.stat().st_size + (data.stat().st_size if external else 0),
         export_seconds=export_s)
     if validate:
         start = time.perf_counter()
-        report.checks = _validate(path, arch, wrapper, model, b, h, w, dtype, device, bar)
+        report.checks = _validate(path, arch, wrapper, model, b, h, w, f, dtype, device, bar)
         report.validate_seconds = time.perf_counter() - start
     bar.close()
     return report
@@ -446,7 +738,42 @@ METADATA = ("fastgen.version", "fastgen.class", "fastgen.architecture", "fastgen
             "fastgen.output", "fastgen.dtype", "fastgen.ranges")
 
 
-def _write_metadata(path: Path, model, arch, dtype, b, h, w, external: bool) -> None:
+def _frames(units: int | None, arch) -> int | None:
+    # frame steps -> video frames: the VAE makes (frames - 1) / 4 + 1 latent frames
+    return None if units is None else (units * arch.frame_step - 1) * _VAE_FRAMES + 1
+
+
+def _ranges(arch, b, h, w, f) -> dict[str, tuple[int, int | None]]:
+    out = {"batch": (b.lo, b.hi), "height": (h.lo * arch.px_step, _px(h.hi, arch.px_step)),
+           "width": (w.lo * arch.px_step, _px(w.hi, arch.px_step))}
+    if f is not None:
+        out["frames"] = (_frames(f.lo, arch), _frames(f.hi, arch))
+    return out
+
+
+def _parse_frames(value, arch) -> _Range:
+    """Video frames (None: all the model accepts; an int; (min, max)), each 4k + 1 with (k + 1)
+    latent frames a multiple of the model's frame step -> the range in frame steps."""
+    if value is None:
+        return _Range("latent_frames", 1, arch.max_frame_units)
+    lo, hi = (value, value) if isinstance(value, int) and not isinstance(value, bool) else _pair("frames", value)
+    if lo < 1 or lo > hi:
+        raise ValueError(f"frames must be positive with min <= max, got {value!r}")
+    for v in (lo, hi):
+        latent = (v - 1) // _VAE_FRAMES + 1
+        if (v - 1) % _VAE_FRAMES or latent % arch.frame_step:
+            raise ValueError(f"frames must be 4k + 1 (the VAE keeps the first frame and compresses 4 to 1 after it)"
+                             + (f" with k + 1 a multiple of {arch.frame_step}" if arch.frame_step > 1 else "")
+                             + f", got {value!r}")
+    units = ((lo - 1) // _VAE_FRAMES + 1) // arch.frame_step, ((hi - 1) // _VAE_FRAMES + 1) // arch.frame_step
+    if arch.max_frame_units is not None and units[1] > arch.max_frame_units:
+        raise ValueError(f"frames max {hi} exceeds what the model accepts ({_frames(arch.max_frame_units, arch)})")
+    return _Range("latent_frames", *units)
+
+
+def _finish(path: Path, model, arch, dtype, ranges) -> None:
+    """Rewrite the exported graph file in place: boolean ``Where`` as logic ops, fastgen's metadata.
+    The weights stay where the exporter put them (inline or in <path>.data)."""
     import json
 
     import onnx
@@ -454,8 +781,7 @@ def _write_metadata(path: Path, model, arch, dtype, b, h, w, external: bool) -> 
     from fastgen import __version__
 
     proto = onnx.load(str(path), load_external_data=False)
-    ranges = {"batch": [b.lo, b.hi], "height": [h.lo * arch.px_step, _px(h.hi, arch.px_step)],
-              "width": [w.lo * arch.px_step, _px(w.hi, arch.px_step)]}
+    _bool_where_as_logic(proto.graph)
     values = {"fastgen.version": __version__, "fastgen.class": type(model).__name__,
               "fastgen.architecture": arch.name, "fastgen.config": model.to_json_string(),
               "fastgen.inputs": json.dumps(list(arch.inputs)), "fastgen.output": _OUTPUT,
@@ -463,9 +789,36 @@ def _write_metadata(path: Path, model, arch, dtype, b, h, w, external: bool) -> 
     del proto.metadata_props[:]
     for k, v in values.items():
         proto.metadata_props.add(key=k, value=v)
-    # The weights stay where the exporter put them (inline or in <path>.data): only the graph file
-    # is rewritten.
     onnx.save(proto, str(path))
+
+
+def _bool_where_as_logic(graph) -> int:
+    """Replace each ``Where(c, x, y)`` on booleans (``masked_fill`` of a bool mask: HunyuanVideo's
+    attention mask) with ``Or(And(c, x), And(Not(c), y))``: the same values, and onnxruntime's CPU
+    provider has no boolean ``Where`` kernel while every runtime has the logic ops. Needs the value
+    types the exporter records; returns how many nodes were replaced."""
+    import onnx
+    from onnx import helper
+
+    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.input, *graph.output)}
+    types.update((t.name, t.data_type) for t in graph.initializer)
+    nodes, replaced = [], 0
+    for node in graph.node:
+        if node.op_type != "Where" or node.domain not in ("", "ai.onnx") \
+                or types.get(node.output[0]) != onnx.TensorProto.BOOL:
+            nodes.append(node)
+            continue
+        c, x, y = node.input
+        base = node.name or f"where{replaced}"
+        nodes += [helper.make_node("Not", [c], [f"{base}_not"], name=f"{base}_not"),
+                  helper.make_node("And", [c, x], [f"{base}_then"], name=f"{base}_then"),
+                  helper.make_node("And", [f"{base}_not", y], [f"{base}_else"], name=f"{base}_else"),
+                  helper.make_node("Or", [f"{base}_then", f"{base}_else"], [node.output[0]], name=base)]
+        replaced += 1
+    if replaced:
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return replaced
 
 
 def read_metadata(path) -> dict[str, object]:
@@ -499,10 +852,10 @@ def _dims(values) -> dict[str, tuple[int | str, ...]]:
 
 # Validated shapes in model units (batch, height steps, width steps, text tokens): odd batches, a
 # non-square and a square size, text lengths other than the example's 7.
-_SHAPES = ((3, 2, 5, 5), (1, 4, 4, 11), (5, 3, 1, 3))
+_SHAPES = ((3, 2, 5, 5, 2), (1, 4, 4, 11, 1), (5, 3, 1, 3, 3))
 
 
-def _validate(path, arch, wrapper, model, b, h, w, dtype, device, bar) -> list[ShapeCheck]:
+def _validate(path, arch, wrapper, model, b, h, w, f, dtype, device, bar) -> list[ShapeCheck]:
     try:
         import onnxruntime as ort
     except ImportError as e:
@@ -512,14 +865,14 @@ def _validate(path, arch, wrapper, model, b, h, w, dtype, device, bar) -> list[S
     was_training = model.training
     model.eval()
     try:
-        for bs, hu, wu, t in _SHAPES:
+        for bs, hu, wu, t, fu in _SHAPES:
             bar.set_postfix_str("onnxruntime")
             bar.update()
-            bs, hu, wu = b.clamp(bs), h.clamp(hu), w.clamp(wu)
-            if (bs, hu, wu, t) in seen:
+            bs, hu, wu, fu = b.clamp(bs), h.clamp(hu), w.clamp(wu), (f.clamp(fu) if f else 1)
+            if (bs, hu, wu, t, fu) in seen:
                 continue
-            seen.add((bs, hu, wu, t))
-            x = arch.tensors(bs, hu, wu, t, dtype, device)
+            seen.add((bs, hu, wu, t, fu))
+            x = arch.tensors(bs, hu, wu, t, dtype, device, fu=fu)
             with torch.no_grad():
                 ref = wrapper(**x).float().cpu()
             feed = {k: v.cpu().numpy() for k, v in x.items()}
@@ -528,8 +881,10 @@ def _validate(path, arch, wrapper, model, b, h, w, dtype, device, bar) -> list[S
                 raise RuntimeError(f"onnxruntime returned {tuple(got.shape)}, PyTorch {tuple(ref.shape)}")
             diff = (got - ref).abs().max().item()
             scale = ref.abs().max().item()
-            checks.append(ShapeCheck(bs, hu * arch.px_step, wu * arch.px_step, t, diff,
-                                     diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)))
+            text = x["encoder_hidden_states"].shape[1]  # every denoiser's text input; Wan I2V's is fixed at 512
+            checks.append(ShapeCheck(bs, hu * arch.px_step, wu * arch.px_step, text, diff,
+                                     diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf),
+                                     _frames(fu, arch) if f else None))
     finally:
         model.train(was_training)
     return checks

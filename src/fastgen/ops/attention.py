@@ -20,6 +20,7 @@ from fastgen.kernels.fp8 import FP8
 from fastgen.ops import autotune as tuning
 from fastgen.ops.autotune import bucket
 from fastgen.ops.fp8 import Fp8KV
+from fastgen.ops.portable import is_portable
 
 
 try:
@@ -443,7 +444,9 @@ def attention(
     """
     extra_kv, biases, scale = _check_inputs(q, k, v, extra_kv, extra_bias, scale, backend)
     tensors = [q, k, v] + [t for pair in extra_kv for t in ((pair.k, pair.v) if isinstance(pair, Fp8KV) else pair)]
-    if backend == "auto":
+    if is_portable():
+        name = "sdpa"  # an export: standard operators only (fastgen.ops.portable)
+    elif backend == "auto":
         name = _auto(q, k, v, extra_kv, biases, scale, return_lse, tensors, autotune)
     else:
         name = resolve_backend(backend, q, tensors, biases, return_lse)

@@ -10,6 +10,7 @@ from fastgen.constants import KERNEL_BACKENDS as BACKENDS
 from fastgen.kernels import qk_norm_rope as _k
 from fastgen.kernels._common import overlap, same_storage, triton_can_run_on
 from fastgen.ops import autotune as tuning
+from fastgen.ops.portable import is_portable
 
 NORM_CODES, ROPE_CODES = _k.NORM_CODES, _k.ROPE_CODES
 
@@ -174,7 +175,10 @@ def choose_backend(backend: str, x: torch.Tensor, op: str, cuda_op: str) -> str:
     """The backend of an elementwise op with a Triton kernel, a CUDA twin (``fastgen_C::cuda_op``)
     and a PyTorch path: ``backend`` where it can run ``x``, else the automatic choice (warned
     once). One rule for every choice: a dtype the kernels do not take goes to PyTorch, "auto"
-    included; "auto" prefers the CUDA extension, then Triton on a GPU, then PyTorch."""
+    included; "auto" prefers the CUDA extension, then Triton on a GPU, then PyTorch. Inside
+    ``fastgen.ops.portable()`` (an export) always PyTorch, without a warning."""
+    if is_portable():
+        return "torch"
     supported = x.dtype in _KERNEL_DTYPES
     cuda_reason = cuda_ext_can_run_on(x.device, cuda_op)
     if not supported:
@@ -254,7 +258,9 @@ def qk_norm_rope(
         # with nothing to do, the PyTorch path returns q and k themselves: copy them before writing
         a, b = (t.clone() if same_storage(t, q) or same_storage(t, k) else t for t in (a, b))
         return out[0].copy_(a), out[1].copy_(b)
-    if backend == "auto":
+    if is_portable():
+        name = "torch"  # an export: standard operators only (fastgen.ops.portable)
+    elif backend == "auto":
         name = _auto(q, k, q_weight, k_weight, cos, sin, eps, norm, rope, full, autotune)
     else:
         name = choose_backend(backend, q, "qk_norm_rope", "qk_norm_rope")

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from fastgen._validity import ambient_key, modules_key, tensor_key, why_no_reuse
+from fastgen.ops.portable import is_portable
 
 
 class _Entry:
@@ -54,8 +55,9 @@ class StepCache:
 
     @property
     def open(self) -> bool:
-        """Whether a generation is running (entries may be served and stored)."""
-        return self._depth > 0
+        """Whether a generation is running (entries may be served and stored); never inside
+        ``fastgen.ops.portable()``, where an exported graph must compute every forward from its inputs."""
+        return self._depth > 0 and not is_portable()
 
     def begin(self, generator=None) -> None:
         """A generation starts (scopes nest; the outermost one owns the entries and ``generator``)."""
