@@ -1,4 +1,5 @@
-"""The ``fastgen`` command: ``fastgen info``, ``demo``, ``tune`` and ``bench``."""
+"""The ``fastgen`` command: ``fastgen info``, ``demo``, ``tune``, ``bench`` and ``export`` (``export onnx``,
+``export plan``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import os
 import platform
 import sys
+from pathlib import Path
 
 from fastgen.constants import ATTENTION_BACKENDS
 
@@ -215,6 +217,227 @@ def cmd_demo(args) -> int:
     return 0 if result["unpatch_bit_exact"] else 1
 
 
+def _export_model(source: str, dtype):
+    """(denoiser, what it is) for ``fastgen export onnx``: a family of ``fastgen.export.plan.FAMILIES``
+    built with random weights (seed 0), else a model or pipeline folder or Hub id through the class's
+    ``from_pretrained`` (its transformer or unet)."""
+    import diffusers
+
+    from fastgen.export.plan import FAMILIES, load_config
+
+    if source in FAMILIES:
+        family = FAMILIES[source]
+        return family.build("cpu", dtype), f"{family.cls} {source} (random weights)"
+    cls, _, subfolder = load_config(source)
+    model = getattr(diffusers, cls).from_pretrained(source, subfolder=subfolder, torch_dtype=dtype)
+    return model.eval(), f"{cls} from {source}" + (f" ({subfolder})" if subfolder else "")
+
+
+def _usage_error(command: str, message: str) -> int:
+    # after parsing, as argparse does for what it checks itself: one line, exit status 2
+    print(f"fastgen {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _quiet_exporter():
+    # torch.onnx logs a warning for every torchvision op it cannot register (torchvision is not
+    # needed here): noise between the progress bar and the summary.
+    import contextlib
+    import logging
+
+    @contextlib.contextmanager
+    def quiet():
+        log = logging.getLogger("torch.onnx")
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            log.setLevel(level)
+
+    return quiet()
+
+
+def cmd_export_onnx(args) -> int:
+    _quiet_transformers()
+    import time
+
+    import torch
+
+    from fastgen.export import operators, to_onnx
+
+    command = "export onnx"
+    dtype = getattr(torch, args.dtype)
+    if dtype == torch.bfloat16 and not args.no_validate:
+        return _usage_error(command, "onnxruntime's CPU provider cannot run bfloat16 graphs: add --no-validate "
+                                     "(or export float16 / float32)")
+    try:
+        model, what = _export_model(args.model, dtype)
+    except (ValueError, OSError) as exc:
+        return _usage_error(command, str(exc).splitlines()[0])
+    if not args.quiet:
+        print(f"fastgen export onnx: {what} -> {args.out}", file=sys.stderr)
+    started = time.time()
+    try:
+        with _quiet_exporter():
+            report = to_onnx(model, args.out, height=args.height, width=args.width, frames=args.frames,
+                             batch=args.batch, dtype=dtype, opset=args.opset, target=args.target,
+                             validate=not args.no_validate, progress=not args.quiet)
+    except ValueError as exc:
+        out = Path(args.out)
+        # written by this run, then refused by the target's operator check: name the failing nodes
+        if args.target and out.exists() and out.stat().st_mtime >= started:
+            failing = operators.check_operators(out, args.target)
+            if failing:
+                print(export_failures(failing, args.target, out))
+                return 1
+        return _usage_error(command, str(exc).splitlines()[0])
+    print(export_summary(report, what))
+    return 0
+
+
+def export_failures(failing, target: str, path) -> str:
+    """The lines naming every node ``target`` refuses (``operators.Unsupported`` s) in ``path``."""
+    lines = [f"{path}: {len(failing)} node(s) would fail on {target} (the graph is kept, for inspection):"]
+    return "\n".join(lines + [f"  {u}" for u in failing])
+
+
+def export_summary(report, what: str) -> str:
+    """``fastgen export onnx``'s summary of an ``ExportReport``: the file, its inputs and output with
+    their symbolic dimensions, the declared ranges, each validated shape's difference from PyTorch and
+    the target's operator check."""
+    def dims(d):
+        return "[" + ", ".join(map(str, d)) + "]"
+
+    def span(lo, hi):
+        return f"{lo}" if lo == hi else f"{lo}-{hi if hi is not None else 'any'}"
+
+    size = report.file_bytes / 2**20
+    lines = [f"wrote {report.path} ({size:.1f} MiB{', weights in ' + report.path.name + '.data' if report.external_data else ''}): "
+             f"{what}, opset {report.opset}, {str(report.dtype).removeprefix('torch.')}, exported in "
+             f"{report.export_seconds:.1f} s", "inputs:"]
+    width = max(map(len, list(report.inputs) + list(report.outputs)))
+    lines += [f"  {name:{width}}  {dims(d)}" for name, d in report.inputs.items()]
+    lines += ["output:"] + [f"  {name:{width}}  {dims(d)}" for name, d in report.outputs.items()]
+    lines.append("ranges: " + ", ".join(f"{k} {span(*v)}" + (" px" if k in ("height", "width") else "")
+                                        for k, v in report.ranges.items()))
+    if report.checks:
+        lines.append(f"validated with onnxruntime (CPU) against PyTorch in {report.validate_seconds:.1f} s:")
+        for c in report.checks:
+            frames = f", {c.frames} frames" if getattr(c, "frames", None) else ""
+            lines.append(f"  batch {c.batch}, {c.height}x{c.width} px{frames}, {c.text_tokens} text tokens: "
+                         f"max abs diff {c.max_abs_diff:.2e} ({c.max_rel_diff:.2e} of the largest output)")
+    else:
+        lines.append("not validated (--no-validate)")
+    target = getattr(report, "target", None)
+    if target:
+        lines.append(f"operator check for {target}: every node supported")
+    return "\n".join(lines)
+
+
+def cmd_export_plan(args) -> int:
+    from fastgen.export.plan import plan
+
+    kwargs = {k: getattr(args, k) for k in ("batch", "height", "width", "frames", "text_tokens")}
+    if args.workspace is not None:
+        kwargs["workspace_bytes"] = args.workspace
+    if args.reserve is not None:
+        kwargs["reserve_bytes"] = args.reserve
+    try:
+        p = plan(args.model, precision=args.precision, vram_bytes=args.vram, **kwargs)
+    except (ValueError, OSError) as exc:
+        return _usage_error("export plan", str(exc).splitlines()[0])
+    print(p.table())
+    return 0 if p.fits else 1
+
+
+def _size_range(text: str):
+    """"N" -> N, "MIN:MAX" -> (MIN, MAX): positive whole numbers, MIN <= MAX."""
+    parts = text.split(":")
+    try:
+        values = [int(x) for x in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not N or MIN:MAX: {text!r}") from None
+    if len(values) > 2 or min(values) < 1 or values[0] > values[-1]:
+        raise argparse.ArgumentTypeError(f"must be a positive N or MIN:MAX with MIN <= MAX, got {text!r}")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _bytes_arg(allow_zero: bool):
+    def parse(text: str) -> int:
+        from fastgen.export.plan import parse_bytes
+
+        try:
+            return parse_bytes(text, allow_zero=allow_zero)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
+def _precision(text: str) -> str:
+    from fastgen.export.plan import PRECISIONS
+
+    if text not in PRECISIONS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(PRECISIONS)}, got {text!r}")
+    return text
+
+
+def _export_target(text: str) -> str:
+    from fastgen.export.operators import target
+
+    try:
+        target(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def export_args(sub) -> None:
+    """``fastgen export onnx`` and ``fastgen export plan``."""
+    ex = sub.add_parser("export", help="export a denoiser to ONNX; plan a TensorRT engine for a card's memory")
+    commands = ex.add_subparsers(dest="export_command", required=True, metavar="{onnx,plan}")
+    o = commands.add_parser("onnx", help="export a denoiser to ONNX with dynamic shapes, validated with onnxruntime",
+                            description="Export the denoiser (transformer or unet) to ONNX with dynamic batch, "
+                            "size and text length (fastgen.export.to_onnx), check it, validate it with "
+                            "onnxruntime and print a summary. Exit status 1 where --target refuses a node.")
+    o.add_argument("model", metavar="MODEL_OR_FAMILY",
+                   help="a diffusers model or pipeline folder or Hub id, or a built-in family with random weights "
+                        "(flux:tiny, sd15:small, flux-dev, ...: fastgen.export.plan.FAMILIES)")
+    o.add_argument("out", metavar="OUT.onnx", help="the ONNX file (weights above 2 GiB go to OUT.onnx.data)")
+    for name, what in (("height", "pixels"), ("width", "pixels"), ("batch", "items"), ("frames", "video frames")):
+        o.add_argument(f"--{name}", type=_size_range, metavar="A[:B]",
+                       help=f"{what}: fixed A, or the range A to B (default: all the model accepts)")
+    o.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and inputs (default float32)")
+    o.add_argument("--opset", type=_positive, help="ONNX opset (default: 20, or the newest the --target parses)")
+    o.add_argument("--target", type=_export_target, help="check every node against a runtime: onnxruntime, "
+                   "onnxruntime:<ExecutionProvider>, tensorrt-10.1, tensorrt-10.14, tensorrt-10.15")
+    o.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison")
+    o.add_argument("--quiet", action="store_true", help="no progress bar")
+    o.set_defaults(func=cmd_export_onnx)
+
+    pl = commands.add_parser("plan", help="weights, activations and the weight-streaming budget on a card",
+                             description="Weight bytes, the activation memory of one forward per shape and the "
+                             "TensorRT weight-streaming budget that fits a card (fastgen.export.plan). Exit "
+                             "status 1 where nothing fits.")
+    pl.add_argument("model", metavar="FAMILY_OR_MODEL",
+                    help="a family (flux-dev, sd15, sdxl, sd3.5-medium, wan2.1-1.3b, hunyuanvideo, flux:tiny, ...), "
+                         "a diffusers model or pipeline folder or Hub id (its config only)")
+    pl.add_argument("--precision", type=_precision, default="bf16", help="bf16 (default), fp16, fp8 or fp32")
+    pl.add_argument("--vram", type=_bytes_arg(False), required=True, metavar="SIZE",
+                    help="the card's memory: 8GiB, 8 (GiB), 8GB, 12288MiB")
+    for name, what in (("batch", "items per forward"), ("height", "pixels"), ("width", "pixels"),
+                       ("frames", "video frames (4k + 1)"), ("text-tokens", "prompt tokens")):
+        pl.add_argument(f"--{name}", type=_size_range, metavar="A[:B]",
+                        help=f"{what}: A, or A:B for two profiles (every minimum, every maximum); "
+                             "default: the family's usual shape")
+    pl.add_argument("--workspace", type=_bytes_arg(True), default=None, metavar="SIZE",
+                    help="TensorRT's tactic workspace (default 1GiB)")
+    pl.add_argument("--reserve", type=_bytes_arg(True), default=None, metavar="SIZE",
+                    help="CUDA context, runtime and slack (default 1GiB)")
+    pl.set_defaults(func=cmd_export_plan)
+
+
 DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_CPU_TOME = 0.5  # the ToMe row a demo without a GPU adds (--tome 0 drops it)
 CPU_DEMO_SIDE = 1024  # ... on images of this side, for the image families, unless a size is given
@@ -313,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--out", help="write JSON and markdown results to this folder")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.set_defaults(func=cmd_bench)
+
+    export_args(sub)
 
     args = p.parse_args(argv)
     return args.func(args)

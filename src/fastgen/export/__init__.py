@@ -7,5 +7,6 @@
 """
 
 from fastgen.export.onnx import ExportReport, read_metadata, to_onnx
+from fastgen.export.plan import Plan, Shape, plan  # low-VRAM planning (fastgen export plan)
 
 __all__ = ["ExportReport", "read_metadata", "to_onnx"]
