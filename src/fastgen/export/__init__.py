@@ -4,9 +4,12 @@
   TensorRT releases) and the check that names every node of a graph a target would refuse.
 - ``onnx``: ``to_onnx`` of a pipeline's denoiser with dynamic batch / resolution / sequence
   dimensions, validated with ``onnx.checker`` and onnxruntime; ``read_metadata`` of what it wrote.
+- ``runtime``: ``OnnxRuntimeDenoiser.load(path)``, an exported graph standing in for the denoiser of
+  a diffusers pipeline; ``ExportedDenoiser``, its runtime-independent base.
 """
 
 from fastgen.export.onnx import ExportReport, read_metadata, to_onnx
 from fastgen.export.plan import Plan, Shape, plan  # low-VRAM planning (fastgen export plan)
+from fastgen.export.runtime import ExportedDenoiser, OnnxRuntimeDenoiser, TensorSpec
 
-__all__ = ["ExportReport", "read_metadata", "to_onnx"]
+__all__ = ["ExportReport", "ExportedDenoiser", "OnnxRuntimeDenoiser", "TensorSpec", "read_metadata", "to_onnx"]
