@@ -11,5 +11,6 @@
 from fastgen.export.onnx import ExportReport, read_metadata, to_onnx
 from fastgen.export.plan import Plan, Shape, plan  # low-VRAM planning (fastgen export plan)
 from fastgen.export.runtime import ExportedDenoiser, OnnxRuntimeDenoiser, TensorSpec
+from fastgen.export.tensorrt import EngineBuild, StaleEngineError, TensorRTDenoiser, build_engine  # lazy tensorrt
 
 __all__ = ["ExportReport", "ExportedDenoiser", "OnnxRuntimeDenoiser", "TensorSpec", "read_metadata", "to_onnx"]
