@@ -1223,3 +1223,9 @@ class TensorRTDenoiser(ExportedDenoiser):
                         load_external_data_for_tensor(init, str(self._onnx_path.parent))
                     self._constants[init.name] = torch.from_numpy(numpy_helper.to_array(init).copy())
         return self._constants
+
+
+__all__ = ["EngineBuild", "PRECISIONS", "StaleEngineError", "TensorRTDenoiser", "WeightSource", "atomic_write",
+           "build_engine", "check_engine", "compute_capability", "default_cache_dir", "engine_key", "graph_inputs",
+           "graph_io", "hash_onnx", "make_profile", "onnx_files", "operator_target", "read_sidecar", "refit_sources",
+           "sidecar_path", "streaming_budget", "symbol_ranges", "tensorrt_version", "validate_profiles"]
