@@ -309,6 +309,8 @@ def test_metadata_round_trip(flux):
                               "txt_ids"]
     assert meta["output"] == "noise_pred" and meta["dtype"] == torch.float32
     assert meta["ranges"] == report.ranges
+    # graph units: batch items, image tokens (the product of the side ranges in 16-px steps), text tokens
+    assert meta["symbols"] == {"batch": (1, 4), "image_tokens": (2 * 2, 8 * 6), "text_tokens": (1, None)}
 
 
 def test_read_metadata_refuses_foreign_files(tmp_path):
@@ -361,3 +363,21 @@ def test_portable_scope_runs_every_op_as_its_reference():
     assert not is_portable() and "fastgen" not in refs.seen
     for a, b in zip(got, ref):
         torch.testing.assert_close(a.float(), b.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_meta_model_exports_its_graph_without_weights(tmp_path):
+    # How released sizes larger than memory are checked (tools/export_real_size.py): the graph of a
+    # model on the meta device, each weight a graph input of its parameter's name.
+    model, _ = tiny_denoiser("unet")
+    names = {n for n, _ in model.named_parameters()}
+    model = model.to("meta")
+    with pytest.raises(ValueError, match="meta device has no weights"):
+        fx.to_onnx(model, tmp_path / "m.onnx")
+    report = fx.to_onnx(model, tmp_path / "m.onnx", validate=False, target="tensorrt-10.1")
+    assert not report.weights and not report.checks and not report.external_data
+    graph = onnx.load(str(report.path)).graph
+    inputs = {i.name for i in graph.input}
+    assert {"sample", "timestep", "encoder_hidden_states"} <= inputs
+    # every weight is an input, named by its parameter path under the export wrapper's "model."
+    assert {n for n in names if f"model.{n}" in inputs} == names
+    assert report.inputs["sample"] == ("batch", 4, "2*height", "2*width")

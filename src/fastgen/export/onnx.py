@@ -54,12 +54,16 @@ class ExportReport:
       ``max`` None means unbounded.
     - ``file_bytes``: the ``.onnx`` file plus its external data file, if any.
     - ``checks``: one ``ShapeCheck`` per validated shape (empty with ``validate=False``).
+    - ``weights``: False where the model was on the meta device: the graph takes each weight as an
+      input of the parameter's name instead of holding it (a structural export of a model larger
+      than memory: checker, operator check and dims, no numbers).
     """
 
     path: Path
     architecture: str
     opset: int
     target: str | None
+    weights: bool  # False for a model on the meta device: its weights are graph inputs
     dtype: torch.dtype
     inputs: dict[str, tuple[int | str, ...]]
     outputs: dict[str, tuple[int | str, ...]]
@@ -122,6 +126,13 @@ class _Arch:
         """torch.export dynamic shapes per input: ``batch`` / ``text`` Dims (or None), ``h`` /
         ``w`` / ``f`` ``_Range``s in steps."""
         raise NotImplementedError
+
+
+def _scheduler_timesteps(b: int, device) -> torch.Tensor:
+    # float32 whatever the export dtype: the UNet, SD3 and Wan pipelines pass the scheduler's
+    # timesteps as they come (Euler's are fractional; fp16 would round them) and the models embed
+    # them in float32. Flux and HunyuanVideo pipelines cast theirs to the latents' dtype: so do theirs.
+    return torch.linspace(300.0, 900.0, b, device=device)
 
 
 def _randn(*shape, dtype, device, seed):
@@ -226,7 +237,7 @@ class _UNet(_Arch):
     def tensors(self, b, hu, wu, t, dtype, device, fu=1):
         c, s = self.config, self.latent_step
         out = dict(sample=_randn(b, c.in_channels, hu * s, wu * s, dtype=dtype, device=device, seed=1),
-                   timestep=torch.linspace(300.0, 900.0, b).to(device=device, dtype=dtype),
+                   timestep=_scheduler_timesteps(b, device),
                    encoder_hidden_states=_randn(b, t, c.cross_attention_dim, dtype=dtype, device=device, seed=2))
         if self.sdxl:
             # SDXL's added conditioning: pooled text embedding, then 6 micro-conditioning numbers
@@ -293,7 +304,7 @@ class _SD3(_Arch):
         return dict(hidden_states=_randn(b, c.in_channels, hu * s, wu * s, dtype=dtype, device=device, seed=1),
                     encoder_hidden_states=_randn(b, t, c.joint_attention_dim, dtype=dtype, device=device, seed=2),
                     pooled_projections=_randn(b, c.pooled_projection_dim, dtype=dtype, device=device, seed=3),
-                    timestep=torch.linspace(300.0, 900.0, b).to(device=device, dtype=dtype))
+                    timestep=_scheduler_timesteps(b, device))
 
     def dynamic_shapes(self, batch, h, w, text, f=None):
         s = self.latent_step
@@ -357,7 +368,7 @@ class _Wan(_Arch):
             t, n_image = _WAN_I2V_TEXT, t + 2
         out = dict(hidden_states=_randn(b, c.in_channels, fu * self.frame_step, hu * s, wu * s, dtype=dtype,
                                         device=device, seed=1),
-                   timestep=torch.linspace(300.0, 900.0, b).to(device=device, dtype=dtype),
+                   timestep=_scheduler_timesteps(b, device),
                    encoder_hidden_states=_randn(b, t, c.text_dim, dtype=dtype, device=device, seed=2))
         if self.image:
             out["encoder_hidden_states_image"] = _randn(b, n_image, c.image_dim, dtype=dtype, device=device, seed=3)
@@ -438,6 +449,26 @@ NEWEST_OPSET = 23  # the newest opset whose operator forms fastgen exports and t
 # without the fused operator gets that op traced as its decomposition (MatMul-Softmax-MatMul;
 # Pow / ReduceMean / Sqrt) instead.
 _FUSED = {"Attention": "scaled_dot_product_attention", "RMSNormalization": "rms_norm"}
+
+
+def _initializers_as_inputs(graph) -> list:
+    """Move every initializer of ``graph`` (an ``onnx_ir.Graph``) to the graph's inputs, without its
+    value; returns ``[(value, tensor)]`` for ``_inputs_as_initializers``."""
+    moved = []
+    for name in list(graph.initializers):
+        value = graph.initializers.pop(name)
+        moved.append((value, value.const_value))
+        value.const_value = None
+        graph.inputs.append(value)
+    return moved
+
+
+def _inputs_as_initializers(graph, moved) -> None:
+    """Undo ``_initializers_as_inputs``."""
+    for value, tensor in moved:
+        graph.inputs.remove(value)
+        value.const_value = tensor
+        graph.register_initializer(value)
 
 
 def _optimize(model, opset: int, target_name: str | None) -> None:
@@ -616,6 +647,9 @@ def to_onnx(pipe_or_model, path, *, height=None, width=None, frames=None, batch=
       Operator forms follow it: at opset 23, fused ``Attention`` / ``RMSNormalization`` only where
       the target runs them (TensorRT: ``Attention`` from 10.14, ``RMSNormalization`` from 10.15),
       else their decompositions; then every node is checked against the target's operator list.
+    - A model on the ``meta`` device (built under ``torch.device("meta")``: no memory for weights)
+      exports its graph with the weights as graph inputs and no optimisation (constant folding
+      needs values): how released sizes are checked on a machine smaller than them.
     - ``validate``: run onnxruntime (CPUExecutionProvider) at 3 shapes inside the ranges (an odd
       batch, a non-square size, other text lengths and frame counts than the export's example) and
       compare with PyTorch; the differences are in the report, not judged here.
@@ -658,6 +692,10 @@ def to_onnx(pipe_or_model, path, *, height=None, width=None, frames=None, batch=
 
     param = next(model.parameters())
     device = param.device
+    meta = device.type == "meta"
+    if meta and validate:
+        raise ValueError("a model on the meta device has no weights to run: pass validate=False (its export is the "
+                         "graph alone, weights as graph inputs)")
     if param.dtype != dtype:
         model = copy.deepcopy(model).to(dtype)
     was_training = model.training
@@ -671,7 +709,7 @@ def to_onnx(pipe_or_model, path, *, height=None, width=None, frames=None, batch=
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    external = weight_bytes > _PROTO_LIMIT
+    external = weight_bytes > _PROTO_LIMIT and not meta
     from tqdm.auto import tqdm
 
     bar = tqdm(total=3 + (len(_SHAPES) if validate else 0), desc=f"to_onnx {arch.name}", unit="step",
@@ -699,7 +737,18 @@ def to_onnx(pipe_or_model, path, *, height=None, width=None, frames=None, batch=
             exported = torch.onnx.export(program, (), kwargs=example, dynamo=True, dynamic_shapes=dyn,
                                          opset_version=opset, output_names=[_OUTPUT], optimize=False,
                                          verbose=False)
+            # The module's weights and buffers sit out the optimisation as graph inputs: constant
+            # folding would otherwise fold them into new tensors (a Linear weight into its
+            # transpose, a norm's weight into a reshape) and merge equal ones, and the file would
+            # no longer hold each parameter under its name (what a TensorRT refit sets; the
+            # runtimes fold such transposes themselves when they load the graph). On meta they stay
+            # inputs: a complete graph to check (onnx.checker, operators, dims) for a model larger
+            # than this machine's memory.
+            graph = exported.model.graph
+            weights = _initializers_as_inputs(graph)
             _optimize(exported.model, opset, target)
+            if not meta:
+                _inputs_as_initializers(graph, weights)
             exported.save(str(path), external_data=external)
             bar.update()
     finally:
@@ -708,7 +757,7 @@ def to_onnx(pipe_or_model, path, *, height=None, width=None, frames=None, batch=
     bar.set_postfix_str("onnx.checker")
     # Given a path, the checker also reads external data and runs shape inference (full_check).
     ranges = _ranges(arch, b, h, w, f)
-    _finish(path, model, arch, dtype, ranges)
+    _finish(path, model, arch, dtype, ranges, _symbols(dyn))
     onnx.checker.check_model(str(path), full_check=True)
     if target is not None:
         from fastgen.export.operators import require_supported
@@ -719,7 +768,7 @@ def to_onnx(pipe_or_model, path, *, height=None, width=None, frames=None, batch=
     proto = onnx.load(str(path), load_external_data=False)
     data = path.with_name(path.name + ".data")
     report = ExportReport(
-        path=path, architecture=arch.name, opset=opset, target=target, dtype=dtype, inputs=_dims(proto.graph.input),
+        path=path, architecture=arch.name, opset=opset, target=target, dtype=dtype, weights=not meta, inputs=_dims(proto.graph.input),
         outputs=_dims(proto.graph.output),
         ranges=ranges,
         external_data=external, file_bytes=path.stat().st_size + (data.stat().st_size if external else 0),
@@ -735,7 +784,7 @@ def to_onnx(pipe_or_model, path, *, height=None, width=None, frames=None, batch=
 # Keys of the ONNX model's ``metadata_props`` that ``to_onnx`` writes, so a runtime module can stand in
 # for the model (``config``, input names) without the PyTorch model at hand.
 METADATA = ("fastgen.version", "fastgen.class", "fastgen.architecture", "fastgen.config", "fastgen.inputs",
-            "fastgen.output", "fastgen.dtype", "fastgen.ranges")
+            "fastgen.output", "fastgen.dtype", "fastgen.ranges", "fastgen.symbols")
 
 
 def _frames(units: int | None, arch) -> int | None:
@@ -771,7 +820,20 @@ def _parse_frames(value, arch) -> _Range:
     return _Range("latent_frames", *units)
 
 
-def _finish(path: Path, model, arch, dtype, ranges) -> None:
+def _symbols(dynamic_shapes: dict) -> dict[str, list]:
+    """Each symbolic dimension of the graph by name -> [min, max or None], in the graph's own units
+    (batch items, tokens, latent frame / side steps; a dimension ``2*height`` is twice its symbol)."""
+    out = {}
+    for dims in dynamic_shapes.values():
+        for d in dims.values():
+            d = getattr(d, "root", d)  # a derived dimension (step * Dim): its root symbol
+            if isinstance(d, torch.export.Dim):
+                hi = d.max if isinstance(d.max, int) and d.max < 2**62 else None  # int_oo: unbounded
+                out[d.__name__] = [int(d.min), hi]
+    return out
+
+
+def _finish(path: Path, model, arch, dtype, ranges, symbols) -> None:
     """Rewrite the exported graph file in place: boolean ``Where`` as logic ops, fastgen's metadata.
     The weights stay where the exporter put them (inline or in <path>.data)."""
     import json
@@ -785,7 +847,8 @@ def _finish(path: Path, model, arch, dtype, ranges) -> None:
     values = {"fastgen.version": __version__, "fastgen.class": type(model).__name__,
               "fastgen.architecture": arch.name, "fastgen.config": model.to_json_string(),
               "fastgen.inputs": json.dumps(list(arch.inputs)), "fastgen.output": _OUTPUT,
-              "fastgen.dtype": str(dtype).removeprefix("torch."), "fastgen.ranges": json.dumps(ranges)}
+              "fastgen.dtype": str(dtype).removeprefix("torch."), "fastgen.ranges": json.dumps(ranges),
+              "fastgen.symbols": json.dumps(symbols)}
     del proto.metadata_props[:]
     for k, v in values.items():
         proto.metadata_props.add(key=k, value=v)
@@ -822,24 +885,33 @@ def _bool_where_as_logic(graph) -> int:
 
 
 def read_metadata(path) -> dict[str, object]:
-    """The ``fastgen.*`` metadata ``to_onnx`` wrote into ``path``: ``class``, ``architecture``,
-    ``config`` (the model's diffusers config, a dict), ``inputs`` (graph input names in order),
-    ``output``, ``dtype`` (a ``torch.dtype``), ``ranges`` (as in ``ExportReport.ranges``), ``version``.
+    """The ``fastgen.*`` metadata ``to_onnx`` wrote into the ONNX file at ``path`` (``parse_metadata``).
     Raises ``ValueError`` for a file ``to_onnx`` did not write."""
-    import json
-
     import onnx
 
     props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return parse_metadata(props, str(path))
+
+
+def parse_metadata(props: dict[str, str], where: str = "the graph") -> dict[str, object]:
+    """``to_onnx``'s metadata from a graph's ``metadata_props`` as a dict of strings (onnx's, or
+    onnxruntime's ``session.get_modelmeta().custom_metadata_map``): ``class``, ``architecture``,
+    ``config`` (the model's diffusers config, a dict), ``inputs`` (graph input names in order),
+    ``output``, ``dtype`` (a ``torch.dtype``), ``ranges`` (as in ``ExportReport.ranges``, pixels and
+    video frames), ``symbols`` (each symbolic graph dimension -> (min, max or None) in the graph's
+    units), ``version``. Raises ``ValueError`` naming ``where`` when fastgen's keys are missing."""
+    import json
+
     missing = [k for k in METADATA if k not in props]
     if missing:
-        raise ValueError(f"{path} has no fastgen metadata ({', '.join(missing)}): export it with "
+        raise ValueError(f"{where} has no fastgen metadata ({', '.join(missing)}): export it with "
                          "fastgen.export.to_onnx")
     return {"version": props["fastgen.version"], "class": props["fastgen.class"],
             "architecture": props["fastgen.architecture"], "config": json.loads(props["fastgen.config"]),
             "inputs": json.loads(props["fastgen.inputs"]), "output": props["fastgen.output"],
             "dtype": getattr(torch, props["fastgen.dtype"]),
-            "ranges": {k: tuple(v) for k, v in json.loads(props["fastgen.ranges"]).items()}}
+            "ranges": {k: tuple(v) for k, v in json.loads(props["fastgen.ranges"]).items()},
+            "symbols": {k: tuple(v) for k, v in json.loads(props["fastgen.symbols"]).items()}}
 
 
 def _px(units: int | None, step: int) -> int | None:
@@ -890,4 +962,4 @@ def _validate(path, arch, wrapper, model, b, h, w, f, dtype, device, bar) -> lis
     return checks
 
 
-__all__ = ["ExportReport", "METADATA", "SUPPORTED", "ShapeCheck", "read_metadata", "to_onnx"]
+__all__ = ["ExportReport", "METADATA", "SUPPORTED", "ShapeCheck", "parse_metadata", "read_metadata", "to_onnx"]
