@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import sys
@@ -239,29 +240,23 @@ def _usage_error(command: str, message: str) -> int:
     return 2
 
 
+@contextlib.contextmanager
 def _quiet_exporter():
     # torch.onnx logs a warning for every torchvision op it cannot register (torchvision is not
     # needed here): noise between the progress bar and the summary.
-    import contextlib
     import logging
 
-    @contextlib.contextmanager
-    def quiet():
-        log = logging.getLogger("torch.onnx")
-        level = log.level
-        log.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            log.setLevel(level)
-
-    return quiet()
+    log = logging.getLogger("torch.onnx")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def cmd_export_onnx(args) -> int:
     _quiet_transformers()
-    import time
-
     import torch
 
     from fastgen.export import operators, to_onnx
@@ -277,16 +272,16 @@ def cmd_export_onnx(args) -> int:
         return _usage_error(command, str(exc).splitlines()[0])
     if not args.quiet:
         print(f"fastgen export onnx: {what} -> {args.out}", file=sys.stderr)
-    started = time.time()
+    out = Path(args.out)
+    before = out.stat().st_mtime_ns if out.exists() else None
     try:
         with _quiet_exporter():
             report = to_onnx(model, args.out, height=args.height, width=args.width, frames=args.frames,
                              batch=args.batch, dtype=dtype, opset=args.opset, target=args.target,
                              validate=not args.no_validate, progress=not args.quiet)
     except ValueError as exc:
-        out = Path(args.out)
         # written by this run, then refused by the target's operator check: name the failing nodes
-        if args.target and out.exists() and out.stat().st_mtime >= started:
+        if args.target and out.exists() and out.stat().st_mtime_ns != before:
             failing = operators.check_operators(out, args.target)
             if failing:
                 print(export_failures(failing, args.target, out))
@@ -312,10 +307,9 @@ def export_summary(report, what: str) -> str:
     def span(lo, hi):
         return f"{lo}" if lo == hi else f"{lo}-{hi if hi is not None else 'any'}"
 
-    size = report.file_bytes / 2**20
-    lines = [f"wrote {report.path} ({size:.1f} MiB{', weights in ' + report.path.name + '.data' if report.external_data else ''}): "
-             f"{what}, opset {report.opset}, {str(report.dtype).removeprefix('torch.')}, exported in "
-             f"{report.export_seconds:.1f} s", "inputs:"]
+    data = f", weights in {report.path.name}.data" if report.external_data else ""
+    lines = [f"wrote {report.path} ({report.file_bytes / 2**20:.1f} MiB{data}): {what}, opset {report.opset}, "
+             f"{str(report.dtype).removeprefix('torch.')}, exported in {report.export_seconds:.1f} s", "inputs:"]
     width = max(map(len, list(report.inputs) + list(report.outputs)))
     lines += [f"  {name:{width}}  {dims(d)}" for name, d in report.inputs.items()]
     lines += ["output:"] + [f"  {name:{width}}  {dims(d)}" for name, d in report.outputs.items()]
@@ -324,14 +318,13 @@ def export_summary(report, what: str) -> str:
     if report.checks:
         lines.append(f"validated with onnxruntime (CPU) against PyTorch in {report.validate_seconds:.1f} s:")
         for c in report.checks:
-            frames = f", {c.frames} frames" if getattr(c, "frames", None) else ""
+            frames = f", {c.frames} frames" if c.frames else ""
             lines.append(f"  batch {c.batch}, {c.height}x{c.width} px{frames}, {c.text_tokens} text tokens: "
                          f"max abs diff {c.max_abs_diff:.2e} ({c.max_rel_diff:.2e} of the largest output)")
     else:
         lines.append("not validated (--no-validate)")
-    target = getattr(report, "target", None)
-    if target:
-        lines.append(f"operator check for {target}: every node supported")
+    if report.target:
+        lines.append(f"operator check for {report.target}: every node supported")
     return "\n".join(lines)
 
 

@@ -198,10 +198,12 @@ def export_table(rows: list[Result]) -> list[str]:
     ratio is then computed from the two medians."""
     if not rows:
         return []
-    lines = ["", "ONNX export: ms per forward on the CPU, onnxruntime (CPU execution provider) vs PyTorch eager, same "
-             "inputs, same run (fastgen bench: interleaved rounds; bench/: pytest-benchmark); ratio = PyTorch median / "
-             "this median (\"ranges overlap\": the rounds' ranges are not apart); max abs diff from PyTorch's output "
-             "and that relative to its largest |value|.", "",
+    threads = next((r.extra["threads"] for r in rows if "threads" in r.extra), None)
+    each = f" ({threads} threads each)" if threads else ""
+    lines = ["", f"ONNX export: ms per forward on the CPU{each}, onnxruntime (CPU execution provider) vs PyTorch "
+             "eager, same inputs, same run (fastgen bench: interleaved rounds; bench/: pytest-benchmark); ratio = "
+             "PyTorch median / this median (\"ranges overlap\": the rounds' ranges are not apart); max abs diff from "
+             "PyTorch's output and that relative to its largest |value|.", "",
              "| case | runtime | ms / forward | min-max | PyTorch / this | max abs diff | rel. diff | export s | "
              "ONNX MiB |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     eager = {r.case: r.ms for r in rows if r.provider == EAGER}

@@ -11,18 +11,18 @@ Linear and Conv layers (what FP8 quantization converts) and 2 for the rest (bias
 
 Activations, per shape: the peak of live tensors during one forward in PyTorch eager, measured by
 running diffusers' own forward on meta tensors of that shape, in the precision's activation dtype (so
-what diffusers keeps in float32, RoPE tables, rotated queries, is counted in float32). Every tensor an op allocates counts from
-the op that makes it until Python drops its last reference (views count nothing); the inputs count from
-the start. Attention is counted as a fused kernel (flash / memory-efficient attention, TensorRT's fused
-MHA): its output and a float32 log-sum-exp per query row, O(N * d), never the O(N^2) score matrix of
-the math path (which is what meta tensors would otherwise run). No per-architecture formula: what is
-live when is what diffusers' code keeps live (a UNet's skip connections, a single-stream Flux block's
-``[attention, 4x MLP]`` concatenation, the inputs the caller still holds), so the estimate follows
-diffusers releases. ``tests/test_export_plan.py`` checks it against the CPU allocator's measured peak of
-real forwards (torch's profiler memory events): within 10 % (0-6 % measured) for the tiny and small Flux
-and UNet configs at latents of 24 x 32 and up. (At the tiny UNet's own 8 x 8 latents the measurement is
-1.8x the estimate: oneDNN copies a convolution's weights per call on a CPU, scratch as large as those
-activations that no estimate of a GPU engine should count.)
+what diffusers keeps in float32, RoPE tables, rotated queries, is counted in float32). Every tensor an
+op allocates counts from the op that makes it until Python drops its last reference (views count
+nothing); the inputs count from the start. Attention is counted as a fused kernel (flash /
+memory-efficient attention, TensorRT's fused MHA): its output and a float32 log-sum-exp per query row,
+O(N * d), never the O(N^2) score matrix of the math path (which is what meta tensors would otherwise
+run). No per-architecture formula: what is live when is what diffusers' code keeps live (a UNet's skip
+connections, a single-stream Flux block's ``[attention, 4x MLP]`` concatenation, the inputs the caller
+still holds), so the estimate follows diffusers releases. ``tests/test_export_plan.py`` checks it
+against the CPU allocator's measured peak of real forwards (torch's profiler memory events): within 10 %
+(0-6 % measured) for the tiny and small Flux and UNet configs at latents of 24 x 32 and up. (At the tiny
+UNet's own 8 x 8 latents the measurement is 1.8x the estimate: oneDNN copies a convolution's weights per
+call on a CPU, scratch as large as those activations that no estimate of a GPU engine should count.)
 
 For an engine this is an upper estimate: TensorRT fuses the elementwise tails (GELU into its matmul,
 gated residuals) and so keeps fewer tensors live, and reports its exact need after a build
@@ -352,13 +352,12 @@ SUPPORTED = tuple(_ARCHES)
 @dataclass(frozen=True)
 class Family:
     """A named denoiser config: its diffusers ``cls``, ``config()`` (built lazily: the tiny ones are
-    read off a built tiny model), the shape it plans at by default (None: the class's pipeline default),
-    and where the config comes from."""
+    read off a built ``fastgen.models.tiny_denoiser``) and the shape it plans at by default (None: the
+    class's pipeline default)."""
 
     cls: str
     config: Callable[[], dict]
     shape: Shape | None
-    source: str
 
     def build(self, device="cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
         """The model with random weights (``seed``) on ``device`` in ``dtype``, eval mode."""
@@ -368,7 +367,7 @@ class Family:
 def _released(cls: str, name: str) -> Family:
     from fastgen import models
 
-    return Family(cls, lambda: dict(getattr(models, name)), None, f"fastgen.models.{name} (the released config)")
+    return Family(cls, lambda: dict(getattr(models, name)), None)
 
 
 def _small(cls: str, shape: Shape) -> Family:
@@ -377,7 +376,7 @@ def _small(cls: str, shape: Shape) -> Family:
 
         return dict(next(s for s in models.small_denoisers() if s.cls == cls).config)
 
-    return Family(cls, config, shape, "fastgen.models.small_denoisers() (a CPU stand-in)")
+    return Family(cls, config, shape)
 
 
 def _tiny(name: str, cls: str, shape: Shape) -> Family:
@@ -386,13 +385,15 @@ def _tiny(name: str, cls: str, shape: Shape) -> Family:
 
         return _plain_config(models.tiny_denoiser(name)[0].config)
 
-    return Family(cls, config, shape, f"fastgen.models.tiny_denoiser({name!r}) (a test model)")
+    return Family(cls, config, shape)
 
 
 def _plain_config(config: Mapping) -> dict:
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}
 
 
+# The released configs (fastgen.models), the CPU stand-ins of models.small_denoisers() and the test
+# models of models.tiny_denoiser().
 FAMILIES: dict[str, Family] = {
     "flux-dev": _released("FluxTransformer2DModel", "FLUX_DEV"),
     "sd15": _released("UNet2DConditionModel", "SD15_UNET"),
@@ -724,8 +725,8 @@ def parse_bytes(text: str, *, allow_zero: bool = False) -> int:
     """Bytes from a size: "8GiB", "8G" and a plain "8" (all 2**30: card sizes are said in GiB), "8GB"
     (10**9), "512MiB", "512M", "1.5TiB", "4096B". Raises ``ValueError`` for anything else or a size that
     is not positive (zero is allowed with ``allow_zero``)."""
-    units = {"": GIB, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": MIB, "mib": MIB, "mb": 10**6, "g": GIB, "gib": GIB,
-             "gb": 10**9, "t": 2**40, "tib": 2**40, "tb": 10**12}
+    units = {"": GIB, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": MIB, "mib": MIB, "mb": 10**6, "g": GIB,
+             "gib": GIB, "gb": 10**9, "t": 2**40, "tib": 2**40, "tb": 10**12}
     s = str(text).strip().lower()
     i = len(s)
     while i and not (s[i - 1].isdigit() or s[i - 1] == "."):
