@@ -73,6 +73,22 @@ def test_flux_dev_weights_counted_on_meta_without_memory():
     assert profile.peak_at.startswith("single_transformer_blocks.")
 
 
+@pytest.mark.parametrize("family, params, tokens", [
+    ("sd15", 859_520_964, 64 * 64),  # the released UNet: 860M; 512^2 -> 64^2 latents
+    ("sdxl", 2_567_463_684, 128 * 128),  # 2.6B; 1024^2
+    ("sd3.5-medium", None, 64 * 64),  # 1024^2 in 2x2 patches
+    ("wan2.1-1.3b", None, 21 * 30 * 52),  # 480x832, 81 frames -> 21 latent frames, 2x2 patches
+    ("hunyuanvideo", None, 33 * 45 * 80),  # 720x1280, 129 frames
+])
+def test_released_families_plan_at_their_pipeline_defaults(family, params, tokens):
+    p = plan(family, precision="bf16", vram_gib=24)
+    assert params is None or p.params == params
+    profile = p.profiles[0]
+    assert profile.tokens == tokens and profile.activation_bytes > 0
+    assert "blocks." in profile.peak_at  # inside a transformer / UNet block, not the embeddings
+    assert p.weight_bytes >= 2 * p.params  # Wan keeps some modules in float32
+
+
 def _measured_peak(model, inputs) -> int:
     """The CPU allocator's peak during one forward (profiler memory events), plus the inputs."""
     from torch.profiler import ProfilerActivity, profile

@@ -596,7 +596,8 @@ def activation_peak(model: torch.nn.Module, inputs: dict, *, fused_attention: bo
     """The peak of live tensor bytes during ``model(**inputs)`` (no grad), inputs included (module doc).
     ``model`` and ``inputs`` on the meta device give the estimate without memory; on a real device the
     same count runs the real forward. ``fused_attention`` (default True) counts attention as a fused
-    kernel; False lets the ops run as they do (on meta: the math path)."""
+    kernel, whose output it leaves unwritten (right for counting, never for values); False runs the ops
+    as they are (on meta the math path with its scores; on a CPU or GPU torch's own fused kernels)."""
     stack: list[str] = []
     handles = []
     for name, module in model.named_modules():
