@@ -199,7 +199,7 @@ def export_table(rows: list[Result]) -> list[str]:
     if not rows:
         return []
     threads = next((r.extra["threads"] for r in rows if "threads" in r.extra), None)
-    each = f" ({threads} threads each)" if threads else ""
+    each = f" ({threads} thread{'s' if threads != 1 else ''} each)" if threads else ""
     lines = ["", f"ONNX export: ms per forward on the CPU{each}, onnxruntime (CPU execution provider) vs PyTorch "
              "eager, same inputs, same run (fastgen bench: interleaved rounds; bench/: pytest-benchmark); ratio = "
              "PyTorch median / this median (\"ranges overlap\": the rounds' ranges are not apart); max abs diff from "
