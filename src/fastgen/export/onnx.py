@@ -49,7 +49,8 @@ class ExportReport:
     """What ``to_onnx`` wrote and how it was checked.
 
     - ``inputs`` / ``outputs``: ONNX name -> dimensions as the graph declares them (``int`` for
-      a static dimension, ``str`` for a symbolic one, e.g. ``"batch"`` or ``"2*latent_height"``).
+      a static dimension, ``str`` for a symbolic one, e.g. ``"batch"`` or ``"2*height"``; the
+      symbols ``height``, ``width`` and ``latent_frames`` count the model's spatial / frame steps).
     - ``ranges``: ``batch`` / ``height`` / ``width`` in pixels -> (min, max) declared at export;
       ``max`` None means unbounded.
     - ``file_bytes``: the ``.onnx`` file plus its external data file, if any.
