@@ -1,13 +1,15 @@
 """Exported denoisers as drop-in modules: a graph written by ``to_onnx`` stands in for the diffusers
-model inside its pipeline (``pipe.transformer = OnnxRuntimeDenoiser.load(path)``), issue #13.
+model inside its pipeline (``pipe.transformer = OnnxRuntimeDenoiser.load(path)``), issue #13. Every
+family ``to_onnx`` exports: Flux, UNet2DConditionModel (SD 1.5, SDXL), SD3 / SD3.5, Wan 2.1 (text-
+and image-to-video) and HunyuanVideo.
 
 Two layers, kept apart so other runtimes plug in (a TensorRT engine module subclasses the base):
 
 - ``ExportedDenoiser`` holds what a pipeline reads from its denoiser (``config``, ``dtype``,
   ``device``, ``cache_context``) and maps the diffusers call signature onto the graph's named
   inputs: per-architecture call mapping in one table (``_CALLS``), then one generic step that moves
-  and casts the tensors, checks them against the graph's dimensions and the exported ranges, and
-  hands a ``{input name: tensor}`` dict to ``_run``.
+  and casts the tensors, checks them against the graph's dimensions and the exported ranges of its
+  symbols (``metadata["symbols"]``), and hands a ``{input name: tensor}`` dict to ``_run``.
 - ``_run(feed) -> tensor`` is the runtime alone, torch tensors in and out (contiguous, on
   ``device``, in each input's graph dtype) so a GPU runtime can bind device pointers.
   ``OnnxRuntimeDenoiser`` implements it with an onnxruntime ``InferenceSession`` and IOBinding.
@@ -15,6 +17,8 @@ Two layers, kept apart so other runtimes plug in (a TensorRT engine module subcl
 
 from __future__ import annotations
 
+import ast
+import operator
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -24,7 +28,7 @@ from types import SimpleNamespace
 
 import torch
 
-from fastgen.export.onnx import _ARCHES, read_metadata
+from fastgen.export.onnx import parse_metadata
 
 _INSTALL = "pip install fastgen[onnx] (onnxruntime-gpu for the CUDA execution provider)"
 
@@ -52,10 +56,55 @@ def _symbol(dim: str) -> tuple[str, int]:
     return (m[2], int(m[1])) if m else (dim, 1)
 
 
+# Integer arithmetic on symbols: how torch.onnx writes a dimension it derived from others ("2*height";
+# HunyuanVideo's output channels come out as "((4*batch)//batch)").
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
+        ast.Mod: operator.mod}
+
+
+def _arithmetic(dim: str) -> ast.expr | None:
+    """``dim`` parsed as integer arithmetic on symbols, or None where it is anything else."""
+    try:
+        tree = ast.parse(dim, mode="eval").body
+    except SyntaxError:
+        return None
+    for node in ast.walk(tree):
+        if not (isinstance(node, (ast.BinOp, ast.Name, ast.Load, *_OPS))
+                or (isinstance(node, ast.Constant) and type(node.value) is int)):
+            return None
+    return tree
+
+
+def _evaluate(tree: ast.expr, values: Mapping[str, int]) -> int:
+    if isinstance(tree, ast.Name):
+        return values[tree.id]
+    if isinstance(tree, ast.Constant):
+        return tree.value
+    return _OPS[type(tree.op)](_evaluate(tree.left, values), _evaluate(tree.right, values))
+
+
+@dataclass(frozen=True)
+class _Found:
+    """A symbol's value in a call, and where it was first read: ``step * value`` is dimension
+    ``axis`` of input ``input``, declared ``dim`` (``"2*height"``)."""
+
+    value: int
+    input: str
+    axis: int
+    step: int
+    dim: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.input} dimension {self.axis}"
+
+
 class ExportedDenoiser(torch.nn.Module):
     """Base of the modules that run an exported denoiser graph in place of the diffusers model.
 
-    A subclass (one per runtime) builds it with the graph's ``metadata`` (``read_metadata``), its
+    A subclass (one per runtime) builds it with the graph's ``metadata`` (``read_metadata`` /
+    ``parse_metadata``: ``class``, ``architecture``, ``config``, ``inputs``, ``dtype``, ``ranges`` in
+    pixels and video frames, ``symbols``: each symbolic dimension's range in graph units), its
     ``inputs`` and ``output`` (``TensorSpec``; input names must be those of ``metadata["inputs"]``)
     and the ``device`` its inputs and output live on, and implements ``_run``. They stay as the
     attributes ``metadata``, ``inputs`` (name -> ``TensorSpec``) and ``output``.
@@ -64,14 +113,16 @@ class ExportedDenoiser(torch.nn.Module):
     config, a ``FrozenDict`` with attribute access: ``config.in_channels``), ``dtype`` (the
     export's), ``device``, ``cache_context(name)`` (a no-op: a graph has no cache hooks), and for
     SDXL UNets ``add_embedding.linear_1.in_features``, which ``StableDiffusionXLPipeline`` checks.
-    ``forward`` takes the real model's arguments (see ``_FluxCall`` / ``_UNetCall``).
+    ``forward`` takes the real model's arguments (see ``_FluxCall``, ``_UNetCall``, ``_SD3Call``,
+    ``_WanCall``, ``_HunyuanCall``).
     Any other attribute raises ``AttributeError`` saying what an exported graph lacks.
 
     The module has no parameters: ``to`` accepts its own device and dtype only (the runtime fixed
     one, the export the other) and raises ``ValueError`` for any other.
 
     Raises ``ValueError`` when the metadata's architecture has no call mapping here, when the input
-    names differ from the metadata's, or when an output dimension is not one of the inputs'.
+    names differ from the metadata's, or when an output dimension does not follow from the inputs'
+    (a symbol of theirs, or integer arithmetic on them).
     """
 
     def __init__(self, metadata: Mapping, inputs: Sequence[TensorSpec], output: TensorSpec,
@@ -82,7 +133,9 @@ class ExportedDenoiser(torch.nn.Module):
             raise ValueError(f"the graph's inputs {[s.name for s in inputs]} are not those its fastgen metadata "
                              f"names ({metadata['inputs']}): the file was changed after to_onnx")
         names = {_symbol(d)[0] for s in inputs for d in s.shape if isinstance(d, str)}
-        loose = [d for d in output.shape if not isinstance(d, int) and (d is None or _symbol(d)[0] not in names)]
+        self._output_dims = [d if isinstance(d, int) or d is None else _arithmetic(d) for d in output.shape]
+        loose = [d for d, tree in zip(output.shape, self._output_dims, strict=True) if tree is None or (
+            not isinstance(tree, int) and any(isinstance(n, ast.Name) and n.id not in names for n in ast.walk(tree)))]
         if loose:
             # The output is allocated before the run (a GPU runtime binds its pointer): every
             # output dimension must follow from the inputs' shapes.
@@ -167,25 +220,31 @@ class ExportedDenoiser(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         """The diffusers model's ``forward`` for the exported class, same arguments and return
-        value: ``FluxTransformer2DModel`` (``_FluxCall.forward``) or ``UNet2DConditionModel``
-        (``_UNetCall.forward``)."""
+        value: ``FluxTransformer2DModel`` (``_FluxCall.forward``), ``UNet2DConditionModel``
+        (``_UNetCall.forward``), ``SD3Transformer2DModel`` (``_SD3Call.forward``),
+        ``WanTransformer3DModel`` (``_WanCall.forward``) or ``HunyuanVideoTransformer3DModel``
+        (``_HunyuanCall.forward``)."""
         return self._mapping.forward(self, *args, **kwargs)
 
     def _denoise(self, feed: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Move and cast ``feed`` (graph input name -> tensor) to the graph's device and dtypes,
-        check shapes and ranges, run. Raises ``ValueError`` naming the input at fault."""
+        """Move and cast ``feed`` (graph input name -> tensor) to the graph's device and each
+        input's graph dtype (the timestep's may differ from the export's: float32 for UNet / SD3 /
+        Wan), check shapes and ranges, run. Raises ``ValueError`` naming the input at fault."""
         feed = {name: feed[name].to(device=self.device, dtype=spec.dtype).contiguous()
                 for name, spec in self.inputs.items()}
-        self._dims(feed)
-        batch = feed[self.metadata["inputs"][0]].shape[0]
-        _check_range("batch", batch, self.metadata["ranges"]["batch"])
-        self._mapping.check_ranges(feed, self.metadata["ranges"])
+        for symbol, found in self._symbols(feed).items():
+            bounds = self.metadata["symbols"].get(symbol)
+            if bounds is not None and not _within(found.value, bounds):
+                self._mapping.out_of_range(symbol, found, bounds, self.metadata["ranges"])
         return self._run(feed)
 
     def _dims(self, feed: Mapping[str, torch.Tensor]) -> dict[str, int]:
         """The value of every symbolic dimension, after checking ranks, static dimensions, multiples
         and that a symbol has one value across inputs."""
-        dims: dict[str, tuple[int, str]] = {}
+        return {k: v.value for k, v in self._symbols(feed).items()}
+
+    def _symbols(self, feed: Mapping[str, torch.Tensor]) -> dict[str, _Found]:
+        dims: dict[str, _Found] = {}
         for name, spec in self.inputs.items():
             shape = tuple(feed[name].shape)
             if len(shape) != len(spec.shape):
@@ -202,24 +261,17 @@ class ExportedDenoiser(torch.nn.Module):
                 if got % step:
                     raise ValueError(f"{name} has shape {shape}; dimension {i} ({want!r}) must be a multiple of "
                                      f"{step}")
-                where = f"{name} dimension {i} ({want!r})"
-                seen = dims.setdefault(sym, (got // step, where))
-                if seen[0] != got // step:
-                    raise ValueError(f"{sym!r} is {seen[0]} in {seen[1]} but {got // step} in {where} (shape "
-                                     f"{shape}): the inputs disagree")
-        return {k: v for k, (v, _) in dims.items()}
+                seen = dims.setdefault(sym, _Found(got // step, name, i, step, want))
+                if seen.value != got // step:
+                    raise ValueError(f"{sym!r} is {seen.value} in {seen.where} ({seen.dim!r}) but "
+                                     f"{got // step} in {name} dimension {i} ({want!r}) (shape {shape}): the inputs "
+                                     "disagree")
+        return dims
 
     def output_shape(self, feed: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
         """The output's shape for inputs ``feed`` (what ``_run`` allocates)."""
         dims = self._dims(feed)
-        shape = []
-        for d in self.output.shape:
-            if isinstance(d, int):
-                shape.append(d)
-            else:
-                sym, step = _symbol(d)
-                shape.append(step * dims[sym])
-        return tuple(shape)
+        return tuple(d if isinstance(d, int) else _evaluate(d, dims) for d in self._output_dims)
 
     def _run(self, feed: dict[str, torch.Tensor]) -> torch.Tensor:
         """Run the graph on ``feed`` (every input by name: contiguous, on ``device``, in its graph
@@ -234,30 +286,47 @@ def _check_supported(metadata: Mapping) -> None:
                          f"{metadata['architecture']!r} ({metadata['class']})")
 
 
-def _check_range(what: str, value: int, bounds, unit: str = "", detail: str = "", hint: str = "") -> None:
-    """ValueError unless ``lo <= value <= hi`` (``bounds``; ``hi`` None: no bound)."""
+def _within(value: int, bounds) -> bool:
     lo, hi = bounds
-    if value < lo or (hi is not None and value > hi):
-        raise ValueError(f"{what} is {value}{unit}{detail}; this graph was exported for {_span(lo, hi)}{unit}{hint}: "
-                         "export again with wider ranges (to_onnx batch=, height=, width=)")
+    return lo <= value and (hi is None or value <= hi)
+
+
+def _check_range(what: str, value: int, bounds, argument: str, unit: str = "", detail: str = "",
+                 hint: str = "") -> None:
+    """ValueError unless ``lo <= value <= hi`` (``bounds``; ``hi`` None: no bound), naming the
+    ``to_onnx`` ``argument`` whose range it is."""
+    if not _within(value, bounds):
+        raise ValueError(f"{what} is {value}{unit}{detail}; this graph was exported for {_span(*bounds)}{unit}{hint}: "
+                         f"export again with a wider range (to_onnx {argument}=)")
 
 
 def _span(lo, hi) -> str:
     return f"{lo} and up" if hi is None else f"{lo} to {hi}"
 
 
+def _is_set(value) -> bool:
+    # an empty dict / list changes nothing (pipelines pass joint_attention_kwargs={} and the like)
+    return value is not None and not (isinstance(value, (Mapping, list, tuple)) and not value)
+
+
 def _refuse(why: str, **values) -> None:
     """NotImplementedError naming the first argument in ``values`` that is set: a graph cannot
     honour it, and ignoring it would change the result silently."""
     for name, value in values.items():
-        if value is not None and not (isinstance(value, Mapping) and not value):
+        if _is_set(value):
             given = f"{name}={dict(value)!r}" if isinstance(value, Mapping) else name
             raise NotImplementedError(f"{given} is not supported by an exported graph: {why}")
 
 
+def _require(**values) -> None:
+    missing = [k for k, v in values.items() if v is None]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} required")
+
+
 def _per_item(value, batch: int, name: str) -> torch.Tensor:
     """``value`` (a number, a 0-d tensor, [1] or [batch]) as a [batch] tensor, as the diffusers
-    models broadcast a timestep."""
+    models broadcast a timestep. Its dtype stays: ``_denoise`` casts to the graph input's."""
     if value is None:
         raise ValueError(f"{name} is required")
     t = torch.as_tensor(value)
@@ -268,15 +337,17 @@ def _per_item(value, batch: int, name: str) -> torch.Tensor:
 
 
 class _Call:
-    """How one architecture's diffusers call maps onto its graph's inputs."""
+    """How one architecture's diffusers call maps onto its graph's inputs. ``output``: the model's
+    return type (``return_dict=True``)."""
 
     def __init__(self, metadata: Mapping):
         from diffusers.configuration_utils import FrozenDict
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-        # onnx.py's per-architecture facts (pixel steps) on the exported config: the ranges in the
-        # metadata are in pixels, the graph counts latent pixels or packed tokens.
         self.config = FrozenDict(metadata["config"])
-        self.arch = _ARCHES[metadata["class"]](SimpleNamespace(config=self.config))
+        self.inputs = tuple(metadata["inputs"])
+        self.guidance = "guidance" in self.inputs
+        self.output = Transformer2DModelOutput
 
     def attributes(self) -> dict[str, object]:
         """Attributes a pipeline reads from this model beyond ``config``."""
@@ -285,11 +356,43 @@ class _Call:
     def forward(self, module: ExportedDenoiser, *args, **kwargs):
         raise NotImplementedError
 
-    def check_ranges(self, feed: Mapping[str, torch.Tensor], ranges: Mapping) -> None:
-        raise NotImplementedError
+    def run(self, module: ExportedDenoiser, feed: dict, return_dict: bool):
+        noise = module._denoise(feed)
+        return self.output(sample=noise) if return_dict else (noise,)
+
+    def guidance_feed(self, guidance, batch: int) -> dict[str, torch.Tensor]:
+        """``{"guidance": [batch]}`` for a guidance-distilled model's graph, ``{}`` for others;
+        ValueError where ``guidance`` is missing or given in vain."""
+        if self.guidance and guidance is None:
+            raise ValueError("guidance is required: this graph was exported from a guidance-distilled model "
+                             "(config.guidance_embeds)")
+        if not self.guidance and guidance is not None:
+            raise ValueError("guidance given, but this graph's model has no guidance embedding "
+                             "(config.guidance_embeds is False): pass guidance=None")
+        return {"guidance": _per_item(guidance, batch, "guidance")} if self.guidance else {}
+
+    def out_of_range(self, symbol: str, found: _Found, bounds, ranges: Mapping) -> None:
+        """Raise ValueError for ``symbol`` = ``found.value``, outside its export range ``bounds``
+        (graph units), in a user's units where the symbol counts one of the export's ``ranges``:
+        ``to_onnx`` names its dimensions ``batch``, ``height`` / ``width`` (spatial steps),
+        ``latent_frames`` (frame steps), ``text_tokens`` and ``image_tokens``. Each branch
+        raises (the same bound in other units); any other symbol gets the graph's units."""
+        if symbol in ("height", "width"):
+            # The pixel range is the step range times the pixels per step (to_onnx writes both).
+            px = ranges[symbol][0] // bounds[0]
+            _check_range(symbol, found.value * px, ranges[symbol], symbol, " px",
+                         detail=f" ({found.where}: {found.value * found.step} latent pixels)")
+        if symbol == "latent_frames":
+            _check_range("the number of latent frames", found.value * found.step,
+                         [None if b is None else b * found.step for b in bounds], "frames", detail=f" ({found.where})",
+                         hint=f" ({_span(*ranges['frames'])} video frames)")
+        if symbol == "batch":
+            _check_range("batch", found.value, bounds, "batch", detail=f" ({found.where})")
+        raise ValueError(f"{symbol} is {found.value} ({found.where}); this graph takes {_span(*bounds)}")
 
 
-_LORA = "its weights were fixed at export (fuse a LoRA into the model before to_onnx)"
+_LORA = ("its weights and attention were fixed at export (fuse a LoRA into the model before to_onnx; IP-Adapter "
+         "embeddings are not graph inputs)")
 _CONTROLNET = "ControlNet residuals are not graph inputs (export the denoiser with its ControlNet)"
 _MASKS = "the exported graph has no attention-mask input"
 
@@ -297,16 +400,9 @@ _MASKS = "the exported graph has no attention-mask input"
 class _FluxCall(_Call):
     """``FluxTransformer2DModel``: ``hidden_states [B, S, C]`` packed latents (S = height/16 *
     width/16), ``encoder_hidden_states [B, T, D]``, ``pooled_projections [B, P]``, ``timestep``
-    (the pipeline's t / 1000; a number or [B]), ``img_ids [S, 3]``, ``txt_ids [T, 3]`` (3-D ids
-    [B, S, 3] of older diffusers: the first item, as diffusers does), ``guidance`` (a number or
-    [B]; required by guidance-distilled models, refused by others)."""
-
-    def __init__(self, metadata):
-        super().__init__(metadata)
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-        self.output = Transformer2DModelOutput
-        self.guidance = "guidance" in metadata["inputs"]
+    (the pipeline's t / 1000; a number or [B]; in the export's dtype), ``img_ids [S, 3]``,
+    ``txt_ids [T, 3]`` (3-D ids [B, S, 3] of older diffusers: the first item, as diffusers does),
+    ``guidance`` (a number or [B]; required by guidance-distilled models, refused by others)."""
 
     def forward(self, module, hidden_states, encoder_hidden_states=None, pooled_projections=None, timestep=None,
                 img_ids=None, txt_ids=None, guidance=None, joint_attention_kwargs=None, controlnet_block_samples=None,
@@ -314,49 +410,38 @@ class _FluxCall(_Call):
         _refuse(_LORA, joint_attention_kwargs=joint_attention_kwargs)
         _refuse(_CONTROLNET, controlnet_block_samples=controlnet_block_samples,
                 controlnet_single_block_samples=controlnet_single_block_samples)
-        given = dict(encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections,
-                     img_ids=img_ids, txt_ids=txt_ids)
-        missing = [k for k, v in given.items() if v is None]
-        if missing:
-            raise ValueError(f"{', '.join(missing)} required")
-        if self.guidance and guidance is None:
-            raise ValueError("guidance is required: this graph was exported from a guidance-distilled model "
-                             "(config.guidance_embeds)")
-        if not self.guidance and guidance is not None:
-            raise ValueError("guidance given, but this graph's model has no guidance embedding "
-                             "(config.guidance_embeds is False): pass guidance=None")
+        _require(encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections,
+                 img_ids=img_ids, txt_ids=txt_ids)
         b = hidden_states.shape[0]
         feed = dict(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
                     pooled_projections=pooled_projections, timestep=_per_item(timestep, b, "timestep"),
                     img_ids=img_ids[0] if img_ids.ndim == 3 else img_ids,
-                    txt_ids=txt_ids[0] if txt_ids.ndim == 3 else txt_ids)
-        if self.guidance:
-            feed["guidance"] = _per_item(guidance, b, "guidance")
-        noise = module._denoise(feed)
-        return self.output(sample=noise) if return_dict else (noise,)
+                    txt_ids=txt_ids[0] if txt_ids.ndim == 3 else txt_ids, **self.guidance_feed(guidance, b))
+        return self.run(module, feed, return_dict)
 
-    def check_ranges(self, feed, ranges):
-        # The graph has one image-token dimension, declared over the product of the side ranges:
-        # that product is what a call must stay in (the sides themselves are in img_ids only).
-        step = self.arch.px_step
-        (hlo, hhi), (wlo, whi) = ranges["height"], ranges["width"]
-        hi = None if hhi is None or whi is None else (hhi // step) * (whi // step)
-        _check_range("the number of image tokens", feed["hidden_states"].shape[1], ((hlo // step) * (wlo // step), hi),
-                     detail=f" (height/{step} * width/{step})",
-                     hint=f" (height {_span(hlo, hhi)} px, width {_span(wlo, whi)} px)")
+    def out_of_range(self, symbol, found, bounds, ranges):
+        if symbol == "image_tokens":
+            # One image-token dimension, declared over the product of the side ranges: that product
+            # is what a call must stay in (the sides themselves are in img_ids only).
+            (hlo, hhi), (wlo, whi) = ranges["height"], ranges["width"]
+            _check_range("the number of image tokens", found.value, bounds, "height=, width",
+                         detail=" (height/16 * width/16)",
+                         hint=f" (height {_span(hlo, hhi)} px, width {_span(wlo, whi)} px)")
+        super().out_of_range(symbol, found, bounds, ranges)
 
 
 class _UNetCall(_Call):
     """``UNet2DConditionModel`` (SD 1.5 / SD 2 / SDXL): ``sample [B, C, height/8, width/8]``,
-    ``timestep`` (a number, 0-d, [1] or [B], in [0, 1000]), ``encoder_hidden_states [B, T, D]``;
-    SDXL: ``added_cond_kwargs`` with ``text_embeds [B, E]`` and ``time_ids [B, 6]``, required."""
+    ``timestep`` (a number, 0-d, [1] or [B], in [0, 1000]; float32 in the graph),
+    ``encoder_hidden_states [B, T, D]``; SDXL: ``added_cond_kwargs`` with ``text_embeds [B, E]``
+    and ``time_ids [B, 6]``, required."""
 
     def __init__(self, metadata):
         super().__init__(metadata)
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
         self.output = UNet2DConditionOutput
-        self.sdxl = "time_ids" in metadata["inputs"]
+        self.sdxl = "time_ids" in self.inputs
 
     def attributes(self):
         if not self.sdxl:
@@ -388,21 +473,88 @@ class _UNetCall(_Call):
             feed.update(text_embeds=added.pop("text_embeds"), time_ids=added.pop("time_ids"))
         if added:
             raise NotImplementedError(f"added_cond_kwargs {sorted(added)} are not supported by an exported graph: "
-                                      "its inputs are " + ", ".join(self.arch.inputs))
-        noise = module._denoise(feed)
-        return self.output(sample=noise) if return_dict else (noise,)
+                                      "its inputs are " + ", ".join(self.inputs))
+        return self.run(module, feed, return_dict)
 
-    def check_ranges(self, feed, ranges):
-        # Ranges are in pixels; the sample is in latent pixels (px_step pixels per latent_step).
-        per_latent = self.arch.px_step // self.arch.latent_step
-        _, _, h, w = feed["sample"].shape
-        for dim, side, latent in ((2, "height", h), (3, "width", w)):
-            _check_range(side, latent * per_latent, ranges[side], " px",
-                         detail=f" (sample dimension {dim}: {latent} latent pixels x {per_latent})")
+
+class _SD3Call(_Call):
+    """``SD3Transformer2DModel`` (SD3, SD3.5): ``hidden_states [B, C, height/8, width/8]``,
+    ``encoder_hidden_states [B, T, D]``, ``pooled_projections [B, P]``, ``timestep`` (a number or
+    [B], in [0, 1000]; float32 in the graph). ControlNet residuals, skip-layer guidance
+    (``skip_layers``) and ``joint_attention_kwargs`` (LoRA scale, IP-Adapter) are refused."""
+
+    def forward(self, module, hidden_states, encoder_hidden_states=None, pooled_projections=None, timestep=None,
+                block_controlnet_hidden_states=None, joint_attention_kwargs=None, return_dict=True, skip_layers=None):
+        _refuse(_LORA, joint_attention_kwargs=joint_attention_kwargs)
+        _refuse(_CONTROLNET, block_controlnet_hidden_states=block_controlnet_hidden_states)
+        _refuse("the graph runs every layer it was exported with (call the pipeline without skip_guidance_layers)",
+                skip_layers=skip_layers)
+        _require(encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections)
+        feed = dict(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                    pooled_projections=pooled_projections,
+                    timestep=_per_item(timestep, hidden_states.shape[0], "timestep"))
+        return self.run(module, feed, return_dict)
+
+
+class _WanCall(_Call):
+    """``WanTransformer3DModel`` (Wan 2.1): ``hidden_states [B, C, latent_frames, height/8,
+    width/8]``, ``timestep`` (a number or [B], in [0, 1000]; float32 in the graph; Wan 2.2's
+    per-token [B, S] timesteps are refused), ``encoder_hidden_states [B, T, D]``; image-to-video
+    graphs (``config.image_dim`` set) take ``encoder_hidden_states_image [B, I, image_dim]``,
+    required, and exactly 512 text tokens (upstream splits its context at ``T - 512``;
+    ``WanImageToVideoPipeline`` pads prompts to 512); text-to-video graphs refuse it."""
+
+    def __init__(self, metadata):
+        super().__init__(metadata)
+        self.image = "encoder_hidden_states_image" in self.inputs
+
+    def forward(self, module, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None,
+                return_dict=True, attention_kwargs=None):
+        _refuse(_LORA, attention_kwargs=attention_kwargs)
+        feed = dict(hidden_states=hidden_states, timestep=_per_item(timestep, hidden_states.shape[0], "timestep"),
+                    encoder_hidden_states=encoder_hidden_states)
+        if self.image:
+            if encoder_hidden_states_image is None:
+                raise ValueError("encoder_hidden_states_image is required: this graph was exported from an "
+                                 "image-to-video Wan (config.image_dim is set)")
+            text = encoder_hidden_states.shape[1] if encoder_hidden_states.ndim == 3 else None
+            if text != _WAN_I2V_TEXT:
+                raise ValueError(f"an image-to-video Wan takes exactly {_WAN_I2V_TEXT} text tokens (it splits image "
+                                 f"from text context at T - {_WAN_I2V_TEXT}); encoder_hidden_states has shape "
+                                 f"{tuple(encoder_hidden_states.shape)}: pad the prompt embeddings to "
+                                 f"{_WAN_I2V_TEXT} tokens as WanImageToVideoPipeline does")
+            feed["encoder_hidden_states_image"] = encoder_hidden_states_image
+        elif encoder_hidden_states_image is not None:
+            raise ValueError("encoder_hidden_states_image given, but this graph's model is text-to-video "
+                             "(config.image_dim is None): pass encoder_hidden_states_image=None")
+        return self.run(module, feed, return_dict)
+
+
+_WAN_I2V_TEXT = 512  # upstream's WanAttnProcessor: image context = the first T - 512 tokens
+
+
+class _HunyuanCall(_Call):
+    """``HunyuanVideoTransformer3DModel``: ``hidden_states [B, C, latent_frames, height/8,
+    width/8]``, ``timestep`` (a number or [B], in [0, 1000]; in the export's dtype),
+    ``encoder_hidden_states [B, T, D]`` with ``encoder_attention_mask [B, T]`` (1: a prompt token,
+    0: padding; required, as upstream), ``pooled_projections [B, P]``, ``guidance`` (the pipeline's
+    scale * 1000; required by guidance-distilled models, refused by others). ``attention_kwargs``
+    (LoRA scale) is refused."""
+
+    def forward(self, module, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask=None,
+                pooled_projections=None, guidance=None, attention_kwargs=None, return_dict=True):
+        _refuse(_LORA, attention_kwargs=attention_kwargs)
+        _require(encoder_attention_mask=encoder_attention_mask, pooled_projections=pooled_projections)
+        b = hidden_states.shape[0]
+        feed = dict(hidden_states=hidden_states, timestep=_per_item(timestep, b, "timestep"),
+                    encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
+                    pooled_projections=pooled_projections, **self.guidance_feed(guidance, b))
+        return self.run(module, feed, return_dict)
 
 
 # Per-architecture call mappings, keyed by the metadata's "architecture".
-_CALLS: dict[str, type[_Call]] = {"flux": _FluxCall, "unet": _UNetCall}
+_CALLS: dict[str, type[_Call]] = {"flux": _FluxCall, "unet": _UNetCall, "sd3": _SD3Call, "wan": _WanCall,
+                                  "hunyuan": _HunyuanCall}
 
 
 # --------------------------------------------------------------------------------------------
@@ -443,7 +595,8 @@ class OnnxRuntimeDenoiser(ExportedDenoiser):
     output is a new tensor each call. ``device`` is CUDA when the session's first provider is
     ``CUDAExecutionProvider`` / ``TensorrtExecutionProvider`` (inputs on another device are
     moved there), else the CPU. Build one with ``load``, or from a ``session`` of such a graph
-    and its ``metadata``: ``OnnxRuntimeDenoiser(session, metadata, run_options=None)``
+    and its ``metadata`` (``parse_metadata(session.get_modelmeta().custom_metadata_map)``):
+    ``OnnxRuntimeDenoiser(session, metadata, run_options=None)``
     (``run_options``: an ``onnxruntime.RunOptions`` for every call).
     """
 
@@ -471,30 +624,24 @@ class OnnxRuntimeDenoiser(ExportedDenoiser):
 
         Raises ``FileNotFoundError`` (no file at ``path``), ``ValueError`` (not an ONNX file; no
         fastgen metadata; a provider this onnxruntime lacks, listing the available ones; an
-        architecture without a call mapping here), ``ImportError`` (onnxruntime / onnx missing).
+        architecture without a call mapping here), ``ImportError`` (onnxruntime missing).
+        The file is read once, by onnxruntime: fastgen's metadata comes from the session.
         """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no ONNX file at {path}: export a denoiser with fastgen.export.to_onnx first")
         ort = _import_onnxruntime()
-        try:
-            import onnx  # noqa: F401  (read_metadata reads the file with it)
-        except ImportError as e:
-            raise ImportError(f"OnnxRuntimeDenoiser needs onnx: {_INSTALL}") from e
-        from google.protobuf.message import DecodeError  # onnx's protobuf
-        try:
-            metadata = read_metadata(path)
-        except DecodeError as e:
-            raise ValueError(f"{path} is not an ONNX model ({e})") from None
-        _check_supported(metadata)  # before the session: building one can take minutes
         providers = ["CPUExecutionProvider"] if providers is None else list(providers)
         available = ort.get_available_providers()
         unknown = [p for p in providers if (p[0] if isinstance(p, tuple) else p) not in available]
         if not providers or unknown:
             raise ValueError(f"providers {unknown or providers} are not available in this onnxruntime; it has "
                              f"{available} ({_INSTALL})")
-        session = ort.InferenceSession(str(path), sess_options=session_options, providers=providers)
-        return cls(session, metadata)
+        try:
+            session = ort.InferenceSession(str(path), sess_options=session_options, providers=providers)
+        except ort.capi.onnxruntime_pybind11_state.InvalidProtobuf as e:
+            raise ValueError(f"{path} is not an ONNX model ({e})") from None
+        return cls(session, parse_metadata(session.get_modelmeta().custom_metadata_map, str(path)))
 
     def _run(self, feed):
         binding = self.session.io_binding()

@@ -51,7 +51,7 @@ from fastgen.export.runtime import ExportedDenoiser, TensorSpec, _symbol
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 MIN_VERSION = (10, 1)  # weight_streaming_budget_v2 and streamable_weights_size appear in 10.1
 FORMAT = "fastgen-tensorrt-engine"
-SCHEMA = 1
+SCHEMA = 2  # 2: the export's symbol ranges ("symbols"), which the runtime checks calls against
 SIDECAR_SUFFIX = ".json"  # X.engine -> X.engine.json
 
 _INSTALL = ("TensorRT is not installed (or its libraries do not load): pip install tensorrt, or pip install "
@@ -672,7 +672,7 @@ def build_engine(onnx_path, engine_path=None, *, precision: str = "fp16", profil
         "onnx_path": str(onnx_path.resolve()), "onnx_sha256": onnx_sha, "fastgen_version": meta["version"],
         "class": meta["class"], "architecture": meta["architecture"], "config": meta["config"],
         "inputs": meta["inputs"], "output": meta["output"], "graph_inputs": inputs, "graph_outputs": outputs,
-        "dtype": str(meta["dtype"]).removeprefix("torch."), "ranges": meta["ranges"],
+        "dtype": str(meta["dtype"]).removeprefix("torch."), "ranges": meta["ranges"], "symbols": meta["symbols"],
         "engine_bytes": len(data), "engine_sha256": hashlib.sha256(data).hexdigest(),
         "build_seconds": round(result.build_seconds, 3), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     # Engine first, sidecar last: a crash between leaves an engine without a (matching) sidecar, which
@@ -929,7 +929,8 @@ class TensorRTDenoiser(ExportedDenoiser):
         metadata = {"version": sidecar.get("fastgen_version", ""), "class": sidecar["class"],
                     "architecture": sidecar["architecture"], "config": sidecar["config"],
                     "inputs": sidecar["inputs"], "output": sidecar["output"],
-                    "dtype": getattr(torch, sidecar["dtype"]), "ranges": _ranges_of(sidecar["ranges"])}
+                    "dtype": getattr(torch, sidecar["dtype"]), "ranges": _ranges_of(sidecar["ranges"]),
+                    "symbols": _ranges_of(sidecar["symbols"])}
         specs = [TensorSpec(n, tuple(sidecar["graph_inputs"][n]), ins[n]) for n in sidecar["inputs"]]
         out_name = sidecar["output"]
         super().__init__(metadata, specs, TensorSpec(out_name, tuple(sidecar["graph_outputs"][out_name]),
