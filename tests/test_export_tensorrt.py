@@ -175,7 +175,9 @@ def test_make_profile_for_a_video_export(tmp_path):
     proto = helper.make_model(graph)
     meta = {"version": "0", "class": "WanTransformer3DModel", "architecture": "wan", "config": model.to_json_string(),
             "inputs": json.dumps(list(shapes)), "output": "noise_pred", "dtype": "float32",
-            "ranges": json.dumps({"batch": [1, 2], "height": [32, 64], "width": [32, 64], "frames": [1, 9]})}
+            "ranges": json.dumps({"batch": [1, 2], "height": [32, 64], "width": [32, 64], "frames": [1, 9]}),
+            "symbols": json.dumps({"batch": [1, 2], "height": [2, 4], "width": [2, 4], "latent_frames": [1, 3],
+                                   "text_tokens": [1, None]})}
     for k, v in meta.items():
         proto.metadata_props.add(key=f"fastgen.{k}", value=v)
     path = tmp_path / "wan.onnx"

@@ -40,7 +40,8 @@ SIZES = {
 
 
 def autoencoder_kl(latent_channels: int = 4, flux_style: bool = False):
-    """An image ``AutoencoderKL`` (SD 1.5, SDXL, SD3; Flux with ``flux_style``: shift 0, scale 1),
+    """An image ``AutoencoderKL`` (SD 1.5, SDXL; SD3 and Flux with ``flux_style``: a latent shift, which
+    their pipelines add back before decoding, of 0, and scale 1),
     4 blocks of 16 channels, 8x downsampling: a (B, 3, H, W) image <-> (B, latent_channels, H/8, W/8)."""
     from diffusers import AutoencoderKL
 
@@ -112,7 +113,8 @@ def build_pipeline(family: str = "flux", size: str = "small"):
                                    attention_head_dim=hd, num_attention_heads=heads, caption_projection_dim=heads * hd,
                                    joint_attention_dim=128, pooled_projection_dim=64, out_channels=4,
                                    pos_embed_max_size=max(8, side // 16), qk_norm="rms_norm", dual_attention_layers=(0,))
-        pipe = StableDiffusion3Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(), vae=autoencoder_kl(4),
+        pipe = StableDiffusion3Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(),
+                                        vae=autoencoder_kl(4, flux_style=True),
                                         text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                                         text_encoder_3=None, tokenizer_3=None)
         call = dict(prompt_embeds=_rand(1, n_txt, 128, seed=1), pooled_prompt_embeds=_rand(1, 64, seed=2),
