@@ -76,9 +76,9 @@ def export_cases(sizes: tuple[str, ...] = ("tiny", "small")) -> list[ExportCase]
     return [c for s in sizes for c in cases[s]]
 
 
-def missing_dependency() -> str | None:
-    """None where onnx, onnxscript and onnxruntime import, else what is missing."""
-    for module in ("onnx", "onnxscript", "onnxruntime"):
+def missing_dependency(modules: tuple[str, ...] = ("onnx", "onnxscript", "onnxruntime")) -> str | None:
+    """None where ``modules`` (default onnx, onnxscript and onnxruntime) import, else what is missing."""
+    for module in modules:
         try:
             __import__(module)
         except ImportError as e:
@@ -187,7 +187,8 @@ def run(device: torch.device | str = "cpu", budget_s: float = 1.0, progress=None
 # --------------------------------------------------------------------------------------------
 
 
-def _cell(x, spec: str, suffix: str = "") -> str:
+def cell(x, spec: str, suffix: str = "") -> str:
+    """A table cell: ``x`` formatted with ``spec`` and ``suffix``; empty for None or NaN."""
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:{spec}}{suffix}"
 
 
@@ -213,13 +214,13 @@ def export_table(rows: list[Result]) -> list[str]:
             lines.append(f"| {r.case} | {r.provider} | {e['status']} |  |  |  |  |  |  |")
             continue
         ratio = eager[r.case] / r.ms if r.case in eager and r.provider != EAGER else None
-        ratio_text = _cell(ratio, ".2f", "x")
+        ratio_text = cell(ratio, ".2f", "x")
         if ratio is not None and "measured_speedup" in e and e["measured_speedup"] is None:
             ratio_text += " (ranges overlap)"
         spread = range_text(e["round_ms"], ".3f") if e.get("round_ms") else ""
-        lines.append(f"| {r.case} | {r.provider} | {r.ms:.3f} | {spread} | {ratio_text} | {_cell(r.max_diff, '.2e')} "
-                     f"| {_cell(e.get('rel_diff'), '.2e')} | {_cell(e.get('export_s'), '.1f')} | "
-                     f"{_cell(e.get('file_mb'), '.2f')} |")
+        lines.append(f"| {r.case} | {r.provider} | {r.ms:.3f} | {spread} | {ratio_text} | {cell(r.max_diff, '.2e')} "
+                     f"| {cell(e.get('rel_diff'), '.2e')} | {cell(e.get('export_s'), '.1f')} | "
+                     f"{cell(e.get('file_mb'), '.2f')} |")
     return lines
 
 
