@@ -5,29 +5,32 @@ custom op (Triton, CUDA extension), and no step-invariant result is reused.
 operators only (``aten`` ops that torch.onnx lowers to standard ONNX; no ``fastgen::`` node any
 runtime would need a plugin for) and computes each forward from its inputs alone. The references
 are what the kernels are tested against, so the graph computes what the patched model computes.
-A context variable, so a trace in one thread does not change ops running in another.
+
+The scope is process-wide, a plain module counter: ``torch.compile`` traces a read of it (it
+cannot trace a ``contextvars.ContextVar``). A model another thread runs during an export takes
+the reference paths too, which changes its speed, not its results.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 
-_PORTABLE = contextvars.ContextVar("fastgen_portable", default=False)
+_depth = 0
 
 
 @contextlib.contextmanager
 def portable():
     """Within this scope fastgen's ops take their PyTorch paths (attention: SDPA; prologue, fp8
     and token-merging ops: their references) without fallback warnings, and step caches neither
-    serve nor store."""
-    token = _PORTABLE.set(True)
+    serve nor store. Scopes nest."""
+    global _depth
+    _depth += 1
     try:
         yield
     finally:
-        _PORTABLE.reset(token)
+        _depth -= 1
 
 
 def is_portable() -> bool:
-    """Whether the caller runs inside ``portable()``."""
-    return _PORTABLE.get()
+    """Whether a ``portable()`` scope is open."""
+    return _depth > 0
