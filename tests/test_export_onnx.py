@@ -307,7 +307,7 @@ def test_metadata_round_trip(flux):
     assert meta["config"]["num_layers"] == model.config.num_layers
     assert meta["inputs"] == ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids",
                               "txt_ids"]
-    assert meta["output"] == "noise_pred" and meta["dtype"] == torch.float32
+    assert meta["output"] == "noise_pred" and meta["dtype"] == torch.float32 and meta["weights"] is True
     assert meta["ranges"] == report.ranges
     # graph units: batch items, image tokens (the product of the side ranges in 16-px steps), text tokens
     assert meta["symbols"] == {"batch": (1, 4), "image_tokens": (2 * 2, 8 * 6), "text_tokens": (1, None)}
@@ -375,9 +375,44 @@ def test_meta_model_exports_its_graph_without_weights(tmp_path):
         fx.to_onnx(model, tmp_path / "m.onnx")
     report = fx.to_onnx(model, tmp_path / "m.onnx", validate=False, target="tensorrt-10.1")
     assert not report.weights and not report.checks and not report.external_data
+    assert fx.read_metadata(report.path)["weights"] is False
     graph = onnx.load(str(report.path)).graph
     inputs = {i.name for i in graph.input}
     assert {"sample", "timestep", "encoder_hidden_states"} <= inputs
     # every weight is an input, named by its parameter path under the export wrapper's "model."
     assert {n for n in names if f"model.{n}" in inputs} == names
     assert report.inputs["sample"] == ("batch", 4, "2*height", "2*width")
+
+
+def test_masked_attention_stays_decomposed_at_opset_23(tmp_path):
+    # HunyuanVideo's padding mask [B, 1, 1, S] broadcasts over the queries: valid ONNX Attention, but
+    # onnxruntime's kernel refuses it, so masked models keep MatMul-Softmax-MatMul at every target.
+    model, _ = tiny_denoiser("hunyuan")
+    report = fx.to_onnx(model, tmp_path / "m.onnx", target="tensorrt-10.15", batch=(1, 3), height=(8, 32),
+                        width=(8, 32), frames=(1, 9))
+    assert report.opset == 23 and "Attention" not in _op_types(report.path)
+    for c in report.checks:
+        assert c.max_rel_diff < REL_TOL, c
+
+
+def test_ranges_open_ended_fixed_and_reexport(tmp_path, caplog):
+    model, _ = tiny_denoiser("flux")
+    path = tmp_path / "m.onnx"
+    with pytest.MonkeyPatch.context() as mp:  # first export with external data beside the graph
+        mp.setattr(fx, "_PROTO_LIMIT", 0)
+        fx.to_onnx(model, path, batch=1, height=32, width=(32, 48), validate=False)
+    assert path.with_name("m.onnx.data").exists()
+    # torch.compile's wrapper is unwrapped; (min, None) is unbounded; fixed dims are Dim.STATIC
+    with caplog.at_level(logging.WARNING, logger="torch"):
+        logging.disable(logging.NOTSET)
+        try:
+            report = fx.to_onnx(torch.compile(model), path, batch=(2, None), height=32, width=(32, 48))
+        finally:
+            logging.disable(logging.WARNING)
+    assert not [r for r in caplog.records if "deprecated" in r.getMessage()]
+    assert report.ranges["batch"] == (2, None) and report.ranges["height"] == (32, 32)
+    assert report.inputs["hidden_states"][0] == "batch"
+    # the re-export is inline: the first export's external data is gone, not left to be read
+    assert not report.external_data and not path.with_name("m.onnx.data").exists()
+    for c in report.checks:
+        assert c.max_rel_diff < REL_TOL, c

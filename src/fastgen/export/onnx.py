@@ -105,8 +105,10 @@ class _Arch:
     latent_step = 1
     max_units: int | None = None
     max_batch: int | None = None
+    max_batch_limit = "what the model accepts"
     # Video models: ``frame_step`` latent frames per model step (patch_size_t), ``max_frame_units``
     # the most steps the model accepts; the VAE makes (frames - 1) / 4 + 1 latent frames.
+    masked_attention = False  # attention takes a padding mask (HunyuanVideo's text)
     video = False
     frame_step = 1
     max_frame_units: int | None = None
@@ -227,6 +229,7 @@ class _UNet(_Arch):
         # diffusers' Upsample2D branches on batch >= 64 (.contiguous() against a nearest-upsample
         # bug): torch.export cannot trace both sides into one graph, so batches stop at 63.
         self.max_batch = 63
+        self.max_batch_limit = "what one graph can hold (diffusers' Upsample2D takes another code path from batch 64)"
         self.latent_step = 2 ** (len(c.block_out_channels) - 1)
         self.px_step = 8 * self.latent_step
         self.inputs = ("sample", "timestep", "encoder_hidden_states") + (("text_embeds", "time_ids") if self.sdxl
@@ -378,7 +381,7 @@ class _Wan(_Arch):
     def dynamic_shapes(self, batch, h, w, text, f=None):
         s = self.latent_step
         ds = dict(hidden_states={0: batch, 2: _scaled(f, self.frame_step), 3: _scaled(h, s), 4: _scaled(w, s)},
-                  timestep={0: batch}, encoder_hidden_states={0: batch, 1: None if self.image else text})
+                  timestep={0: batch}, encoder_hidden_states={0: batch, 1: torch.export.Dim.STATIC if self.image else text})
         if self.image:
             ds["encoder_hidden_states_image"] = {0: batch, 1: torch.export.Dim("image_tokens", min=1)}
         return ds
@@ -405,6 +408,7 @@ class _Hunyuan(_Arch):
 
     name = "hunyuan"
     video = True
+    masked_attention = True
 
     def __init__(self, model):
         super().__init__(model)
@@ -493,8 +497,9 @@ def _optimize(model, opset: int, target_name: str | None) -> None:
     onnxscript.rewriter.onnx_fusions.fuse(model)
 
 
-def _forms(opset, target_name):
-    """(opset, aten ops to decompose) for ``opset`` (None: the default) and ``target_name``."""
+def _forms(opset, target_name, arch=None):
+    """(opset, aten ops to decompose) for ``opset`` (None: the default), ``target_name`` and the
+    architecture (``arch.masked_attention``: SDPA always decomposed at opset 23)."""
     t = None
     if target_name is not None:
         from fastgen.export.operators import target
@@ -507,9 +512,14 @@ def _forms(opset, target_name):
     if t is not None and t.max_opset is not None and not (t.min_opset or 0) <= opset <= t.max_opset:
         raise ValueError(f"{t.name} parses opsets {t.min_opset} to {t.max_opset}, got opset={opset}: leave opset "
                          "unset to get the newest it parses")
-    if t is None or opset < 23:
+    if opset < 23:
         return opset, []
-    return opset, [getattr(torch.ops.aten, a).default for op, a in _FUSED.items() if op not in t.operators]
+    # A padded-text mask [B, 1, 1, S] broadcast over the queries is valid ONNX Attention, but
+    # onnxruntime's kernel requires the mask's query dimension to equal the query length (a
+    # full [B, 1, S, S] mask would cost O(S^2) memory): masked models keep MatMul-Softmax-MatMul.
+    masked = ["Attention"] if arch is not None and arch.masked_attention else []
+    return opset, [getattr(torch.ops.aten, a).default for op, a in _FUSED.items()
+                   if op in masked or (t is not None and op not in t.operators)]
 
 
 _VAE_FRAMES = 4  # video frames per latent frame after the first (Wan's and HunyuanVideo's VAEs)
@@ -542,7 +552,7 @@ def _mul(a: _Range, b: _Range) -> _Range:
 
 def _dim(name: str, r: _Range):
     if r.static:
-        return None  # a fixed dimension: no Dim, the example's size is baked in
+        return torch.export.Dim.STATIC  # a fixed dimension: the example's size is baked in
     return torch.export.Dim(name, min=r.lo, max=r.hi) if r.hi is not None else torch.export.Dim(name, min=r.lo)
 
 
@@ -550,23 +560,26 @@ def _scaled(r: _Range, step: int):
     # A latent side that must stay a multiple of ``step``: step * Dim, so torch.export can prove
     # every down/upsampling divides evenly instead of guarding on (or specialising) the size.
     d = _dim(r.name, r)
-    return d if d is None or step == 1 else step * d
+    return d if r.static or step == 1 else step * d
 
 
-def _parse(name: str, value, step: int, unit: str, max_units: int | None) -> _Range:
-    """``value``: None (all the model accepts), an int (fixed) or (min, max), in ``unit``s that
-    must be multiples of ``step``; returns the range in steps."""
+def _parse(name: str, value, step: int, unit: str, max_units: int | None,
+           limit: str = "what the model accepts") -> _Range:
+    """``value``: None (all the model accepts), an int (fixed) or (min, max) with max None for
+    unbounded, in ``unit``s that must be multiples of ``step``; returns the range in steps.
+    ``limit`` names where ``max_units`` comes from, for the error."""
     if value is None:
         return _Range(name, 1, max_units)
     lo, hi = (value, value) if isinstance(value, int) and not isinstance(value, bool) else _pair(name, value)
-    if lo < 1 or lo > hi:
+    if lo < 1 or (hi is not None and lo > hi):
         raise ValueError(f"{name} must be positive with min <= max, got {value!r}")
-    if lo % step or hi % step:
+    if lo % step or (hi is not None and hi % step):
+        top = step if hi is None else hi // step * step or step
         raise ValueError(f"{name} must be multiples of {step} {unit} for this model, got {value!r}: round to "
-                         f"({lo // step * step or step}, {hi // step * step or step})")
-    if max_units is not None and hi // step > max_units:
-        raise ValueError(f"{name} max {hi} {unit} exceeds what the model accepts ({max_units * step} {unit})")
-    return _Range(name, lo // step, hi // step)
+                         f"({lo // step * step or step}, {top})")
+    if max_units is not None and hi is not None and hi // step > max_units:
+        raise ValueError(f"{name} max {hi} {unit} exceeds {limit} ({max_units * step} {unit})")
+    return _Range(name, lo // step, max_units if hi is None else hi // step)
 
 
 def _pair(name, value) -> tuple[int, int]:
@@ -574,8 +587,8 @@ def _pair(name, value) -> tuple[int, int]:
         lo, hi = value
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be None, an int or a (min, max) pair, got {value!r}") from None
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi)):
-        raise ValueError(f"{name} must be whole numbers, got {value!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi) if v is not None) or lo is None:
+        raise ValueError(f"{name} must be whole numbers (max None: unbounded), got {value!r}")
     return lo, hi
 
 
@@ -586,7 +599,8 @@ def _pair(name, value) -> tuple[int, int]:
 
 def _denoiser(pipe_or_model) -> torch.nn.Module:
     if isinstance(pipe_or_model, torch.nn.Module):
-        model = pipe_or_model
+        # torch.compile's wrapper: the module it compiles is what runs (and what torch.export traces)
+        model = getattr(pipe_or_model, "_orig_mod", pipe_or_model)
     else:
         model = getattr(pipe_or_model, "transformer", None) or getattr(pipe_or_model, "unet", None)
         if not isinstance(model, torch.nn.Module):
@@ -679,13 +693,13 @@ def to_onnx(pipe_or_model, path, *, height=None, width=None, frames=None, batch=
     if validate and dtype == torch.bfloat16:
         raise ValueError("onnxruntime's CPU provider cannot run bfloat16 graphs: pass validate=False (or export "
                          "float16 / float32)")
-    opset, decompose = _forms(opset, target)
+    opset, decompose = _forms(opset, target, arch)
     try:
         import onnx
     except ImportError as e:
         raise ImportError("to_onnx needs onnx and onnxscript: pip install onnx onnxscript") from e
 
-    b = _parse("batch", batch, 1, "items", arch.max_batch)
+    b = _parse("batch", batch, 1, "items", arch.max_batch, arch.max_batch_limit)
     h = _parse("height", height, arch.px_step, "pixels", arch.max_units)
     w = _parse("width", width, arch.px_step, "pixels", arch.max_units)
     f = _parse_frames(frames, arch) if arch.video else None
@@ -750,6 +764,9 @@ def to_onnx(pipe_or_model, path, *, height=None, width=None, frames=None, batch=
             _optimize(exported.model, opset, target)
             if not meta:
                 _inputs_as_initializers(graph, weights)
+            data = path.with_name(path.name + ".data")
+            if data.exists():  # a previous export's weights at this path: never leave them beside new ones
+                data.unlink()
             exported.save(str(path), external_data=external)
             bar.update()
     finally:
@@ -758,7 +775,7 @@ def to_onnx(pipe_or_model, path, *, height=None, width=None, frames=None, batch=
     bar.set_postfix_str("onnx.checker")
     # Given a path, the checker also reads external data and runs shape inference (full_check).
     ranges = _ranges(arch, b, h, w, f)
-    _finish(path, model, arch, dtype, ranges, _symbols(dyn))
+    _finish(path, model, arch, dtype, ranges, _symbols(dyn), meta)
     onnx.checker.check_model(str(path), full_check=True)
     if target is not None:
         from fastgen.export.operators import require_supported
@@ -807,15 +824,18 @@ def _parse_frames(value, arch) -> _Range:
     if value is None:
         return _Range("latent_frames", 1, arch.max_frame_units)
     lo, hi = (value, value) if isinstance(value, int) and not isinstance(value, bool) else _pair("frames", value)
-    if lo < 1 or lo > hi:
+    if lo < 1 or (hi is not None and lo > hi):
         raise ValueError(f"frames must be positive with min <= max, got {value!r}")
-    for v in (lo, hi):
+    if hi is None:  # unbounded: up to what the model accepts
+        hi = _frames(arch.max_frame_units, arch) if arch.max_frame_units is not None else None
+    for v in (lo,) if hi is None else (lo, hi):
         latent = (v - 1) // _VAE_FRAMES + 1
         if (v - 1) % _VAE_FRAMES or latent % arch.frame_step:
             raise ValueError(f"frames must be 4k + 1 (the VAE keeps the first frame and compresses 4 to 1 after it)"
                              + (f" with k + 1 a multiple of {arch.frame_step}" if arch.frame_step > 1 else "")
                              + f", got {value!r}")
-    units = ((lo - 1) // _VAE_FRAMES + 1) // arch.frame_step, ((hi - 1) // _VAE_FRAMES + 1) // arch.frame_step
+    units = (((lo - 1) // _VAE_FRAMES + 1) // arch.frame_step,
+             None if hi is None else ((hi - 1) // _VAE_FRAMES + 1) // arch.frame_step)
     if arch.max_frame_units is not None and units[1] > arch.max_frame_units:
         raise ValueError(f"frames max {hi} exceeds what the model accepts ({_frames(arch.max_frame_units, arch)})")
     return _Range("latent_frames", *units)
@@ -834,7 +854,7 @@ def _symbols(dynamic_shapes: dict) -> dict[str, list]:
     return out
 
 
-def _finish(path: Path, model, arch, dtype, ranges, symbols) -> None:
+def _finish(path: Path, model, arch, dtype, ranges, symbols, weights_as_inputs: bool) -> None:
     """Rewrite the exported graph file in place: boolean ``Where`` as logic ops, fastgen's metadata.
     The weights stay where the exporter put them (inline or in <path>.data)."""
     import json
@@ -849,7 +869,8 @@ def _finish(path: Path, model, arch, dtype, ranges, symbols) -> None:
               "fastgen.architecture": arch.name, "fastgen.config": model.to_json_string(),
               "fastgen.inputs": json.dumps(list(arch.inputs)), "fastgen.output": _OUTPUT,
               "fastgen.dtype": str(dtype).removeprefix("torch."), "fastgen.ranges": json.dumps(ranges),
-              "fastgen.symbols": json.dumps(symbols)}
+              "fastgen.symbols": json.dumps(symbols),
+              "fastgen.weights": "false" if weights_as_inputs else "true"}
     del proto.metadata_props[:]
     for k, v in values.items():
         proto.metadata_props.add(key=k, value=v)
@@ -900,7 +921,8 @@ def parse_metadata(props: dict[str, str], where: str = "the graph") -> dict[str,
     ``config`` (the model's diffusers config, a dict), ``inputs`` (graph input names in order),
     ``output``, ``dtype`` (a ``torch.dtype``), ``ranges`` (as in ``ExportReport.ranges``, pixels and
     video frames), ``symbols`` (each symbolic graph dimension -> (min, max or None) in the graph's
-    units), ``version``. Raises ``ValueError`` naming ``where`` when fastgen's keys are missing."""
+    units), ``weights`` (False for a graph exported from the meta device: its weights are graph
+    inputs, nothing can run it as it is), ``version``. Raises ``ValueError`` naming ``where`` when fastgen's keys are missing."""
     import json
 
     missing = [k for k in METADATA if k not in props]
@@ -912,7 +934,9 @@ def parse_metadata(props: dict[str, str], where: str = "the graph") -> dict[str,
             "inputs": json.loads(props["fastgen.inputs"]), "output": props["fastgen.output"],
             "dtype": getattr(torch, props["fastgen.dtype"]),
             "ranges": {k: tuple(v) for k, v in json.loads(props["fastgen.ranges"]).items()},
-            "symbols": {k: tuple(v) for k, v in json.loads(props["fastgen.symbols"]).items()}}
+            "symbols": {k: tuple(v) for k, v in json.loads(props["fastgen.symbols"]).items()},
+            # False: exported from the meta device, every weight a graph input (absent: before the key)
+            "weights": props.get("fastgen.weights", "true") == "true"}
 
 
 def _px(units: int | None, step: int) -> int | None:
