@@ -319,6 +319,100 @@ def test_stale_cache_entry_is_rebuilt(trt, export, tmp_path, monkeypatch):
     ft.check_engine(again.path)
 
 
+@pytest.mark.parametrize("damage", [
+    lambda d: d.pop("graph_inputs"), lambda d: d.update(dtype="not_a_dtype"), lambda d: d.update(flags="x"),
+    lambda d: d.update(inputs=["nope"]), lambda d: d.update(symbols={"batch": "x"}), lambda d: d.pop("output")])
+def test_damaged_sidecar_is_stale_and_rebuilt(trt, export, engine, tmp_path, damage):
+    # Every field the loader reads is checked when the sidecar is read: a damaged one is stale, not a cache hit
+    # followed by a KeyError / AttributeError at load.
+    copy = tmp_path / "e.engine"
+    copy.write_bytes(engine.path.read_bytes())
+    doc = json.loads(ft.sidecar_path(engine.path).read_text())
+    damage(doc)
+    ft.sidecar_path(copy).write_text(json.dumps(doc))
+    with pytest.raises(ft.StaleEngineError, match="is damaged"):
+        ft.TensorRTDenoiser.load(copy, device="cpu")
+    with pytest.raises(ft.StaleEngineError, match="is damaged"):
+        ft.check_engine(copy, key=engine.sidecar["key"])
+
+
+def test_damaged_sidecar_cache_entry_is_rebuilt(trt, export, tmp_path):
+    _, _, path = export
+    kw = dict(precision="fp32", text_tokens=8, cache_dir=tmp_path)
+    first = ft.build_engine(path, **kw)
+    side = ft.sidecar_path(first.path)
+    doc = json.loads(side.read_text())
+    del doc["graph_inputs"]
+    side.write_text(json.dumps(doc))
+    again = ft.build_engine(path, **kw)
+    assert not again.cached and "graph_inputs is missing" in again.warnings[0]
+    ft.TensorRTDenoiser.load(again.path, device="cpu")
+
+
+def test_load_deserializes_the_bytes_it_hashed(trt, export, engine, tmp_path, monkeypatch):
+    # A concurrent build's os.replace landing between the hash and a second read must not load an engine the
+    # sidecar does not describe: the file is read once, hashed and deserialized from those bytes.
+    _, _, path = export
+    other = ft.build_engine(path, precision="fp32", profiles=[ft.make_profile(path, **SMALL)], cache_dir=tmp_path)
+    copy = tmp_path / "e.engine"
+    copy.write_bytes(engine.path.read_bytes())
+    ft.sidecar_path(copy).write_text(ft.sidecar_path(engine.path).read_text())
+    real_hash, real_read = ft._hash_file, type(copy).read_bytes
+    reads = []
+
+    def replaced_after(p, *a):
+        h = real_hash(p, *a)
+        if p == copy:
+            copy.write_bytes(other.path.read_bytes())  # the concurrent replace lands now
+        return h
+
+    def counted(p):
+        reads.append(p)
+        return real_read(p)
+
+    monkeypatch.setattr(ft, "_hash_file", replaced_after)
+    monkeypatch.setattr(type(copy), "read_bytes", counted)
+    den = ft.TensorRTDenoiser.load(copy, device="cpu")
+    assert len(den._profiles) == 2 == len(den.sidecar["profiles"])  # the engine hashed, not the other one
+    assert reads.count(copy) == 1
+
+
+def test_stale_temporary_files_are_removed(tmp_path, monkeypatch):
+    # A writer killed mid-write leaves .<name>.<host>.<pid>.<random>.tmp; the next write of the same target
+    # removes it once its writer is known dead (a gone pid on this host, or an hour without a change).
+    target = tmp_path / "x.engine"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = ft._host()
+    files = {name: tmp_path / name for name in (
+        f".x.engine.{host}.{dead.pid}.abc123.tmp",  # dead writer here: removed
+        ".x.engine.old_style.tmp",  # no pid, an hour old: removed
+        f".x.engine.{host}.{os.getpid()}.live01.tmp",  # live writer: kept
+        f".x.engine.otherhost.{dead.pid}.far001.tmp",  # another host's writer, recent: kept
+        f".y.engine.{host}.{dead.pid}.other1.tmp")}  # another target's: left to it
+    for f in files.values():
+        f.write_bytes(b"partial")
+    old = os.path.getmtime(files[".x.engine.old_style.tmp"]) - ft.STALE_TEMP_SECONDS - 10
+    os.utime(files[".x.engine.old_style.tmp"], (old, old))
+    ft.atomic_write(target, b"new")
+    assert target.read_bytes() == b"new"
+    assert sorted(os.listdir(tmp_path)) == sorted(["x.engine", *list(files)[2:]])
+
+
+def test_meta_device_exports_are_refused(trt, export, tmp_path):
+    _, _, path = export
+    proto = onnx.load(str(path), load_external_data=False)
+    proto.metadata_props.add(key="fastgen.weights", value="false")
+    meta = tmp_path / "meta.onnx"
+    onnx.save(proto, str(meta))
+    msg = "exported from the meta device: its weights are graph inputs; export the model with its weights"
+    with pytest.raises(ValueError, match=msg):
+        ft.build_engine(meta, precision="fp32", text_tokens=8, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match=msg):
+        ft.TensorRTDenoiser.load(meta, device="cpu", precision="fp32", text_tokens=8, cache_dir=tmp_path)
+    assert not list(tmp_path.glob("*.engine"))
+
+
 def test_timing_cache_is_loaded_and_saved(trt, export, tmp_path):
     _, _, path = export
     cache = tmp_path / "timing.cache"
@@ -418,11 +512,16 @@ def test_denoiser_refuses_shapes_no_profile_holds(export, trt, tmp_path):
 
 def test_weight_streaming_budget(export, denoiser):
     assert ft.streaming_budget(0.25, 1000) == 250 and ft.streaming_budget(1.0, 1000) == 1000
-    assert ft.streaming_budget(300, 1000) == 300 and ft.streaming_budget(5000, 1000) == 1000
-    assert ft.streaming_budget(0, 1000) == 0
+    mib = ft.MIN_BUDGET_BYTES
+    assert ft.streaming_budget(3 * mib, 10 * mib) == 3 * mib and ft.streaming_budget(50 * mib, 10 * mib) == 10 * mib
+    assert ft.streaming_budget(0, 1000) == 0 == ft.streaming_budget(0.0, 1000)
     for bad in (-1, 1.5, -0.1, True, "half", None):
         with pytest.raises(ValueError):
             ft.streaming_budget(bad, 1000)
+    # An int is bytes, a float a fraction: 1 would be one byte where 1.0 is everything, so small ints are refused
+    for small in (1, 300, mib - 1):
+        with pytest.raises(ValueError, match=r"so bytes.*a fraction is a float.*at least 1048576"):
+            ft.streaming_budget(small, 10 * mib)
     size = denoiser.streamable_weights_size
     assert size > sum(p.numel() * 4 for p in export[0].parameters())  # every float weight (+ graph constants)
     assert denoiser.weight_streaming_budget == size  # TensorRT's default: nothing streams
@@ -433,7 +532,10 @@ def test_weight_streaming_budget(export, denoiser):
         assert denoiser.set_weight_streaming_budget(0.25) == size // 4 == denoiser.weight_streaming_budget
         assert torch.equal(denoiser(**x)[0], before)
         assert denoiser.set_weight_streaming_budget("auto") == size // 2
-        assert denoiser.set_weight_streaming_budget(size) == size
+        assert denoiser.set_weight_streaming_budget(1.0) == size
+        with pytest.raises(ValueError, match="so bytes"):
+            denoiser.set_weight_streaming_budget(1)
+        assert denoiser.weight_streaming_budget == size
 
 
 class _Recorded:
@@ -503,6 +605,47 @@ def test_a_partial_refit_would_not_return_to_a(export, denoiser, trt):
         assert not torch.equal(denoiser(**x)[0], out_a)
         denoiser.refit_from(model_a)
         assert torch.equal(denoiser(**x)[0], out_a)
+
+
+def test_refit_from_a_fused_lora_model(export, denoiser):
+    # PEFT's LoRA layers rename the base weights (...to_q.base_layer.weight): a fused model refits to its output.
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+
+    model_a = export[0]
+    lora = copy.deepcopy(model_a)
+    lora.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                init_lora_weights=False))
+    x = _flux_inputs(model_a, 1, 2, 2, 5)
+    with torch.no_grad():
+        out_a = denoiser(**x)[0]
+        with pytest.raises(ValueError, match=r"not merged.*fuse_lora\(\)"):
+            denoiser.refit_from(lora)
+        with pytest.raises(ValueError, match=r"cannot be told from a state dict.*fuse_lora\(\)"):
+            denoiser.refit_from(lora.state_dict())
+        lora.fuse_lora(lora_scale=1.0)
+        ref = lora(**x)[0]
+        assert _rel(ref, model_a(**x)[0]) > 1e-3  # the LoRA matters
+        denoiser.refit_from(lora)
+        assert _rel(denoiser(**x)[0], ref) < REL_TOL
+        denoiser.refit_from(model_a)
+        assert torch.equal(denoiser(**x)[0], out_a)
+
+
+def test_refit_from_refuses_a_model_lacking_weights(export, denoiser):
+    # A weight the state dict lacks is never taken from the ONNX file (it would keep the previous model's value).
+    model_a = export[0]
+    state = dict(model_a.state_dict())
+    del state["transformer_blocks.0.attn.to_q.weight"]
+    with pytest.raises(ValueError, match=r"have no tensor in it \(model\.transformer_blocks\.0\.attn\.to_q\.weight"):
+        denoiser.refit_from(state)
+    bad = dict(model_a.state_dict())
+    bad["proj_out.bias"] = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"differ in shape \(model\.proj_out\.bias \[\d+\] vs \[3\]"):
+        denoiser.refit_from(bad)
+    unet, _ = tiny_denoiser("unet")  # another architecture into this (Flux) engine
+    with pytest.raises(ValueError, match="does not match the exported one"):
+        denoiser.refit_from(unet)
 
 
 def test_refit_sources_trace_every_parameter(export):

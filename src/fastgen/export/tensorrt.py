@@ -25,9 +25,12 @@ no hardware or version compatibility mode). Each engine file ``X.engine`` has a 
 holding the cache key (a SHA-256 over the ONNX bytes, external data included, the model class and config, the
 profiles, the precision, the build flags, the compute capability and the TensorRT version), the versions, the
 engine's size and SHA-256. Both are written atomically (a temporary file in the same folder, then
-``os.replace``): a crash mid-write leaves the previous file or none, never a partial one. Loading checks the
-sidecar against this machine and the engine bytes against their hash, and refuses anything else with
-``StaleEngineError``; ``build_engine`` rebuilds over a stale cache entry.
+``os.replace``): a crash mid-write leaves the previous file or none, never a partial one, and its temporary
+file is removed by the next write of the same target once its writer is known dead (``remove_stale_temps``).
+Loading checks every sidecar field it reads, the sidecar against this machine and the engine bytes (read once:
+the bytes hashed are the bytes deserialized) against their hash, and refuses anything else with
+``StaleEngineError``; ``build_engine`` rebuilds over a stale cache entry. Exports of a model on the meta device
+(weights as graph inputs) are refused.
 """
 
 from __future__ import annotations
@@ -141,6 +144,17 @@ _ONNX_TORCH = {1: torch.float32, 10: torch.float16, 16: torch.bfloat16, 11: torc
                7: torch.int64, 6: torch.int32, 3: torch.int8, 2: torch.uint8, 9: torch.bool}
 _FLOAT8 = {17, 18, 19, 20}  # FLOAT8E4M3FN, FLOAT8E4M3FNUZ, FLOAT8E5M2, FLOAT8E5M2FNUZ
 _PRECISION_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _refuse_meta_export(onnx_path) -> None:
+    """Raise ``ValueError`` for an export of a model on the meta device (``to_onnx`` metadata
+    ``fastgen.weights`` = "false"): its graph takes every weight as an input, so no engine of it computes
+    anything."""
+    props = {p.key: p.value for p in _load_graph(onnx_path).metadata_props}
+    if str(props.get("fastgen.weights", "true")).strip().lower() in ("false", "0", "no"):
+        raise ValueError(f"{onnx_path} was exported from the meta device: its weights are graph inputs; export "
+                         "the model with its weights (fastgen.export.to_onnx of the model on a real device) to "
+                         "build a TensorRT engine")
 
 
 def _load_graph(onnx_path):
@@ -446,13 +460,59 @@ def engine_key(*, onnx_sha256: str, model_class: str, config: dict, profiles: li
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+STALE_TEMP_SECONDS = 3600  # a temporary file of a write untouched this long is a crashed writer's
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # another user's live process (or a platform without signal 0)
+        return True
+    return True
+
+
+def remove_stale_temps(path) -> list[Path]:
+    """Remove the temporary files that crashed ``atomic_write`` calls for ``path`` left beside it; returns them.
+
+    ``atomic_write`` names its temporary file ``.<name>.<host>.<pid>.<random>.tmp``. One is stale, and removed,
+    when its writer is dead: written on this host (a pid means nothing across hosts on a shared folder) by a pid
+    that no longer exists, or, any host, not modified for ``STALE_TEMP_SECONDS`` (an hour: a live writer
+    modifies it continuously while it writes, then renames it within moments; a pid reused since the crash is
+    covered by this age rule too). Temporary files of other targets and of live writers are left alone; an
+    error removing one (another process removed it first) is ignored."""
+    path = Path(path)
+    pattern = re.compile(r"\." + re.escape(path.name) + r"\.(?:(?P<host>[^.]*)\.(?P<pid>\d+)\.)?[^.]+\.tmp")
+    host, now, removed = _host(), time.time(), []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(path.parent):
+            m = pattern.fullmatch(entry.name)
+            if not m or not entry.is_file(follow_symlinks=False):
+                continue
+            with contextlib.suppress(OSError):
+                dead = m["pid"] is not None and m["host"] == host and not _pid_alive(int(m["pid"]))
+                if dead or now - entry.stat(follow_symlinks=False).st_mtime > STALE_TEMP_SECONDS:
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
+
+
+def _host() -> str:
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
 def atomic_write(path, data) -> None:
     """Write ``data`` (bytes-like; TensorRT's ``IHostMemory`` is one) to ``path`` so that ``path`` is either its
     old content or all of ``data``: a temporary file in the same folder (same filesystem, so the rename is
-    atomic), flushed and fsynced, then ``os.replace``. On any error the temporary file is removed."""
+    atomic), flushed and fsynced, then ``os.replace``. On any error the temporary file is removed; temporary
+    files of ``path`` that a killed writer left behind are removed first (``remove_stale_temps``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_host()}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             view = memoryview(data).cast("B")
@@ -486,7 +546,66 @@ def read_sidecar(engine_path) -> dict:
         raise StaleEngineError(f"{side} is unreadable ({e}); rebuild the engine") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("schema") != SCHEMA:
         raise StaleEngineError(f"{side} is not a {FORMAT} schema {SCHEMA} sidecar; rebuild the engine")
+    bad = _sidecar_problems(doc)
+    if bad:
+        raise StaleEngineError(f"{side} is damaged: {'; '.join(bad[:4])}; rebuild the engine (build_engine "
+                               "rebuilds over it)")
     return doc
+
+
+def _is_str(v) -> bool:
+    return isinstance(v, str)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_dims(v) -> bool:
+    return isinstance(v, list) and all(_is_int(d) or _is_str(d) for d in v)
+
+
+def _is_range(v) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(x is None or _is_int(x) for x in v)
+
+
+def _is_dtype(v) -> bool:
+    return _is_str(v) and isinstance(getattr(torch, v, None), torch.dtype)
+
+
+def _is_profiles(v) -> bool:
+    return isinstance(v, list) and bool(v) and all(
+        isinstance(p, dict) and all(isinstance(s, list) and len(s) == 3 and all(_is_dims(x) for x in s)
+                                    for s in p.values()) for p in v)
+
+
+# Every sidecar field something reads (check_engine, TensorRTDenoiser, refit_from) and what it must be.
+_SIDECAR_FIELDS = {
+    "key": _is_str, "tensorrt": _is_str, "compute_capability": _is_str, "precision": lambda v: v in PRECISIONS,
+    "flags": lambda v: isinstance(v, dict) and isinstance(v.get("refit"), bool)
+    and isinstance(v.get("weight_streaming"), bool),
+    "profiles": _is_profiles, "onnx_path": _is_str, "onnx_sha256": _is_str, "class": _is_str,
+    "architecture": _is_str, "config": lambda v: isinstance(v, dict),
+    "inputs": lambda v: isinstance(v, list) and bool(v) and all(map(_is_str, v)), "output": _is_str,
+    "graph_inputs": lambda v: isinstance(v, dict) and all(map(_is_dims, v.values())),
+    "graph_outputs": lambda v: isinstance(v, dict) and all(map(_is_dims, v.values())),
+    "dtype": _is_dtype, "ranges": lambda v: isinstance(v, dict) and all(map(_is_range, v.values())),
+    "symbols": lambda v: isinstance(v, dict) and all(map(_is_range, v.values())),
+    "engine_bytes": lambda v: _is_int(v) and v >= 0, "engine_sha256": _is_str,
+    "fastgen_version": _is_str,
+}
+
+
+def _sidecar_problems(doc: dict) -> list[str]:
+    """What is wrong with a sidecar's fields (empty: every field the loader reads is there and well formed)."""
+    bad = [f"{k} is {'missing' if k not in doc else 'malformed: ' + repr(doc[k])[:60]}"
+           for k, ok in _SIDECAR_FIELDS.items() if k not in doc or not ok(doc[k])]
+    if not bad:
+        if not set(doc["inputs"]) <= set(doc["graph_inputs"]):
+            bad.append(f"inputs {doc['inputs']} are not all in graph_inputs {sorted(doc['graph_inputs'])}")
+        if doc["output"] not in doc["graph_outputs"]:
+            bad.append(f"output {doc['output']!r} is not in graph_outputs {sorted(doc['graph_outputs'])}")
+    return bad
 
 
 def check_engine(engine_path, *, key: str | None = None, tensorrt_version: str | None = None,
@@ -499,10 +618,24 @@ def check_engine(engine_path, *, key: str | None = None, tensorrt_version: str |
     every mismatch and what to do; ``ImportError`` / ``RuntimeError`` without TensorRT / a GPU when the defaults
     must be read.
     """
+    return _check_engine(engine_path, key=key, tensorrt_version=tensorrt_version, capability=capability,
+                         verify_bytes=verify_bytes)[0]
+
+
+def _check_engine(engine_path, *, key=None, tensorrt_version=None, capability=None, verify_bytes=True,
+                  read=False) -> tuple[dict, bytes | None]:
+    """``check_engine``, and with ``read`` the engine's bytes as checked: read once, so that what is
+    deserialized is what was hashed (a concurrent ``os.replace`` of the file cannot slip in between)."""
     engine_path = Path(engine_path)
     doc = read_sidecar(engine_path)
-    if not engine_path.is_file():
-        raise StaleEngineError(f"{engine_path} is missing (its sidecar is there): rebuild it")
+    data = None
+    try:
+        if read:
+            data = engine_path.read_bytes()
+        elif not engine_path.is_file():
+            raise FileNotFoundError(engine_path)
+    except (FileNotFoundError, IsADirectoryError):
+        raise StaleEngineError(f"{engine_path} is missing (its sidecar is there): rebuild it") from None
     tensorrt_version = tensorrt_version or _trt().__version__
     capability = capability or compute_capability()
     problems = []
@@ -512,16 +645,17 @@ def check_engine(engine_path, *, key: str | None = None, tensorrt_version: str |
         problems.append(f"built for compute capability {doc.get('compute_capability')}, this GPU is {capability}")
     if key is not None and doc.get("key") != key:
         problems.append("built from other ONNX bytes or settings (cache key differs)")
-    size = engine_path.stat().st_size
+    size = len(data) if data is not None else engine_path.stat().st_size
     if size != doc.get("engine_bytes"):
         problems.append(f"the engine file has {size} bytes, its sidecar says {doc.get('engine_bytes')}")
-    elif verify_bytes and _hash_file(engine_path).hexdigest() != doc.get("engine_sha256"):
+    elif verify_bytes and (hashlib.sha256(data) if data is not None else _hash_file(engine_path)).hexdigest() \
+            != doc.get("engine_sha256"):
         problems.append("the engine file's SHA-256 differs from its sidecar's (changed or replaced since written)")
     if problems:
         raise StaleEngineError(f"{engine_path} must not be loaded here: " + "; ".join(problems)
                                + ". Rebuild it with fastgen.export.build_engine (a cached engine is rebuilt "
                                "automatically).")
-    return doc
+    return doc, data
 
 
 # --------------------------------------------------------------------------------------------
@@ -593,10 +727,11 @@ def build_engine(onnx_path, engine_path=None, *, precision: str = "fp16", profil
     ``ValueError`` for a precision the graph is not in, profiles that do not fit the graph, or nodes the
     target TensorRT cannot parse (named).
     """
+    onnx_path = Path(onnx_path)
+    _refuse_meta_export(onnx_path)
     trt = _trt()
     from fastgen.export.operators import require_supported
 
-    onnx_path = Path(onnx_path)
     meta = read_metadata(onnx_path)
     proto = _load_graph(onnx_path)
     _check_precision(proto, precision)
@@ -687,11 +822,16 @@ def build_engine(onnx_path, engine_path=None, *, precision: str = "fp16", profil
 # --------------------------------------------------------------------------------------------
 
 
+MIN_BUDGET_BYTES = 1 << 20  # smaller int budgets (but 0) are refused: 1 is 1 byte, 1.0 is everything
+
+
 def streaming_budget(value, streamable_bytes: int) -> int:
-    """The ``weight_streaming_budget_v2`` for ``value``: an ``int`` is bytes (>= 0), a ``float`` a fraction
-    in [0, 1] of ``streamable_bytes`` (the engine's ``streamable_weights_size``), rounded down. Values at or
-    above ``streamable_bytes`` keep every weight on the GPU (no streaming: TensorRT's default); 0 streams the
-    most. Pure. Raises ``ValueError`` for other values, and for any budget on an engine with nothing to stream
+    """The ``weight_streaming_budget_v2`` for ``value``: an ``int`` is bytes (0, or at least ``MIN_BUDGET_BYTES``
+    = 1 MiB: ``1`` would be one byte where ``1.0`` is every weight, so ints from 1 to 1 MiB - 1 are refused as
+    the mistake they almost surely are), a ``float`` a fraction in [0, 1] of ``streamable_bytes`` (the
+    engine's ``streamable_weights_size``), rounded down. Values at or above ``streamable_bytes`` keep every
+    weight on the GPU (no streaming: TensorRT's default); 0 streams the most. Pure. Raises
+    ``ValueError`` for other values, and for any budget on an engine with nothing to stream
     (``streamable_bytes`` 0: built without ``weight_streaming=True``)."""
     if streamable_bytes <= 0:
         raise ValueError("this engine has no streamable weights: build it with build_engine(..., "
@@ -705,6 +845,10 @@ def streaming_budget(value, streamable_bytes: int) -> int:
         return int(value * streamable_bytes)
     if value < 0:
         raise ValueError(f"weight_streaming_budget must be >= 0 bytes, got {value}")
+    if 0 < value < MIN_BUDGET_BYTES:
+        raise ValueError(f"weight_streaming_budget={value} is an int, so bytes: {value} byte(s), which is surely not "
+                         f"meant (a fraction is a float: {float(value)!r} = {value:.0%} of the streamable weights). "
+                         f"Byte budgets are 0 or at least {MIN_BUDGET_BYTES} (1 MiB)")
     return min(value, streamable_bytes)
 
 
@@ -717,6 +861,7 @@ def streaming_budget(value, streamable_bytes: int) -> int:
 _FX_NODE = "pkg.torch.onnx.fx_node"
 _LINEAR_WEIGHT = re.compile(r"target=torch\.ops\.aten\.linear\.default\]\(args = \(%\w+, %(\w+)")
 _REFS = re.compile(r"%([pb]_\w+)")
+_PARAM_PREFIX = "model."  # to_onnx's wrapper: the model's parameter <key> is initializer "model.<key>"
 
 
 @dataclass(frozen=True)
@@ -745,6 +890,23 @@ def refit_sources(proto, shapes) -> dict[str, WeightSource]:
     """
     shapes = {k: tuple(v) for k, v in shapes.items()}
     inits = {i.name: i for i in proto.graph.initializer}
+    # Every initializer named after a parameter of the exported model (to_onnx keeps each as
+    # "model.<key>", untransposed, unshared) must be in the given state dict with its shape: one missing
+    # is a model of another architecture or a state dict lacking it, never a "graph constant" (which
+    # would silently keep the engine's old values).
+    missing = sorted(n for n in inits if n.startswith(_PARAM_PREFIX) and n[len(_PARAM_PREFIX):] not in shapes)
+    wrong = sorted(f"{n} {list(inits[n].dims)} vs {list(shapes[n[len(_PARAM_PREFIX):]])}" for n in inits
+                   if n.startswith(_PARAM_PREFIX) and n[len(_PARAM_PREFIX):] in shapes
+                   and tuple(inits[n].dims) != shapes[n[len(_PARAM_PREFIX):]])
+    if missing or wrong:
+        raise ValueError(
+            "the model does not match the exported one: "
+            + (f"{len(missing)} engine weight(s) have no tensor in it ({', '.join(missing[:4])}"
+               f"{' ...' if len(missing) > 4 else ''})" if missing else "")
+            + ("; " if missing and wrong else "")
+            + (f"{len(wrong)} differ in shape ({'; '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''})"
+               if wrong else "")
+            + ". Refit from a model of the exported architecture and config with every parameter")
     consumers: dict[str, list] = {}
     for node in proto.graph.node:
         for k, name in enumerate(node.input):
@@ -818,17 +980,46 @@ def _numel(shape) -> int:
     return n
 
 
+_LORA = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
+_FUSE = ("fuse the LoRA into the base weights first (diffusers: model.fuse_lora(); PEFT: merge_adapter() or "
+         "merge_and_unload()), then refit from the model")
+
+
 def _model_state(model_or_state_dict) -> dict[str, torch.Tensor]:
+    """The tensors of a model or state dict by the exported model's keys. PEFT LoRA layers: the base layer's
+    ``...to_q.base_layer.weight`` is ``...to_q.weight`` and the adapter tensors are dropped, for a module whose
+    adapters are merged (fused) only: a module with an unmerged adapter, or a state dict carrying adapter
+    tensors (whose merged state it cannot tell), is refused with ``ValueError``."""
     if isinstance(model_or_state_dict, torch.nn.Module):
         m = model_or_state_dict
-        return {**{k: v.detach() for k, v in m.named_buffers()}, **{k: v.detach() for k, v in m.named_parameters()}}
-    if isinstance(model_or_state_dict, dict) or hasattr(model_or_state_dict, "items"):
+        unmerged = sorted(n for n, mod in m.named_modules() if isinstance(getattr(mod, "lora_A", None),
+                          torch.nn.ModuleDict) and len(mod.lora_A) and not getattr(mod, "merged", False))
+        if unmerged:
+            raise ValueError(f"the model has LoRA adapters that are not merged into its weights ({unmerged[:3]}"
+                             f"{' ...' if len(unmerged) > 3 else ''}): {_FUSE}")
+        state = {**{k: v.detach() for k, v in m.named_buffers()}, **{k: v.detach() for k, v in m.named_parameters()}}
+    elif isinstance(model_or_state_dict, dict) or hasattr(model_or_state_dict, "items"):
         state = dict(model_or_state_dict.items())
         bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise ValueError(f"state dict entries {bad[:3]} are not tensors")
-        return {k: v.detach() for k, v in state.items()}
-    raise ValueError(f"refit_from takes a torch.nn.Module or a state dict, got {type(model_or_state_dict).__name__}")
+        lora = sorted(k for k in state if _LORA.search(k))
+        if lora:
+            raise ValueError(f"the state dict holds LoRA adapter tensors ({lora[:2]}), and whether they are merged "
+                             f"into its base weights cannot be told from a state dict: {_FUSE}")
+        state = {k: v.detach() for k, v in state.items()}
+    else:
+        raise ValueError(f"refit_from takes a torch.nn.Module or a state dict, got "
+                         f"{type(model_or_state_dict).__name__}")
+    out = {}
+    for k, v in state.items():
+        if _LORA.search(k):
+            continue
+        plain = k.replace(".base_layer.", ".")
+        if plain in out and plain != k:
+            raise ValueError(f"the model has both {plain!r} and {k!r}")
+        out[plain] = v
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -907,13 +1098,15 @@ class TensorRTDenoiser(ExportedDenoiser):
                 raise RuntimeError("TensorRT engines need an NVIDIA GPU, and torch sees none here")
             device = torch.device("cuda", torch.cuda.current_device())
         device = torch.device(device)
-        sidecar = check_engine(engine_path, tensorrt_version=trt.__version__, verify_bytes=verify,
-                               capability=compute_capability(device if device.type == "cuda" else None))
+        # The bytes checked against the sidecar are the bytes deserialized: read once.
+        sidecar, data = _check_engine(engine_path, tensorrt_version=trt.__version__, verify_bytes=verify, read=True,
+                                      capability=compute_capability(device if device.type == "cuda" else None))
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
         # An engine lives on the CUDA device current when it is deserialized.
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+            engine = runtime.deserialize_cuda_engine(data)
+        del data
         if engine is None:
             raise RuntimeError(f"TensorRT could not deserialize {engine_path}; its log above says why")
         dtypes = _trt_dtypes(trt)
@@ -963,8 +1156,9 @@ class TensorRTDenoiser(ExportedDenoiser):
           an ``.onnx`` export: then ``build_engine(source, **build_kwargs)`` runs first, which reuses the
           cached engine when one matches (a cache hit builds nothing).
         - ``device``: the CUDA device the engine runs on (default: the current one).
-        - ``weight_streaming_budget``: None (default: every weight on the GPU), bytes (``int``), a fraction
-          (``float`` in [0, 1]) of the engine's ``streamable_weights_size``, or ``"auto"`` (TensorRT's
+        - ``weight_streaming_budget``: None (default: every weight on the GPU), bytes (``int``: 0 or at least
+          1 MiB, see ``streaming_budget``), a fraction (``float`` in [0, 1]: ``1.0`` is every weight, ``1`` would
+          be one byte and is refused) of the engine's ``streamable_weights_size``, or ``"auto"`` (TensorRT's
           ``get_weight_streaming_automatic_budget``, from free memory). Needs ``build_engine(...,
           weight_streaming=True)``.
         - ``cuda_graphs`` / ``max_graphs``: see the class doc.
@@ -980,6 +1174,7 @@ class TensorRTDenoiser(ExportedDenoiser):
             source = source.path
         source = Path(source)
         if source.suffix == ".onnx":
+            _refuse_meta_export(source)
             onnx_path = onnx_path or source
             source = build_engine(source, **build_kwargs).path
         elif build_kwargs:
@@ -1226,7 +1421,8 @@ class TensorRTDenoiser(ExportedDenoiser):
         return self._constants
 
 
-__all__ = ["EngineBuild", "PRECISIONS", "StaleEngineError", "TensorRTDenoiser", "WeightSource", "atomic_write",
-           "build_engine", "check_engine", "compute_capability", "default_cache_dir", "engine_key", "graph_inputs",
-           "graph_io", "hash_onnx", "make_profile", "onnx_files", "operator_target", "read_sidecar", "refit_sources",
-           "sidecar_path", "streaming_budget", "symbol_ranges", "tensorrt_version", "validate_profiles"]
+__all__ = ["EngineBuild", "MIN_BUDGET_BYTES", "PRECISIONS", "StaleEngineError", "TensorRTDenoiser", "WeightSource",
+           "atomic_write", "build_engine", "check_engine", "compute_capability", "default_cache_dir", "engine_key",
+           "graph_inputs", "graph_io", "hash_onnx", "make_profile", "onnx_files", "operator_target", "read_sidecar",
+           "refit_sources", "remove_stale_temps", "sidecar_path", "streaming_budget", "symbol_ranges",
+           "tensorrt_version", "validate_profiles"]
