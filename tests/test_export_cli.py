@@ -7,6 +7,7 @@ status 2 and no traceback."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import re
 
@@ -145,3 +146,51 @@ def test_export_needs_a_command(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["export"])
     assert exit_.value.code == 2 and "fastgen export: error:" in capsys.readouterr().err
+
+
+def test_weights_larger_than_memory_are_refused_before_building(tmp_path, capsys, monkeypatch):
+    # flux-dev in bfloat16 is 22.17 GiB of weights (counted on meta): with 1 GiB available, a one-line
+    # error (exit status 2) instead of building it and being killed for memory
+    import fastgen.cli as cli
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:        2097152 kB\nMemAvailable:    1048576 kB\n")
+    monkeypatch.setattr(cli, "_MEMINFO", meminfo)
+    plan = importlib.import_module("fastgen.export.plan")  # the module (fastgen.export.plan is its function)
+
+    built, real_build = [], plan.build
+    monkeypatch.setattr(plan, "build", lambda cls, config, device="cpu", *a, **k: built.append(str(device)) or
+                        real_build(cls, config, device, *a, **k))
+    out = tmp_path / "x.onnx"
+    assert main(["export", "onnx", "flux-dev", str(out), "--no-validate", "--height", "64", "--width", "64",
+                 "--batch", "1", "--dtype", "bfloat16", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("fastgen export onnx: error: flux-dev's weights need 22.17 GiB")
+    assert "1.00 GiB of host memory is available" in err and "--meta" in err
+    assert built == ["meta"] and not out.exists()  # counted on meta, never built for real
+    meminfo.unlink()  # no /proc/meminfo (not Linux): no check
+    assert cli._available_memory() is None
+
+
+def test_meta_exports_the_graph_without_weights(tmp_path, capsys):
+    out = tmp_path / "flux.onnx"
+    assert main(["export", "onnx", "flux:tiny", str(out), "--meta", "--height", "64", "--width", "64", "--batch", "1",
+                 "--dtype", "bfloat16", "--target", "tensorrt-10.14", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert out.is_file() and "FluxTransformer2DModel flux:tiny (meta: no weights)" in text and "bfloat16" in text
+    assert re.search(r"hidden_states\s+\[1, 16, 4\]", text) and "transformer_blocks" not in text
+    assert re.search(r"and \d+ weights as graph inputs \(--meta", text)
+    assert "not validated (--meta: no weights)" in text and "operator check for tensorrt-10.14: every node supported" in text
+
+
+def test_an_export_failure_is_one_line_with_exit_status_1(tmp_path, capsys, monkeypatch):
+    import fastgen.export
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("onnxruntime: [ONNXRuntimeError] : 1 : FAIL : Load model failed\nmore detail")
+
+    monkeypatch.setattr(fastgen.export, "to_onnx", failing)
+    assert main(["export", "onnx", "flux:tiny", str(tmp_path / "m.onnx"), "--quiet"]) == 1
+    printed = capsys.readouterr()
+    assert printed.err == ("fastgen export onnx: export failed: RuntimeError: onnxruntime: [ONNXRuntimeError] : 1 : "
+                           "FAIL : Load model failed\n") and printed.out == ""

@@ -218,20 +218,80 @@ def cmd_demo(args) -> int:
     return 0 if result["unpatch_bit_exact"] else 1
 
 
-def _export_model(source: str, dtype):
+def _export_model(source: str, dtype, device="cpu"):
     """(denoiser, what it is) for ``fastgen export onnx``: a family of ``fastgen.export.plan.FAMILIES``
     built with random weights (seed 0), else a model or pipeline folder or Hub id through the class's
-    ``from_pretrained`` (its transformer or unet)."""
+    ``from_pretrained`` (its transformer or unet). Built directly in ``dtype`` (no float32 copy first).
+    On ``device="meta"`` it is built from its config with no weights (a folder's weights are not read)."""
     import diffusers
 
-    from fastgen.export.plan import FAMILIES, load_config
+    from fastgen.export.plan import FAMILIES, build, load_config
 
+    meta = " (meta: no weights)" if str(device) == "meta" else ""
     if source in FAMILIES:
         family = FAMILIES[source]
-        return family.build("cpu", dtype), f"{family.cls} {source} (random weights)"
-    cls, _, subfolder = load_config(source)
+        return family.build(device, dtype), f"{family.cls} {source} " + (meta.lstrip() or "(random weights)")
+    cls, config, subfolder = load_config(source)
+    what = f"{cls} from {source}" + (f" ({subfolder})" if subfolder else "") + meta
+    if meta:
+        return build(cls, config, "meta", dtype), what
     model = getattr(diffusers, cls).from_pretrained(source, subfolder=subfolder, torch_dtype=dtype)
-    return model.eval(), f"{cls} from {source}" + (f" ({subfolder})" if subfolder else "")
+    return model.eval(), what
+
+
+# Linux's estimate of the memory a new allocation can have without swapping; elsewhere, no check.
+_MEMINFO = Path("/proc/meminfo")
+
+
+def _available_memory() -> int | None:
+    """Bytes of host memory available (``MemAvailable`` of /proc/meminfo), None where unknown."""
+    try:
+        for line in _MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _weights_exceed_memory(source: str, dtype) -> str | None:
+    """Where ``source``'s weights in ``dtype`` (counted on the meta device, ``fastgen.export.plan``)
+    exceed the available host memory: the error in words; else None (also where memory is unknown)."""
+    import torch
+
+    from fastgen.export.plan import PRECISIONS, weight_bytes
+
+    available = _available_memory()
+    if available is None:
+        return None
+    model, what = _export_model(source, dtype, "meta")
+    precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    params, needed, _ = weight_bytes(model, PRECISIONS[precision])
+    if needed <= available:
+        return None
+    return (f"{source}'s weights need {needed / 2**30:.2f} GiB ({params / 1e9:.3f} B parameters in "
+            f"{str(dtype).removeprefix('torch.')}), {available / 2**30:.2f} GiB of host memory is available: "
+            f"pass --meta to export its graph without weights (or a smaller --dtype)")
+
+
+def _export_errors() -> tuple[type[BaseException], ...]:
+    """What an export can fail with beyond bad arguments: torch.onnx's errors (RuntimeError), onnx's
+    checker and onnxruntime's own exception types (which derive from Exception only)."""
+    errors: list[type[BaseException]] = [RuntimeError, MemoryError]
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+        errors += [t for t in vars(ort_state).values() if isinstance(t, type) and issubclass(t, Exception)]
+    except ImportError:
+        pass
+    try:
+        import onnx.checker
+        import onnx.shape_inference
+
+        errors += [onnx.checker.ValidationError, onnx.shape_inference.InferenceError]
+    except (ImportError, AttributeError):
+        pass
+    return tuple(errors)
 
 
 def _usage_error(command: str, message: str) -> int:
@@ -263,11 +323,16 @@ def cmd_export_onnx(args) -> int:
 
     command = "export onnx"
     dtype = getattr(torch, args.dtype)
-    if dtype == torch.bfloat16 and not args.no_validate:
+    validate = not (args.no_validate or args.meta)  # a meta model has no weights to run
+    if dtype == torch.bfloat16 and validate:
         return _usage_error(command, "onnxruntime's CPU provider cannot run bfloat16 graphs: add --no-validate "
                                      "(or export float16 / float32)")
     try:
-        model, what = _export_model(args.model, dtype)
+        if not args.meta:
+            too_big = _weights_exceed_memory(args.model, dtype)
+            if too_big:
+                return _usage_error(command, too_big)
+        model, what = _export_model(args.model, dtype, "meta" if args.meta else "cpu")
     except (ValueError, OSError) as exc:
         return _usage_error(command, str(exc).splitlines()[0])
     if not args.quiet:
@@ -278,7 +343,7 @@ def cmd_export_onnx(args) -> int:
         with _quiet_exporter():
             report = to_onnx(model, args.out, height=args.height, width=args.width, frames=args.frames,
                              batch=args.batch, dtype=dtype, opset=args.opset, target=args.target,
-                             validate=not args.no_validate, progress=not args.quiet)
+                             validate=validate, progress=not args.quiet)
     except ValueError as exc:
         # written by this run, then refused by the target's operator check: name the failing nodes
         if args.target and out.exists() and out.stat().st_mtime_ns != before:
@@ -287,7 +352,13 @@ def cmd_export_onnx(args) -> int:
                 print(export_failures(failing, args.target, out))
                 return 1
         return _usage_error(command, str(exc).splitlines()[0])
-    print(export_summary(report, what))
+    except _export_errors() as exc:
+        # the arguments were fine: the export or onnxruntime's validation failed (exit status 1)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"fastgen export onnx: export failed: {type(exc).__name__}: {first}".rstrip(": "), file=sys.stderr)
+        return 1
+    weights = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    print(export_summary(report, what, weights))
     return 0
 
 
@@ -297,10 +368,12 @@ def export_failures(failing, target: str, path) -> str:
     return "\n".join(lines + [f"  {u}" for u in failing])
 
 
-def export_summary(report, what: str) -> str:
+def export_summary(report, what: str, weight_names=()) -> str:
     """``fastgen export onnx``'s summary of an ``ExportReport``: the file, its inputs and output with
     their symbolic dimensions, the declared ranges, each validated shape's difference from PyTorch and
-    the target's operator check."""
+    the target's operator check. A meta export's weights are graph inputs: those named in
+    ``weight_names`` (parameter and buffer names, with or without the exporter's first prefix) are
+    counted, not listed."""
     def dims(d):
         return "[" + ", ".join(map(str, d)) + "]"
 
@@ -310,8 +383,17 @@ def export_summary(report, what: str) -> str:
     data = f", weights in {report.path.name}.data" if report.external_data else ""
     lines = [f"wrote {report.path} ({report.file_bytes / 2**20:.1f} MiB{data}): {what}, opset {report.opset}, "
              f"{str(report.dtype).removeprefix('torch.')}, exported in {report.export_seconds:.1f} s", "inputs:"]
-    width = max(map(len, list(report.inputs) + list(report.outputs)))
-    lines += [f"  {name:{width}}  {dims(d)}" for name, d in report.inputs.items()]
+    names = set(weight_names)
+
+    def is_weight(name):
+        return not report.weights and (name in names or name.partition(".")[2] in names)
+
+    inputs = {name: d for name, d in report.inputs.items() if not is_weight(name)}
+    width = max(map(len, list(inputs) + list(report.outputs)))
+    lines += [f"  {name:{width}}  {dims(d)}" for name, d in inputs.items()]
+    if len(inputs) < len(report.inputs):
+        lines.append(f"  and {len(report.inputs) - len(inputs)} weights as graph inputs (--meta: the graph "
+                     f"holds no weights)")
     lines += ["output:"] + [f"  {name:{width}}  {dims(d)}" for name, d in report.outputs.items()]
     lines.append("ranges: " + ", ".join(f"{k} {span(*v)}" + (" px" if k in ("height", "width") else "")
                                         for k, v in report.ranges.items()))
@@ -322,7 +404,7 @@ def export_summary(report, what: str) -> str:
             lines.append(f"  batch {c.batch}, {c.height}x{c.width} px{frames}, {c.text_tokens} text tokens: "
                          f"max abs diff {c.max_abs_diff:.2e} ({c.max_rel_diff:.2e} of the largest output)")
     else:
-        lines.append("not validated (--no-validate)")
+        lines.append("not validated (--no-validate)" if report.weights else "not validated (--meta: no weights)")
     if report.target:
         lines.append(f"operator check for {report.target}: every node supported")
     return "\n".join(lines)
@@ -393,7 +475,8 @@ def export_args(sub) -> None:
     o = commands.add_parser("onnx", help="export a denoiser to ONNX with dynamic shapes, validated with onnxruntime",
                             description="Export the denoiser (transformer or unet) to ONNX with dynamic batch, "
                             "size and text length (fastgen.export.to_onnx), check it, validate it with "
-                            "onnxruntime and print a summary. Exit status 1 where --target refuses a node.")
+                            "onnxruntime and print a summary. Exit status 1 where --target refuses a node or the export fails, "
+                            "2 where the weights would not fit in host memory (try --meta).")
     o.add_argument("model", metavar="MODEL_OR_FAMILY",
                    help="a diffusers model or pipeline folder or Hub id, or a built-in family with random weights "
                         "(flux:tiny, sd15:small, flux-dev, ...: fastgen.export.plan.FAMILIES)")
@@ -406,6 +489,9 @@ def export_args(sub) -> None:
     o.add_argument("--target", type=_export_target, help="check every node against a runtime: onnxruntime, "
                    "onnxruntime:<ExecutionProvider>, tensorrt-10.1, tensorrt-10.14, tensorrt-10.15")
     o.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison")
+    o.add_argument("--meta", action="store_true", help="build the model on the meta device and export its graph "
+                   "only (weights become graph inputs; no validation): a released size's graph and operator "
+                   "check without the memory for its weights")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     o.set_defaults(func=cmd_export_onnx)
 
