@@ -71,11 +71,11 @@ class Case:
         self.ort = OnnxRuntimeDenoiser.load(self.path)
         self.reference = self.image(self.model)
 
-    def image(self, denoiser) -> torch.Tensor:
+    def image(self, denoiser, **kwargs) -> torch.Tensor:
         setattr(self.pipe, self.attr, denoiser)
         try:
             out = self.pipe(**self.call, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
-                            output_type="pt")
+                            output_type="pt", **kwargs)
         finally:
             setattr(self.pipe, self.attr, self.model)
         return out.frames if self.family in VIDEO else out.images
@@ -108,6 +108,39 @@ def test_pipeline_on_onnxruntime_matches_pytorch(cases, family):
     got = case.image(case.ort)
     assert got.shape == case.reference.shape == SHAPES[family]
     assert (got - case.reference).abs().max().item() < IMAGE_TOL
+
+
+def test_images_per_prompt_with_prompt_embeds(cases):
+    # num_images_per_prompt=2 with precomputed prompt_embeds: FluxPipeline passes 2 latents with one
+    # prompt's embeddings and pooled projection, which the model broadcasts (batch 2 is the export's top).
+    flux = cases("flux")
+    ref = flux.image(flux.model, num_images_per_prompt=2)
+    got = flux.image(flux.ort, num_images_per_prompt=2)
+    assert got.shape == ref.shape == (2, 3, 64, 64) and (got - ref).abs().max().item() < IMAGE_TOL
+
+
+@pytest.mark.parametrize("family, one", [
+    ("flux", ("encoder_hidden_states", "pooled_projections")), ("sd3", ("encoder_hidden_states",)),
+    ("wan", ("encoder_hidden_states",)), ("hunyuan", ("encoder_hidden_states", "encoder_attention_mask")),
+    ("hunyuan", ("encoder_hidden_states", "encoder_attention_mask", "pooled_projections"))],
+    ids=["flux", "sd3-text", "wan", "hunyuan-text", "hunyuan-all"])
+def test_batch_one_conditioning_broadcasts(cases, family, one):
+    # Inputs the PyTorch model broadcasts along the batch may have one item for 2 latents.
+    case = cases(family)
+    x = INPUTS[family](batch=2)
+    x.update({k: x[k][:1] for k in one})
+    assert _rel(case.ort(**x).sample, _reference(case, **x)) < REL_TOL
+
+
+def test_batch_one_conditioning_that_does_not_broadcast(cases):
+    # Where the PyTorch model does not broadcast (HunyuanVideo's text without its mask; a UNet), the
+    # inputs still disagree.
+    x = _hunyuan_inputs(batch=2)
+    with pytest.raises(ValueError, match=r"'batch' is 2 in hidden_states .* but 1 in encoder_hidden_states"):
+        cases("hunyuan").ort(**{**x, "encoder_hidden_states": x["encoder_hidden_states"][:1]})
+    x = _sdxl_inputs(batch=2)
+    with pytest.raises(ValueError, match=r"'batch' is 2 in sample .* but 1 in encoder_hidden_states"):
+        cases("sdxl").ort(**{**x, "encoder_hidden_states": x["encoder_hidden_states"][:1]})
 
 
 class _TorchRuntime(ExportedDenoiser):
@@ -330,6 +363,12 @@ def test_wan_image_to_video_mapping():
     with torch.no_grad():
         ref = model(**x, return_dict=False)[0]
         assert torch.equal(runtime(**x).sample, ref)
+    one = {**x, "encoder_hidden_states": x["encoder_hidden_states"][:1],
+           "encoder_hidden_states_image": x["encoder_hidden_states_image"][:1]}  # one prompt and image, 2 latents
+    with torch.no_grad():  # broadcast by the model, expanded by the mapping: the same up to the order of sums
+        assert _rel(runtime(**one).sample, model(**one, return_dict=False)[0]) < REL_TOL
+    with pytest.raises(ValueError, match=r"'batch' is 2 .* but 1 in encoder_hidden_states_image"):
+        runtime(**{**x, "encoder_hidden_states_image": x["encoder_hidden_states_image"][:1]})
     with pytest.raises(ValueError, match=r"exactly 512 text tokens .* shape \(2, 77, 16\): pad the prompt"):
         runtime(**{**x, "encoder_hidden_states": x["encoder_hidden_states"][:, :77]})
     with pytest.raises(ValueError, match=r"encoder_hidden_states_image is required: .*image-to-video"):
@@ -386,10 +425,57 @@ def test_load_errors(cases, tmp_path, monkeypatch):
         OnnxRuntimeDenoiser.load(tmp_path / "bare.onnx")
     with pytest.raises(ValueError, match=r"providers \['NoSuchExecutionProvider'\] are not available.*CPUExecution"):
         OnnxRuntimeDenoiser.load(flux.path, providers=["CPUExecutionProvider", "NoSuchExecutionProvider"])
+    assert OnnxRuntimeDenoiser.load(flux.path, providers="CPUExecutionProvider").device == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"providers \['NoSuchExecutionProvider'\] are not available"):
+        OnnxRuntimeDenoiser.load(flux.path, providers="NoSuchExecutionProvider")
     shutil.copy(flux.path, tmp_path / "copy.onnx")
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ImportError, match=r"pip install fastgen\[onnx\]"):
         OnnxRuntimeDenoiser.load(tmp_path / "copy.onnx")
+
+
+def _rewritten(source, path, props=None, weights_as_inputs=False, graph=None):
+    model = onnx.load(str(source))
+    if weights_as_inputs:  # what to_onnx writes for a model on the meta device: the module's weights as inputs
+        weights = [t for t in model.graph.initializer if t.name.startswith("model.")]
+        model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in weights)
+        kept = [t for t in model.graph.initializer if not t.name.startswith("model.")]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+    if graph is not None:
+        model.graph.CopyFrom(graph)
+        del model.opset_import[:]
+        model.opset_import.append(onnx.helper.make_opsetid("", 17))
+    for p in model.metadata_props:
+        p.value = (props or {}).pop(p.key, p.value)
+    model.metadata_props.extend(onnx.StringStringEntryProto(key=k, value=v) for k, v in (props or {}).items())
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("key", [{"fastgen.weights": "false"}, {}], ids=["weights-false", "before-the-key"])
+def test_meta_device_export_is_refused(cases, tmp_path, key):
+    path = _rewritten(cases("flux").path, tmp_path / "meta.onnx", dict(key), weights_as_inputs=True)
+    with pytest.raises(ValueError, match="exported from the meta device: its weights are graph inputs .* export the "
+                                         "model with its weights"):
+        OnnxRuntimeDenoiser.load(path)
+
+
+def test_bfloat16_on_the_cpu_provider_is_refused(cases, tmp_path):
+    # onnxruntime's CPU provider has no bfloat16 MatMul: it fails building the session (a bfloat16
+    # MatMul graph with fastgen's metadata), or on the first call; refused at load either way.
+    h = onnx.helper
+    bf16 = onnx.TensorProto.BFLOAT16
+    graph = h.make_graph([h.make_node("MatMul", ["a", "b"], ["noise_pred"])], "g",
+                         [h.make_tensor_value_info(n, bf16, [2, 2]) for n in ("a", "b")],
+                         [h.make_tensor_value_info("noise_pred", bf16, [2, 2])])
+    match = "this graph is bfloat16, and onnxruntime's CPUExecutionProvider has no bfloat16 kernels"
+    path = _rewritten(cases("flux").path, tmp_path / "matmul.onnx", {"fastgen.dtype": "bfloat16"}, graph=graph)
+    with pytest.raises(ValueError, match=match):
+        OnnxRuntimeDenoiser.load(path)
+    path = _rewritten(cases("flux").path, tmp_path / "bf16.onnx", {"fastgen.dtype": "bfloat16"})
+    with pytest.raises(ValueError, match=match):
+        OnnxRuntimeDenoiser.load(path, providers=["CPUExecutionProvider"])
 
 
 def test_output_dimensions(cases):
@@ -420,6 +506,7 @@ def test_architecture_without_a_mapping(cases):
     ("flux", dict(batch=3), ValueError,
      r"batch is 3 \(hidden_states dimension 0\); this graph was exported for 1 to 2: export again with a wider range "
      r"\(to_onnx batch=\)"),
+    ("flux", dict(batch=0), ValueError, r"batch is 0 \(hidden_states dimension 0\): the batch must be positive"),
     ("flux", dict(rows=7, cols=6), ValueError, r"number of image tokens is 42 \(height/16 \* width/16\); this graph "
                                                r"was exported for 4 to 36 \(height 32 to 96 px, width 32 to 96 px\)"),
     ("flux", dict(encoder_hidden_states=torch.zeros(2, 5, 64)), ValueError, r"dimension 2 must be 128"),
@@ -466,7 +553,7 @@ def test_architecture_without_a_mapping(cases):
     ("hunyuan", dict(guidance=None), ValueError, r"guidance is required: .*guidance-distilled"),
     ("hunyuan", dict(attention_kwargs={"scale": 0.5}), NotImplementedError, "attention_kwargs"),
     ("hunyuan", dict(batch=3), ValueError, r"batch is 3 .* exported for 1 to 2"),
-], ids=["flux-batch-mismatch", "flux-batch-range", "flux-tokens-range", "flux-static-dim", "flux-rank",
+], ids=["flux-batch-mismatch", "flux-batch-range", "flux-batch-0", "flux-tokens-range", "flux-static-dim", "flux-rank",
         "flux-timestep-shape", "flux-missing", "flux-guidance", "flux-lora", "flux-controlnet", "sdxl-multiple",
         "sdxl-lora", "sdxl-timestep-cond", "sdxl-controlnet", "sdxl-mask", "sdxl-added-missing", "sdxl-ip-adapter",
         "sd3-height-range", "sd3-multiple", "sd3-skip-layers", "sd3-controlnet", "sd3-ip-adapter", "sd3-missing",

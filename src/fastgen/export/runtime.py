@@ -340,6 +340,13 @@ class _Call:
     """How one architecture's diffusers call maps onto its graph's inputs. ``output``: the model's
     return type (``return_dict=True``)."""
 
+    # Groups of inputs the PyTorch model broadcasts along the batch: given with one item each
+    # (all of a group together) while the latents have B, it computes as if each were repeated B
+    # times. Pipelines rely on it: num_images_per_prompt > 1 with precomputed prompt_embeds passes
+    # B latents with one prompt's embeddings. Checked against each family's diffusers forward.
+    broadcast: tuple[tuple[str, ...], ...] = ()
+    latents = "hidden_states"
+
     def __init__(self, metadata: Mapping):
         from diffusers.configuration_utils import FrozenDict
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
@@ -357,8 +364,23 @@ class _Call:
         raise NotImplementedError
 
     def run(self, module: ExportedDenoiser, feed: dict, return_dict: bool):
-        noise = module._denoise(feed)
+        noise = module._denoise(self.expand(feed))
         return self.output(sample=noise) if return_dict else (noise,)
+
+    def expand(self, feed: dict) -> dict:
+        """``feed`` with each ``broadcast`` group whose inputs all have batch 1 expanded to the
+        latents' batch, as the PyTorch model broadcasts them; any other batch is left for the shape
+        check to refuse (2 vs 3: the inputs disagree)."""
+        latents = feed[self.latents]
+        b = latents.shape[0] if torch.is_tensor(latents) and latents.ndim else 1
+        if b <= 1:
+            return feed
+        feed = dict(feed)
+        for group in self.broadcast:
+            given = [feed[k] for k in group if k in feed]
+            if given and all(torch.is_tensor(t) and t.ndim >= 1 and t.shape[0] == 1 for t in given):
+                feed.update({k: feed[k].expand(b, *feed[k].shape[1:]) for k in group if k in feed})
+        return feed
 
     def guidance_feed(self, guidance, batch: int) -> dict[str, torch.Tensor]:
         """``{"guidance": [batch]}`` for a guidance-distilled model's graph, ``{}`` for others;
@@ -387,6 +409,8 @@ class _Call:
                          [None if b is None else b * found.step for b in bounds], "frames", detail=f" ({found.where})",
                          hint=f" ({_span(*ranges['frames'])} video frames)")
         if symbol == "batch":
+            if found.value < 1:
+                raise ValueError(f"batch is {found.value} ({found.where}): the batch must be positive")
             _check_range("batch", found.value, bounds, "batch", detail=f" ({found.where})")
         raise ValueError(f"{symbol} is {found.value} ({found.where}); this graph takes {_span(*bounds)}")
 
@@ -402,7 +426,11 @@ class _FluxCall(_Call):
     width/16), ``encoder_hidden_states [B, T, D]``, ``pooled_projections [B, P]``, ``timestep``
     (the pipeline's t / 1000; a number or [B]; in the export's dtype), ``img_ids [S, 3]``,
     ``txt_ids [T, 3]`` (3-D ids [B, S, 3] of older diffusers: the first item, as diffusers does),
-    ``guidance`` (a number or [B]; required by guidance-distilled models, refused by others)."""
+    ``guidance`` (a number or [B]; required by guidance-distilled models, refused by others).
+    ``encoder_hidden_states`` and ``pooled_projections`` may have batch 1 for B latents (broadcast,
+    as the model does)."""
+
+    broadcast = (("encoder_hidden_states",), ("pooled_projections",))
 
     def forward(self, module, hidden_states, encoder_hidden_states=None, pooled_projections=None, timestep=None,
                 img_ids=None, txt_ids=None, guidance=None, joint_attention_kwargs=None, controlnet_block_samples=None,
@@ -435,6 +463,8 @@ class _UNetCall(_Call):
     ``timestep`` (a number, 0-d, [1] or [B], in [0, 1000]; float32 in the graph),
     ``encoder_hidden_states [B, T, D]``; SDXL: ``added_cond_kwargs`` with ``text_embeds [B, E]``
     and ``time_ids [B, 6]``, required."""
+
+    latents = "sample"  # nothing broadcasts: UNet2DConditionModel needs one of each per item
 
     def __init__(self, metadata):
         super().__init__(metadata)
@@ -481,7 +511,10 @@ class _SD3Call(_Call):
     """``SD3Transformer2DModel`` (SD3, SD3.5): ``hidden_states [B, C, height/8, width/8]``,
     ``encoder_hidden_states [B, T, D]``, ``pooled_projections [B, P]``, ``timestep`` (a number or
     [B], in [0, 1000]; float32 in the graph). ControlNet residuals, skip-layer guidance
-    (``skip_layers``) and ``joint_attention_kwargs`` (LoRA scale, IP-Adapter) are refused."""
+    (``skip_layers``) and ``joint_attention_kwargs`` (LoRA scale, IP-Adapter) are refused.
+    ``encoder_hidden_states`` and ``pooled_projections`` may have batch 1 for B latents."""
+
+    broadcast = (("encoder_hidden_states",), ("pooled_projections",))
 
     def forward(self, module, hidden_states, encoder_hidden_states=None, pooled_projections=None, timestep=None,
                 block_controlnet_hidden_states=None, joint_attention_kwargs=None, return_dict=True, skip_layers=None):
@@ -502,7 +535,10 @@ class _WanCall(_Call):
     per-token [B, S] timesteps are refused), ``encoder_hidden_states [B, T, D]``; image-to-video
     graphs (``config.image_dim`` set) take ``encoder_hidden_states_image [B, I, image_dim]``,
     required, and exactly 512 text tokens (upstream splits its context at ``T - 512``;
-    ``WanImageToVideoPipeline`` pads prompts to 512); text-to-video graphs refuse it."""
+    ``WanImageToVideoPipeline`` pads prompts to 512); text-to-video graphs refuse it. The text and
+    image context may have batch 1 (both: upstream concatenates them) for B latents."""
+
+    broadcast = (("encoder_hidden_states", "encoder_hidden_states_image"),)
 
     def __init__(self, metadata):
         super().__init__(metadata)
@@ -539,7 +575,10 @@ class _HunyuanCall(_Call):
     ``encoder_hidden_states [B, T, D]`` with ``encoder_attention_mask [B, T]`` (1: a prompt token,
     0: padding; required, as upstream), ``pooled_projections [B, P]``, ``guidance`` (the pipeline's
     scale * 1000; required by guidance-distilled models, refused by others). ``attention_kwargs``
-    (LoRA scale) is refused."""
+    (LoRA scale) is refused. ``encoder_hidden_states`` with its mask (both) and
+    ``pooled_projections`` may have batch 1 for B latents."""
+
+    broadcast = (("encoder_hidden_states", "encoder_attention_mask"), ("pooled_projections",))
 
     def forward(self, module, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask=None,
                 pooled_projections=None, guidance=None, attention_kwargs=None, return_dict=True):
@@ -586,6 +625,33 @@ def _spec(arg) -> TensorSpec:
     return TensorSpec(arg.name, shape, _ORT_TYPES[arg.type])
 
 
+def _check_loadable(session, metadata: Mapping, providers: Sequence[str]) -> None:
+    """ValueError for a graph the session cannot run: exported from the meta device (metadata
+    ``weights`` False; files written before that key: every metadata input present, the rest
+    of the graph's inputs the module's weights), or bfloat16 on the CPU provider alone."""
+    names = [i.name for i in session.get_inputs()]
+    extra = [n for n in names if n not in metadata["inputs"]]
+    meta = metadata.get("weights", True) is False or (
+        extra and set(metadata["inputs"]) <= set(names) and all("." in n for n in extra))
+    if meta:
+        raise ValueError(f"this graph was exported from the meta device: its weights are graph inputs "
+                         f"({len(extra)} of them, e.g. {extra[0] if extra else '?'}); export the model with its "
+                         "weights (to_onnx of the model loaded on the CPU or a GPU)")
+    bf16 = metadata.get("dtype") == torch.bfloat16 or any(
+        a.type == "tensor(bfloat16)" for a in (*session.get_inputs(), *session.get_outputs()))
+    if bf16 and _cpu_only(providers):
+        raise ValueError(_BF16_ON_CPU)
+
+
+_BF16_ON_CPU = ("this graph is bfloat16, and onnxruntime's CPUExecutionProvider has no bfloat16 kernels (MatMul): "
+                "load it with providers=['CUDAExecutionProvider'], or export again with to_onnx(..., "
+                "dtype=torch.float32) to run on the CPU")
+
+
+def _cpu_only(providers) -> bool:
+    return all((p[0] if isinstance(p, tuple) else p) == "CPUExecutionProvider" for p in providers)
+
+
 class OnnxRuntimeDenoiser(ExportedDenoiser):
     """A graph written by ``to_onnx``, run by onnxruntime, standing in for the diffusers denoiser:
     ``pipe.transformer = OnnxRuntimeDenoiser.load(path)`` (``pipe.unet`` for UNets).
@@ -602,6 +668,7 @@ class OnnxRuntimeDenoiser(ExportedDenoiser):
 
     def __init__(self, session, metadata: Mapping, run_options=None):
         providers = session.get_providers()
+        _check_loadable(session, metadata, providers)
         device = torch.device("cpu")
         if providers[0] in _CUDA_PROVIDERS:
             device_id = int(session.get_provider_options()[providers[0]].get("device_id", 0))
@@ -619,18 +686,22 @@ class OnnxRuntimeDenoiser(ExportedDenoiser):
         """Load the graph ``to_onnx`` wrote at ``path`` into an onnxruntime ``InferenceSession``.
 
         - ``providers``: execution providers in order of preference, names or ``(name, options)``
-          pairs as onnxruntime takes them; default ``["CPUExecutionProvider"]``.
+          pairs as onnxruntime takes them, or one name; default ``["CPUExecutionProvider"]``.
         - ``session_options``: an ``onnxruntime.SessionOptions``, or None (onnxruntime's defaults).
 
         Raises ``FileNotFoundError`` (no file at ``path``), ``ValueError`` (not an ONNX file; no
         fastgen metadata; a provider this onnxruntime lacks, listing the available ones; an
-        architecture without a call mapping here), ``ImportError`` (onnxruntime missing).
+        architecture without a call mapping here; a graph exported from the meta device, its
+        weights graph inputs; a bfloat16 graph on the CPU provider alone, which has no bfloat16
+        kernels for its MatMuls), ``ImportError`` (onnxruntime missing).
         The file is read once, by onnxruntime: fastgen's metadata comes from the session.
         """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no ONNX file at {path}: export a denoiser with fastgen.export.to_onnx first")
         ort = _import_onnxruntime()
+        if isinstance(providers, str):
+            providers = [providers]
         providers = ["CPUExecutionProvider"] if providers is None else list(providers)
         available = ort.get_available_providers()
         unknown = [p for p in providers if (p[0] if isinstance(p, tuple) else p) not in available]
@@ -641,6 +712,14 @@ class OnnxRuntimeDenoiser(ExportedDenoiser):
             session = ort.InferenceSession(str(path), sess_options=session_options, providers=providers)
         except ort.capi.onnxruntime_pybind11_state.InvalidProtobuf as e:
             raise ValueError(f"{path} is not an ONNX model ({e})") from None
+        except ort.capi.onnxruntime_pybind11_state.NotImplemented:
+            # onnxruntime assigns kernels when it builds the session: a bfloat16 graph on the CPU
+            # provider alone fails here (or, with fewer optimisations, on the first call).
+            from fastgen.export.onnx import read_metadata
+
+            if _cpu_only(providers) and read_metadata(path).get("dtype") == torch.bfloat16:
+                raise ValueError(_BF16_ON_CPU) from None
+            raise
         return cls(session, parse_metadata(session.get_modelmeta().custom_metadata_map, str(path)))
 
     def _run(self, feed):
