@@ -276,7 +276,7 @@ def test_target_errors(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["flux", "unet"])
+@pytest.mark.parametrize("name", ["flux"])  # attention and the fused prologue; the UNet has attention only
 def test_patched_model_exports_standard_operators(tmp_path, name):
     import fastgen
 
@@ -406,7 +406,8 @@ def test_ranges_open_ended_fixed_and_reexport(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="torch"):
         logging.disable(logging.NOTSET)
         try:
-            report = fx.to_onnx(torch.compile(model), path, batch=(2, None), height=32, width=(32, 48))
+            report = fx.to_onnx(torch.compile(model), path, batch=(2, None), height=32, width=(32, 48),
+                                validate=False)
         finally:
             logging.disable(logging.WARNING)
     assert not [r for r in caplog.records if "deprecated" in r.getMessage()]
@@ -414,5 +415,9 @@ def test_ranges_open_ended_fixed_and_reexport(tmp_path, caplog):
     assert report.inputs["hidden_states"][0] == "batch"
     # the re-export is inline: the first export's external data is gone, not left to be read
     assert not report.external_data and not path.with_name("m.onnx.data").exists()
-    for c in report.checks:
-        assert c.max_rel_diff < REL_TOL, c
+    sess = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])  # and it runs at batch 3
+    x = fx._Flux(model).tensors(3, 2, 3, 5, torch.float32, "cpu")
+    got = torch.from_numpy(sess.run(["noise_pred"], {k: v.numpy() for k, v in x.items()})[0])
+    with torch.no_grad():
+        ref = fx._Flux(model).wrapper(model)(**x)
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < REL_TOL
