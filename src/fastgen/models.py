@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-FAMILIES = ("flux", "sd3", "sd15", "sdxl", "wan", "hunyuan")
+FAMILIES = ("flux", "sd3", "sd15", "sdxl", "wan", "hunyuan", "framepack")
 
 # Width knobs and image side per pipeline size. The VAEs downsample 8x like the real ones, so token
 # counts are real: Flux at 1024^2 attends over 4096 image tokens. "tiny" is for tests on a CPU, "small"
@@ -150,6 +150,9 @@ def build_pipeline(family: str = "flux", size: str = "small"):
                     prompt_attention_mask=mask, num_frames=5 if size == "tiny" else 17)
         if size == "tiny":  # video multiplies tokens: keep the interpreter's per-token programs few in tests
             side = 32
+    elif family == "framepack":
+        pipe, call = _framepack_pipeline(heads, hd, layers, n_txt, size)
+        side = call.pop("side")
     else:
         from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
@@ -180,6 +183,44 @@ def build_pipeline(family: str = "flux", size: str = "small"):
         if isinstance(module, torch.nn.Module):
             module.eval()
     call.update(height=side, width=side)
+    return pipe, call
+
+
+def _framepack_pipeline(heads: int, hd: int, layers: int, n_txt: int, size: str):
+    # HunyuanVideoFramepackPipeline: the FramePack transformer (history embedders, SigLIP image
+    # projection), HunyuanVideo's VAE and a small SigLIP image encoder with its processor; prompts
+    # come as embeddings (no LLaMA / CLIP text encoders)
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoFramepackPipeline, HunyuanVideoFramepackTransformer3DModel
+    from PIL import Image
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    try:  # transformers >= 5 names the torchvision-free processor (the other one warns without torchvision)
+        from transformers import SiglipImageProcessorPil as SiglipImageProcessor
+    except ImportError:
+        from transformers import SiglipImageProcessor
+
+    image_dim = 32
+    axes = (hd // 4, 3 * hd // 8, 3 * hd // 8) if hd >= 32 else (4, 4, 8)
+    tr = HunyuanVideoFramepackTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=heads, attention_head_dim=hd, num_layers=layers,
+        num_single_layers=2 * layers, num_refiner_layers=1, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
+        qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=128, pooled_projection_dim=64, rope_axes_dim=axes,
+        has_image_proj=True, image_proj_dim=image_dim, has_clean_x_embedder=True)
+    encoder = SiglipVisionModel(SiglipVisionConfig(hidden_size=image_dim, intermediate_size=2 * image_dim,
+                                                   num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                                                   patch_size=8))
+    processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+    pipe = HunyuanVideoFramepackPipeline(text_encoder=None, tokenizer=None, transformer=tr,
+                                         vae=autoencoder_kl_hunyuan_video(4), scheduler=FlowMatchEulerDiscreteScheduler(),
+                                         text_encoder_2=None, tokenizer_2=None, image_encoder=encoder,
+                                         feature_extractor=processor)
+    side = 64 if size == "tiny" else 256  # latent 8x8: the 4x history kernel (8 latent px) covers it once
+    pixels = (torch.rand(side, side, 3, generator=torch.Generator().manual_seed(5)) * 255).to(torch.uint8)
+    mask = torch.ones(1, n_txt, dtype=torch.long)
+    mask[:, n_txt * 5 // 8 :] = 0  # a padded prompt, as the LLaMA encoder hands it over
+    call = dict(image=Image.fromarray(pixels.numpy()), prompt_embeds=_rand(1, n_txt, 128, seed=1),
+                pooled_prompt_embeds=_rand(1, 64, seed=2), prompt_attention_mask=mask, guidance_scale=9.0,
+                num_frames=33 * 2 if size == "tiny" else 33 * 3, side=side)
     return pipe, call
 
 

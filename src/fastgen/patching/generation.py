@@ -103,13 +103,14 @@ def scoped_class(cls: type) -> type:
         return cls
     scoped = _SCOPED_CLASSES.get(cls)
     if scoped is None:
+        call = _call_of(cls)
 
         @functools.wraps(cls.__call__)
         def __call__(self, *args, **kwargs):
             if kwargs.get("callback_on_step_end") is not None:
                 _forget_after_callbacks(self, kwargs)
             with generation(self, kwargs.get("generator")):
-                return cls.__call__(self, *args, **kwargs)
+                return call(self, *args, **kwargs)
 
         def __reduce_ex__(self, protocol):
             # as an instance of the original class, without the pipeline-level patch (its models keep theirs)
@@ -122,6 +123,17 @@ def scoped_class(cls: type) -> type:
                                              "__module__": cls.__module__, "__qualname__": cls.__qualname__})
         _SCOPED_CLASSES[cls] = scoped
     return scoped
+
+
+def _call_of(cls: type):
+    # FramePack's pipeline runs through fastgen's section loop (same arguments, same output; bounded
+    # memory, step-invariant history reused): fastgen.framepack.sampler
+    if any(c.__name__ == "HunyuanVideoFramepackPipeline" and c.__module__.startswith("diffusers.")
+           for c in cls.__mro__):
+        from fastgen.framepack.sampler import pipeline_call
+
+        return pipeline_call
+    return cls.__call__
 
 
 def _new_instance(cls):

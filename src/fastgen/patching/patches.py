@@ -101,6 +101,7 @@ class ModelPatch:
         self.merging = None  # fastgen.merging.runtime.Merging when the config merges tokens
         self._merge_places: list[tuple] = []  # (module, hook with .pre / .post)
         self._merge_handles: list = []
+        self.packing = None  # fastgen.framepack.packing.HistoryPacking (FramePack transformers)
 
     def build(self) -> None:
         """Create a fastgen processor for every attention whose upstream processor fastgen knows."""
@@ -131,6 +132,11 @@ class ModelPatch:
             module.__dict__[ATTN_STATE] = self.state
         if self.state.config.cache_cross_attention_kv:
             self._hook()
+        if self.arch.history_packing:
+            from fastgen.framepack.packing import HistoryPacking
+
+            self.packing = HistoryPacking(self.model, self.state.kv_cache, self.state.config.cache_cross_attention_kv)
+            self.packing.install()
         for module, hook in self._merge_places:  # PyTorch's hooks: ``forward`` itself stays untouched
             if hasattr(hook, "pre"):
                 self._merge_handles.append(module.register_forward_pre_hook(hook.pre, with_kwargs=True))
@@ -153,6 +159,9 @@ class ModelPatch:
                 module.set_processor(current.original)
             module.__dict__.pop(ATTN_STATE, None)
         self._unhook()
+        if self.packing is not None:
+            self.packing.uninstall()
+            self.packing = None
         for handle in self._merge_handles:
             handle.remove()
         self._merge_handles.clear()

@@ -31,6 +31,9 @@ class Architecture:
     # merge (module path patterns, ``*`` for a block index; the block is the path's parent)
     token_grid: str = ""
     merge_attention: tuple[str, ...] = ()
+    # FramePack's history packing (fastgen.framepack.packing): fused multi-rate patchify and pooled
+    # RoPE, computed once per section
+    history_packing: bool = False
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (
@@ -47,11 +50,19 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                  # WanTransformer3DModel.forward: encoder_hidden_states = torch.concat([image, text], dim=1)
                  joined_context="condition_embedder", token_grid="latent", merge_attention=("blocks.*.attn1",)),
     # The token refiner's Attention (AttnProcessor2_0) runs with a square mask: left to upstream, never merged.
-    Architecture("hunyuanvideo", ("HunyuanVideoTransformer3DModel", "HunyuanVideoFramepackTransformer3DModel"),
+    Architecture("hunyuanvideo", ("HunyuanVideoTransformer3DModel",),
                  {"HunyuanVideoAttnProcessor2_0": FastgenHunyuanVideoAttnProcessor,
                   "AttnProcessor2_0": FastgenAttnProcessor},
                  token_grid="latent",
                  merge_attention=("transformer_blocks.*.attn", "single_transformer_blocks.*.attn")),
+    # FramePack's HunyuanVideo: the same blocks; its image projection (SigLIP features -> tokens) and
+    # its history packing do not depend on the step
+    Architecture("framepack", ("HunyuanVideoFramepackTransformer3DModel",),
+                 {"HunyuanVideoAttnProcessor2_0": FastgenHunyuanVideoAttnProcessor,
+                  "AttnProcessor2_0": FastgenAttnProcessor},
+                 step_invariant=("image_projection",), token_grid="latent",
+                 merge_attention=("transformer_blocks.*.attn", "single_transformer_blocks.*.attn"),
+                 history_packing=True),
 )
 
 # The VAE is patched only on request (PatchConfig.include_vae).
