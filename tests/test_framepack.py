@@ -142,3 +142,191 @@ def test_schedules_equal_diffusers_pipeline(sampling_type):
                 assert got["indices_latents_history_4x"].tolist() == s.history[1].tolist()
     finally:
         handle.remove()
+
+
+# --- the patched transformer against diffusers' forward -----------------------------------------
+
+
+def _fresh_history(inputs, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = dict(inputs)
+    for k in ("latents_clean", "latents_history_2x", "latents_history_4x"):
+        out[k] = torch.randn(inputs[k].shape, generator=g)
+    return out
+
+
+def test_patched_transformer_equals_diffusers_forward_over_interleaved_states():
+    """One patched model, one generation, calls that alternate between what may be reused and what
+    must not be: each output equals the unpatched model's on the same inputs."""
+    import copy
+
+    model, inputs = tiny_denoiser("framepack")
+    reference = copy.deepcopy(model)
+    handle = fastgen.patch(model)
+    cache = handle.state.kv_cache
+    other = _fresh_history(inputs, 1)
+    batch1 = {k: (v[:1] if torch.is_tensor(v) and v.dim() > 1 else v) for k, v in inputs.items()}
+    batch1["timestep"], batch1["guidance"] = inputs["timestep"][:1], inputs["guidance"][:1]
+
+    def check(x, grad=False, autocast=False):
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+        with torch.set_grad_enabled(grad), ctx:
+            got = model(**x, return_dict=False)[0]
+            want = reference(**x, return_dict=False)[0]
+        tol = 2e-2 if autocast else 1e-5
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+    with fastgen.generation(model):
+        check(inputs)
+        hits = cache.hits
+        check(inputs)  # the very same history: packed context, pooled RoPE, image tokens served again
+        assert cache.hits >= hits + 3
+        check(other)  # another section's history: computed afresh
+        check(inputs)  # and back: both sections' entries live side by side
+        with torch.no_grad():
+            inputs["latents_clean"].mul_(0.5)  # an in-place write bumps the version: not served stale
+        check(inputs)
+        check(dict(inputs, timestep=inputs["timestep"] * 0.5))  # other steps of the section
+        check(batch1)
+        check(inputs, grad=True)  # autograd on: upstream's own path
+        check(inputs, autocast=True)  # autocast: upstream's Conv3d in bf16
+        check(dict(inputs, indices_latents_history_4x=inputs["indices_latents_history_4x"] + 3))
+    check(inputs)  # outside a generation nothing is reused, and nothing differs
+    fastgen.unpatch(model)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs, return_dict=False)[0], reference(**inputs, return_dict=False)[0])
+    assert "_pack_history_states" not in model.__dict__ and not hasattr(model.clean_x_embedder, "_diffusers_hook")
+
+
+# --- the section sampler against diffusers' pipeline -------------------------------------------
+
+
+def _neg(call):
+    g = torch.Generator().manual_seed(9)
+    return dict(negative_prompt_embeds=torch.randn(call["prompt_embeds"].shape, generator=g),
+                negative_pooled_prompt_embeds=torch.randn(call["pooled_prompt_embeds"].shape, generator=g),
+                negative_prompt_attention_mask=call["prompt_attention_mask"].clone(), true_cfg_scale=2.0)
+
+
+@pytest.mark.parametrize("sampling_type, extra", [
+    (INVERTED_ANTI_DRIFTING, "last_image"),
+    (VANILLA, "true_cfg"),
+])
+def test_patched_pipeline_equals_diffusers_pipeline(sampling_type, extra):
+    pipe, call = _pipe()
+    call.update(sampling_type=sampling_type, num_frames=33 * 3)
+    if extra == "true_cfg":
+        call.update(_neg(call))
+    else:
+        call["last_image"] = call["image"].rotate(90)
+    runs = {}
+    for state in ("diffusers", "fastgen", "unpatched"):
+        if state == "fastgen":
+            fastgen.patch(pipe)
+        elif state == "unpatched":
+            fastgen.unpatch(pipe)
+        video = pipe(**call, generator=torch.Generator().manual_seed(0), output_type="pt").frames
+        latents = pipe(**call, generator=torch.Generator().manual_seed(0), output_type="latent").frames
+        runs[state] = video, latents
+    (ref, ref_lat), (out, out_lat), (back, back_lat) = runs["diffusers"], runs["fastgen"], runs["unpatched"]
+    assert out.shape == ref.shape == (1, video_length(3, 9, sampling_type), 3, 32, 32)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert len(out_lat) == len(ref_lat) == 3
+    for a, b in zip(out_lat, ref_lat):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(back, ref) and all(torch.equal(a, b) for a, b in zip(back_lat, ref_lat))
+
+
+@pytest.mark.parametrize("sampling_type", [INVERTED_ANTI_DRIFTING, VANILLA])
+def test_sections_stream_the_pipeline_video(sampling_type):
+    """Streamed sections, placed by their start, are the pipeline's video; each hands out only
+    frames no later section changes, so a long video never sits in memory whole."""
+    pipe, call = _pipe()
+    call.update(sampling_type=sampling_type, num_frames=33 * 4)
+    want = pipe(**call, generator=torch.Generator().manual_seed(0), output_type="np").frames
+    fastgen.patch(pipe)
+    image = call.pop("image")
+    got = list(sections(pipe, image, **call, generator=torch.Generator().manual_seed(0), output_type="np",
+                        progress=False))
+    assert [s.index for s in got] == [0, 1, 2, 3] and all(s.count == 4 for s in got)
+    placed = sorted((s for s in got if s.num_frames), key=lambda s: s.start)
+    starts = [s.start for s in placed]
+    assert starts[0] == 0 and all(a.start + a.num_frames == b.start for a, b in zip(placed, placed[1:]))
+    import numpy as np
+
+    video = np.concatenate([s.frames for s in placed], axis=1)
+    assert video.shape == want.shape
+    np.testing.assert_allclose(video, want, rtol=1e-5, atol=1e-5)
+    decode = (2 * 9 - 1) * 4 + 1 + 33  # one decoded section and the held-back overlap, at most
+    assert max(s.num_frames for s in got) <= decode
+    if sampling_type == INVERTED_ANTI_DRIFTING:  # the end of the video comes first
+        assert [s.start for s in got][1:] == sorted([s.start for s in got][1:], reverse=True)
+    latents = list(sections(pipe, image, **call, generator=torch.Generator().manual_seed(0), output_type="latent",
+                            progress=False))
+    assert all(s.frames is None and s.num_frames == 0 for s in latents)
+    for a, b in zip(latents, got):
+        torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=0)
+
+
+def test_section_cost_is_flat():
+    """Section 12 costs what section 3 costs (within 1.2x, best of three runs) and every section's
+    transformer sees a packed sequence of the same length, however much video precedes it."""
+    pipe, call = _pipe()
+    fastgen.patch(pipe)
+    image = call.pop("image")
+    call.update(num_frames=33 * 13, num_inference_steps=6, sampling_type=VANILLA)
+    lengths = []
+    handle = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(
+        lambda m, args: lengths.append(args[0].shape[1]))
+    best = None
+    try:
+        for _ in range(3):
+            times, last = [], time.perf_counter()
+            for _s in sections(pipe, image, **call, generator=torch.Generator().manual_seed(0), output_type="latent",
+                               progress=False):
+                now = time.perf_counter()
+                times.append(now - last)
+                last = now
+            best = times if best is None else [min(a, b) for a, b in zip(best, times)]
+    finally:
+        handle.remove()
+    assert len(best) == 13 and len(set(lengths)) == 1
+    assert best[11] <= 1.2 * best[2], best
+
+
+def test_low_vram_mode_runs_the_same_video():
+    from fastgen.framepack.offload import enable_low_vram
+
+    pipe, call = _pipe()
+    call.update(num_frames=33 * 2)
+    want = pipe(**call, generator=torch.Generator().manual_seed(0), output_type="latent").frames
+    fastgen.patch(pipe)
+    enable_low_vram(pipe, "cpu")  # diffusers' block-level group offloading (streams need CUDA)
+    got = pipe(**call, generator=torch.Generator().manual_seed(0), output_type="latent").frames
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="CUDA"):
+        enable_low_vram(pipe, "cpu", use_stream=True)
+    with pytest.raises(ValueError, match="num_blocks_per_group"):
+        enable_low_vram(pipe, "cpu", num_blocks_per_group=0)
+    flux, _ = build_pipeline("flux", "tiny")
+    with pytest.raises(ValueError, match="HunyuanVideoFramepackPipeline"):
+        enable_low_vram(flux, "cpu")
+
+
+def test_bad_sampler_input_raises():
+    pipe, call = _pipe()
+    fastgen.patch(pipe)
+    image = call.pop("image")
+    with pytest.raises(ValueError, match="image_latents"):
+        pipe(image, **call, image_latents=torch.zeros(1, 4, 1, 3, 3))
+    with pytest.raises(ValueError, match="num_frames"):
+        pipe(image, **dict(call, num_frames=0))
+    with pytest.raises(ValueError, match="sampling_type"):
+        pipe(image, **dict(call, sampling_type="forward"))
+    with pytest.raises(ValueError, match="last_image"):  # as diffusers: vanilla order has no last frame
+        pipe(image, **dict(call, sampling_type=VANILLA), last_image=image)
+    with pytest.raises(ValueError, match="output_type"):
+        next(sections(pipe, image, **call, output_type="mp4"))
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        next(sections(pipe, image, **call, frames=9))

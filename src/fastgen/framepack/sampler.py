@@ -46,7 +46,7 @@ class Section:
         count: sections in the whole video.
         start: position of ``frames``' first frame in the final video (pixel frames).
         frames: the frames that became final with this section, in time order, postprocessed as
-            ``output_type`` asks ("pt": (B, F, C, H, W) in [0, 1]; "np": (B, F, H, W, C); "pil": B
+            ``output_type`` asks (None for "latent") ("pt": (B, F, C, H, W) in [0, 1]; "np": (B, F, H, W, C); "pil": B
             lists of images). The first section of an inverted video may have none (its frames are
             blended by the next); the last one also carries the frames held back for blending.
         num_frames: how many frames ``frames`` holds.
@@ -156,7 +156,8 @@ def sections(pipe, image=None, *, output_type: str = "pt", progress: bool = True
     Args:
         pipe: the pipeline; its transformer runs fastgen's kernels where ``fastgen.patch`` put them.
         image: the start image, as the pipeline takes it.
-        output_type: how ``Section.frames`` come: ``"pt"`` (default), ``"np"`` or ``"pil"``.
+        output_type: how ``Section.frames`` come: ``"pt"`` (default), ``"np"`` or ``"pil"``; with
+            ``"latent"`` nothing is decoded (``frames`` is None, ``latents`` holds the section).
         progress: a progress bar over sections (beside the pipeline's bar over each section's steps).
         **kwargs: the pipeline call's other arguments (``prompt`` / ``prompt_embeds``, ``height``,
             ``width``, ``num_frames``, ``latent_window_size``, ``num_inference_steps``,
@@ -170,12 +171,15 @@ def sections(pipe, image=None, *, output_type: str = "pt", progress: bool = True
     Raises:
         ValueError: as the pipeline's ``check_inputs`` does, and for ``output_type="latent"``.
     """
-    if output_type not in ("pt", "np", "pil"):
-        raise ValueError(f"output_type must be 'pt', 'np' or 'pil' for streamed sections, got {output_type!r}")
+    if output_type not in ("pt", "np", "pil", "latent"):
+        raise ValueError(f"output_type must be 'pt', 'np', 'pil' or 'latent', got {output_type!r}")
     if "return_dict" in kwargs:
         raise ValueError("sections() yields Section objects: return_dict does not apply")
     args = _call_args(pipe, dict(kwargs, image=image, output_type=output_type))
-    yield from _run(pipe, args, progress=progress)
+    import fastgen  # fastgen.generation: a patched pipeline reuses step-invariant work (a no-op unpatched)
+
+    with fastgen.generation(pipe, args["generator"]):
+        yield from _run(pipe, args, progress=progress, decode=output_type != "latent")
 
 
 @torch.no_grad()
@@ -192,7 +196,7 @@ def pipeline_call(pipe, *args, **kwargs):
     call = _call_args(pipe, {k: v for k, v in bound.arguments.items() if k != "self"})
     output_type, return_dict = call["output_type"], call["return_dict"]
     chunks, latents_out = [], []
-    for section in _run(pipe, call, progress=False, collect_latents=latents_out, decode=output_type != "latent",
+    for section in _run(pipe, call, progress=True, collect_latents=latents_out, decode=output_type != "latent",
                         postprocess=False):
         if section.num_frames:
             chunks.append((section.start, section.frames))
@@ -258,17 +262,18 @@ def _run(pipe, a: dict, *, progress: bool, collect_latents: list | None = None, 
     image_embeds = pipe.encode_image(image, device=device).to(dtype)
     last_image = a["last_image"]
     if last_image is not None:
+        # diffusers 0.42 averages the two images' embeddings into a variable it never reads: the
+        # transformer sees the start image's alone, as here (the original FramePack code averages)
         last_image = pipe.video_processor.preprocess(last_image, height, width)
-        image_embeds = (image_embeds + pipe.encode_image(last_image, device=device).to(dtype)) / 2
     generator = a["generator"]
     image_latents = pipe.prepare_image_latents(image, dtype=torch.float32, device=device, generator=generator,
                                                latents=a["image_latents"])
-    last_image_latents = a["last_image_latents"]
+    # as diffusers: the last frame conditions the first section only when given as an image
+    # (``last_image_latents`` alone is checked, then not used)
+    last_image_latents = None
     if last_image is not None:
         last_image_latents = pipe.prepare_image_latents(last_image, dtype=torch.float32, device=device,
                                                         generator=generator)
-    elif last_image_latents is not None:
-        last_image_latents = last_image_latents.to(device=device, dtype=torch.float32)
 
     w = config.latent_window_size
     tf = pipe.vae_scale_factor_temporal
