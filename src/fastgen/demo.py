@@ -89,8 +89,10 @@ class Variant:
 
 
 def pipeline_output(result) -> torch.Tensor:
-    """The images of an image pipeline's output, the frames of a video pipeline's."""
-    return result.frames if hasattr(result, "frames") else result.images
+    """The images of an image pipeline's output, the frames of a video pipeline's (FramePack's latent
+    output, a list of the history after each section: the last one, every latent frame made)."""
+    out = result.frames if hasattr(result, "frames") else result.images
+    return out[-1] if isinstance(out, list) and out and torch.is_tensor(out[-1]) else out
 
 
 def _check_repeats(repeats: int) -> None:

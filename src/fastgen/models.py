@@ -214,13 +214,13 @@ def _framepack_pipeline(heads: int, hd: int, layers: int, n_txt: int, size: str)
                                          vae=autoencoder_kl_hunyuan_video(4), scheduler=FlowMatchEulerDiscreteScheduler(),
                                          text_encoder_2=None, tokenizer_2=None, image_encoder=encoder,
                                          feature_extractor=processor)
-    side = 64 if size == "tiny" else 256  # latent 8x8: the 4x history kernel (8 latent px) covers it once
+    side = 32 if size == "tiny" else 256  # latent 4x4 at "tiny": the 4x history kernel (8 latent px) pads it
     pixels = (torch.rand(side, side, 3, generator=torch.Generator().manual_seed(5)) * 255).to(torch.uint8)
     mask = torch.ones(1, n_txt, dtype=torch.long)
     mask[:, n_txt * 5 // 8 :] = 0  # a padded prompt, as the LLaMA encoder hands it over
     call = dict(image=Image.fromarray(pixels.numpy()), prompt_embeds=_rand(1, n_txt, 128, seed=1),
                 pooled_prompt_embeds=_rand(1, 64, seed=2), prompt_attention_mask=mask, guidance_scale=9.0,
-                num_frames=33 * 2 if size == "tiny" else 33 * 3, side=side)
+                num_frames=33 if size == "tiny" else 33 * 3, side=side)
     return pipe, call
 
 
@@ -370,6 +370,13 @@ HUNYUAN_VIDEO = dict(in_channels=16, out_channels=16, num_attention_heads=24, at
                      num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
                      qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768,
                      rope_axes_dim=(16, 56, 56))
+# lllyasviel/FramePackI2V_HY's transformer (HunyuanVideo 13B with FramePack's history embedders and the
+# SigLIP image projection): diffusers' HunyuanVideoFramepackTransformer3DModel defaults but for these three.
+FRAMEPACK_I2V_HY = dict(HUNYUAN_VIDEO, has_image_proj=True, image_proj_dim=1152, has_clean_x_embedder=True)
+# FramePack's image encoder (SigLIP so400m-patch14-384, lllyasviel/flux_redux_bfl): its width and its 27 x 27
+# = 729 image tokens; one layer instead of 27 (a stand-in: its cost is not what the benchmarks measure).
+SIGLIP_SO400M_STANDIN = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=1, num_attention_heads=16,
+                             image_size=384, patch_size=14)
 
 
 def real_denoisers() -> list[DenoiserSpec]:
@@ -416,6 +423,92 @@ def small_denoisers() -> list[DenoiserSpec]:
                           rope_axes_dim=(8, 12, 12)),
                      hunyuan_video_inputs(1, 3, 16, 16, 4, 32, 20, 32, 16)),
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# FramePack at its released size
+# --------------------------------------------------------------------------------------------
+
+
+def framepack_inputs(batch: int, height: int, width: int, channels: int = 16, text_tokens: int = 256,
+                     real_text_tokens: int = 40, text_dim: int = 4096, pooled_dim: int = 768, image_tokens: int = 729,
+                     image_dim: int = 1152, window: int = 9) -> Callable:
+    """``make(device, dtype)`` -> one forward's kwargs of ``HunyuanVideoFramepackTransformer3DModel`` at
+    the released packing (``fastgen.framepack.section_layouts``, the first section of a 2-section
+    inverted video): noisy latents (batch, channels, window, height / 8, width / 8), the clean (start +
+    1x), 2x and 4x history latents at the same latent size with their frame indices, SigLIP image
+    tokens (batch, image_tokens, image_dim), text (batch, text_tokens, text_dim) of which the first
+    ``real_text_tokens`` are unmasked, pooled text, timestep 500, guidance 10 (x 1000, as the pipeline
+    passes it)."""
+    from fastgen.framepack.schedule import FramePackConfig, section_layouts
+
+    config = FramePackConfig(latent_window_size=window)
+    layout = section_layouts(config, 2)[0]
+    lh, lw = height // 8, width // 8
+
+    def make(device, dtype):
+        mask = torch.zeros(batch, text_tokens, dtype=torch.long, device=device)
+        mask[:, :real_text_tokens] = 1
+        def latents(frames, seed):
+            return _r(device, batch, channels, frames, lh, lw, seed=seed).to(dtype)
+
+        return dict(hidden_states=latents(window, 1),
+                    timestep=torch.full((batch,), 500.0, device=device),
+                    encoder_hidden_states=_randn(device, dtype, batch, text_tokens, text_dim),
+                    encoder_attention_mask=mask, pooled_projections=_randn(device, dtype, batch, pooled_dim),
+                    image_embeds=_randn(device, dtype, batch, image_tokens, image_dim),
+                    guidance=torch.full((batch,), 10000.0, device=device, dtype=dtype),
+                    indices_latents=layout.latents.to(device),
+                    latents_clean=latents(layout.clean.numel(), 2), indices_latents_clean=layout.clean.to(device),
+                    latents_history_2x=latents(layout.history[0].numel(), 3),
+                    indices_latents_history_2x=layout.history[0].to(device),
+                    latents_history_4x=latents(layout.history[1].numel(), 4),
+                    indices_latents_history_4x=layout.history[1].to(device))
+
+    return make
+
+
+def framepack_denoiser(height: int = 608, width: int = 640) -> DenoiserSpec:
+    """FramePackI2V_HY's transformer (13B, ``FRAMEPACK_I2V_HY``) at ``height`` x ``width`` pixels
+    (default 640 wide, 608 high: 13680 noisy, 3040 clean, 380 2x and 400 4x tokens per step)."""
+    return DenoiserSpec(f"framepack-i2v-hy {width}x{height}", "HunyuanVideoFramepackTransformer3DModel",
+                        FRAMEPACK_I2V_HY, framepack_inputs(1, height, width))
+
+
+def framepack_i2v_pipeline(device, dtype, height: int = 608, width: int = 640):
+    """(pipeline, call kwargs) of FramePack image-to-video at its released size, random weights: the
+    13B transformer built on ``device`` in ``dtype`` (``framepack_denoiser``), a one-layer SigLIP
+    stand-in of the released width and token count (``SIGLIP_SO400M_STANDIN``) and the narrow
+    HunyuanVideo VAE (``autoencoder_kl_hunyuan_video``: the real 8x spatial and 4x temporal
+    compression, 8 channels wide instead of 128-512) at 16 latent channels, both on ``device`` in
+    ``dtype``. The call holds a random ``width`` x ``height`` start image, 256 prompt tokens 4096
+    wide of which 40 are real, 768-wide pooled text, guidance 10 (the released default), height and
+    width; no ``num_frames`` (the caller's)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoFramepackPipeline
+    from PIL import Image
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    try:  # transformers >= 5 names the torchvision-free processor (the other one warns without torchvision)
+        from transformers import SiglipImageProcessorPil as SiglipImageProcessor
+    except ImportError:
+        from transformers import SiglipImageProcessor
+
+    torch.manual_seed(0)
+    transformer = framepack_denoiser(height, width).build(device, dtype)
+    encoder = SiglipVisionModel(SiglipVisionConfig(**SIGLIP_SO400M_STANDIN)).eval().to(device, dtype)
+    side = SIGLIP_SO400M_STANDIN["image_size"]
+    vae = autoencoder_kl_hunyuan_video(FRAMEPACK_I2V_HY["in_channels"]).eval().to(device, dtype)
+    pipe = HunyuanVideoFramepackPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
+                                         scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=None,
+                                         tokenizer_2=None, image_encoder=encoder,
+                                         feature_extractor=SiglipImageProcessor(size={"height": side, "width": side}))
+    pixels = (torch.rand(height, width, 3, generator=torch.Generator().manual_seed(5)) * 255).to(torch.uint8)
+    mask = torch.zeros(1, 256, dtype=torch.long)
+    mask[:, :40] = 1  # a padded prompt, as the LLaMA encoder hands it over
+    call = dict(image=Image.fromarray(pixels.numpy()), prompt_embeds=_rand(1, 256, 4096, seed=1).to(device, dtype),
+                pooled_prompt_embeds=_rand(1, 768, seed=2).to(device, dtype), prompt_attention_mask=mask.to(device),
+                guidance_scale=10.0, height=height, width=width)
+    return pipe, call
 
 
 # --------------------------------------------------------------------------------------------
