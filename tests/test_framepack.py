@@ -318,8 +318,11 @@ def test_bad_sampler_input_raises():
     pipe, call = _pipe()
     fastgen.patch(pipe)
     image = call.pop("image")
-    with pytest.raises(ValueError, match="image_latents"):
-        pipe(image, **call, image_latents=torch.zeros(1, 4, 1, 3, 3))
+    embeds = pipe.encode_image(pipe.video_processor.preprocess(image, 32, 32))
+    with pytest.raises(ValueError, match="do not match 4 latent channels at 4x4"):
+        next(sections(pipe, None, **call, image_latents=torch.zeros(1, 4, 1, 3, 3), image_embeds=embeds))
+    with pytest.raises(ValueError, match="image is required"):
+        next(sections(pipe, None, **call, image_latents=torch.zeros(1, 4, 1, 4, 4)))
     with pytest.raises(ValueError, match="num_frames"):
         pipe(image, **dict(call, num_frames=0))
     with pytest.raises(ValueError, match="sampling_type"):
@@ -330,3 +333,22 @@ def test_bad_sampler_input_raises():
         next(sections(pipe, image, **call, output_type="mp4"))
     with pytest.raises(TypeError, match="unexpected keyword"):
         next(sections(pipe, image, **call, frames=9))
+
+
+def test_sections_run_from_precomputed_conditioning_without_image_encoder():
+    """The transformer, VAE decoder and scheduler suffice: start-image latents and SigLIP features
+    computed elsewhere give the video the pipeline makes from the image."""
+    pipe, call = _pipe()
+    call.update(num_frames=33 * 2)
+    image = call.pop("image")
+    want = list(sections(pipe, image, **call, generator=torch.Generator().manual_seed(0), output_type="latent",
+                         progress=False))
+    pixels = pipe.video_processor.preprocess(image, 32, 32)
+    embeds = pipe.encode_image(pixels)
+    g = torch.Generator().manual_seed(0)
+    latents = pipe.prepare_image_latents(pixels, dtype=torch.float32, generator=g)  # the pipeline's first draw
+    pipe.image_encoder = None
+    got = list(sections(pipe, None, **call, image_latents=latents, image_embeds=embeds, generator=g,
+                        output_type="latent", progress=False))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=0)

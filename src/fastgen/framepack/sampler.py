@@ -148,17 +148,21 @@ def _call_args(pipe, kwargs: dict) -> dict:
 
 
 @torch.no_grad()
-def sections(pipe, image=None, *, output_type: str = "pt", progress: bool = True, **kwargs) -> Iterator[Section]:
+def sections(pipe, image=None, *, output_type: str = "pt", progress: bool = True,
+             image_embeds: torch.Tensor | None = None, **kwargs) -> Iterator[Section]:
     """Generate a FramePack video with ``pipe`` (a ``HunyuanVideoFramepackPipeline``, patched or not)
     section by section, each yielded as soon as it is made (``Section``): write its frames out and
     drop them, and a video of any length runs in flat host memory.
 
     Args:
         pipe: the pipeline; its transformer runs fastgen's kernels where ``fastgen.patch`` put them.
-        image: the start image, as the pipeline takes it.
+        image: the start image, as the pipeline takes it; None when both ``image_latents`` and
+            ``image_embeds`` are given (then the pipeline needs no VAE encoder pass nor image encoder).
         output_type: how ``Section.frames`` come: ``"pt"`` (default), ``"np"`` or ``"pil"``; with
             ``"latent"`` nothing is decoded (``frames`` is None, ``latents`` holds the section).
         progress: a progress bar over sections (beside the pipeline's bar over each section's steps).
+        image_embeds: (B, N, image_proj_dim) image-encoder features of the start image, precomputed
+            (``pipe.encode_image``); the pipeline's ``image_encoder`` then is not run (may be None).
         **kwargs: the pipeline call's other arguments (``prompt`` / ``prompt_embeds``, ``height``,
             ``width``, ``num_frames``, ``latent_window_size``, ``num_inference_steps``,
             ``sampling_type``, ``last_image``, ``generator``, ...), with its defaults and meaning; not
@@ -176,6 +180,7 @@ def sections(pipe, image=None, *, output_type: str = "pt", progress: bool = True
     if "return_dict" in kwargs:
         raise ValueError("sections() yields Section objects: return_dict does not apply")
     args = _call_args(pipe, dict(kwargs, image=image, output_type=output_type))
+    args["image_embeds"] = image_embeds
     import fastgen  # fastgen.generation: a patched pipeline reuses step-invariant work (a no-op unpatched)
 
     with fastgen.generation(pipe, args["generator"]):
@@ -258,8 +263,14 @@ def _run(pipe, a: dict, *, progress: bool, collect_latents: list | None = None, 
         neg_embeds, neg_pooled, neg_mask = encode(a["negative_prompt"], a["negative_prompt_2"],
                                                   a["negative_prompt_embeds"], a["negative_pooled_prompt_embeds"],
                                                   a["negative_prompt_attention_mask"])
-    image = pipe.video_processor.preprocess(a["image"], height, width)
-    image_embeds = pipe.encode_image(image, device=device).to(dtype)
+    image, image_embeds = a["image"], a.get("image_embeds")
+    if image is None and (image_embeds is None or a["image_latents"] is None):
+        raise ValueError("image is required unless both image_latents and image_embeds are given")
+    if image is not None:
+        image = pipe.video_processor.preprocess(image, height, width)
+    if image_embeds is None:
+        image_embeds = pipe.encode_image(image, device=device)
+    image_embeds = image_embeds.to(device=device, dtype=dtype)
     last_image = a["last_image"]
     if last_image is not None:
         # diffusers 0.42 averages the two images' embeddings into a variable it never reads: the
