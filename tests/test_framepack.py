@@ -352,3 +352,27 @@ def test_sections_run_from_precomputed_conditioning_without_image_encoder():
                         output_type="latent", progress=False))
     for a, b in zip(got, want):
         torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=0)
+
+
+def test_history_convolutions_whose_weights_a_hook_places_are_called_not_read():
+    """Under sequential or leaf-level offload the history convolutions' weights sit on the meta device
+    (or the CPU) until their own pre-forward hook puts them in place: the fused packing must not read
+    them, and the model must still give diffusers' output."""
+    from offload_sim import MetaParams
+
+    model, inputs = tiny_denoiser("framepack")
+    with torch.no_grad():
+        ref = model(**inputs, return_dict=False)[0]
+    handles = []
+    for conv in (model.clean_x_embedder.proj, model.clean_x_embedder.proj_2x, model.clean_x_embedder.proj_4x):
+        params = MetaParams(conv, ["weight", "bias"])
+        handles += [conv.register_forward_pre_hook(lambda m, a, p=params: p.put(m, True)),
+                    conv.register_forward_hook(lambda m, a, o, p=params: p.put(m, False))]
+        params.put(conv, False)
+    fastgen.patch(model)
+    with torch.no_grad(), fastgen.generation(model):
+        for _ in range(2):
+            torch.testing.assert_close(model(**inputs, return_dict=False)[0], ref, rtol=1e-5, atol=1e-5)
+    assert model.clean_x_embedder.proj.weight.is_meta
+    for h in handles:
+        h.remove()

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from fastgen._hooks import places_own_weights
+
 _PACK_HOOK = "fastgen_history_pack"
 _ROPE_HOOK = "fastgen_framepack_rope"
 _METHOD = "_pack_history_states"
@@ -67,7 +69,10 @@ class _HistoryPatchify(_model_hook_base()):
         values = dict(zip(names, args), **kwargs)
         xs = [values.get(n) for n in names]
         if (len(values) != 3 or not all(torch.is_tensor(x) and x.dim() == 5 and x.shape[2] > 0 for x in xs)
-                or _upstream_only() or not _floor_free(xs[0], module.proj.kernel_size)):
+                or _upstream_only() or not _floor_free(xs[0], module.proj.kernel_size)
+                # a hook that puts a convolution's weights in place when it runs (sequential or
+                # leaf-level offload): the convolutions must be called, not read
+                or any(places_own_weights(c) for c in (module.proj, module.proj_2x, module.proj_4x))):
             self.packing.recent = None
             return forward(*args, **kwargs)
         return self.packing.patchify(module, *xs)
