@@ -26,6 +26,9 @@ def _results(config) -> list[core.Result]:
         info = bench.extra_info
         if "suite" not in info or bench.stats is None:
             continue
+        if "row" in info:  # a suite's own row (benchmarks.framepack: per-section lists), as the suite made it
+            rows.append(core.Result(**info["row"]))
+            continue
         ms = bench.stats.median * 1e3
         if info["suite"] == "condition":  # per image: the first forward, then (steps - 1) timed ones
             steps = info["steps"]

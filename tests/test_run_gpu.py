@@ -53,6 +53,20 @@ def test_merging_phase_dry_run(tmp_path):
     assert "Matching: fastgen bipartite_match vs tomesd" in summary
 
 
+@pytest.mark.slow
+def test_framepack_phase_dry_run(tmp_path):
+    proc = _run(tmp_path / "out", "framepack", "--dry-run", FASTGEN_FRAMEPACK_SECTIONS="2")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert len(files) <= 8, files
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    for stage in ("ftests", "framepack"):
+        assert re.search(rf"^\| {stage} \| ok \| \d+ \|$", summary, re.M), summary
+    assert re.search(r"^\d+ passed", summary.split("## Tests")[1].strip(), re.M), summary
+    assert "FramePack: one video, per section" in summary and "| fastgen low-VRAM | 1 |" in summary
+    assert "Per section, framepack tiny stand-in" in summary and "\n| 2 | " in summary
+
+
 def test_a_stage_cut_at_its_limit_still_leaves_a_summary_that_says_so(tmp_path):
     proc = _run(tmp_path / "out", "demo", "--dry-run", RUN_GPU_LIMIT_demo="1")
     assert proc.returncode == 1, proc.stdout[-3000:]

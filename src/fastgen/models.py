@@ -497,7 +497,7 @@ def framepack_i2v_pipeline(device, dtype, height: int = 608, width: int = 640):
     transformer = framepack_denoiser(height, width).build(device, dtype)
     encoder = SiglipVisionModel(SiglipVisionConfig(**SIGLIP_SO400M_STANDIN)).eval().to(device, dtype)
     side = SIGLIP_SO400M_STANDIN["image_size"]
-    vae = autoencoder_kl_hunyuan_video(FRAMEPACK_I2V_HY["in_channels"]).eval().to(device, dtype)
+    vae = torch.nn.Module.to(autoencoder_kl_hunyuan_video(FRAMEPACK_I2V_HY["in_channels"]).eval(), device, dtype)
     pipe = HunyuanVideoFramepackPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
                                          scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=None,
                                          tokenizer_2=None, image_encoder=encoder,
