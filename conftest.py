@@ -41,3 +41,32 @@ def _fresh_fallback_warnings():
 
     reset_warnings()
     yield
+
+
+@pytest.fixture(scope="session")
+def shared_export_case(tmp_path_factory):
+    """``get(case, folder)``: ``fastgen.benchmarks.export.export_case(case, folder)``, except that the
+    suite's tiny cases (Flux and UNet at ``to_onnx``'s defaults) are exported once per session, into a
+    folder of their own, and handed back the same every time. tests/test_export_bench.py (through the
+    suite's ``run``) and bench/bench_export.py time the same two exports: each costs ~10 s of CI's
+    budget, and the result only gets read (the runs are forwards with nothing changed)."""
+    import logging
+
+    from fastgen.benchmarks import export as E
+
+    export_case = E.export_case  # the suite's own, before a test module puts this fixture in its place
+    tiny, done = {c.name for c in E.export_cases(("tiny",))}, {}
+
+    def get(case, folder):
+        if case.name not in tiny:
+            return export_case(case, folder)
+        if case.name not in done:
+            level = logging.root.manager.disable  # torch.onnx logs a warning per torchvision op it lacks
+            logging.disable(max(level, logging.WARNING))
+            try:
+                done[case.name] = export_case(case, tmp_path_factory.mktemp("export-case"))
+            finally:
+                logging.disable(level)
+        return done[case.name]
+
+    return get

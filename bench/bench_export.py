@@ -22,12 +22,14 @@ REL_TOL = 1e-4  # fp32 (tests/test_export_onnx.py)
 _EXPORTED: dict = {}  # the current case's export and PyTorch output (one case at a time)
 
 
-def _exported(case, folder):
+def _exported(case, folder, export_case):
+    # export_case: conftest.py's shared_export_case, E.export_case with the tiny cases' exports made once
+    # per session (tests/test_export_bench.py exports the same)
     if case.name not in _EXPORTED:
         _EXPORTED.clear()
         logging.disable(logging.WARNING)  # torch.onnx logs a warning per torchvision op it cannot register
         try:
-            exported = E.export_case(case, folder)
+            exported = export_case(case, folder)
         finally:
             logging.disable(logging.NOTSET)
         _EXPORTED[case.name] = exported, exported.runs[E.EAGER]()
@@ -35,8 +37,8 @@ def _exported(case, folder):
 
 
 @pytest.mark.parametrize("case,runtime", PARAMS, ids=[f"{c.name}-{r}".replace(" ", "_") for c, r in PARAMS])
-def test_export_forward(benchmark, tmp_path_factory, case, runtime):
-    exported, ref = _exported(case, tmp_path_factory.mktemp("export"))
+def test_export_forward(benchmark, tmp_path_factory, shared_export_case, case, runtime):
+    exported, ref = _exported(case, tmp_path_factory.mktemp("export"), shared_export_case)
     run = exported.runs[runtime]
     out = run()
     diff = float((out.double() - ref.double()).abs().max())

@@ -22,10 +22,14 @@ REL_TOL = 1e-4  # fp32, the same graph: ~1e-6 of the output's scale (tests/test_
 
 
 @pytest.fixture(scope="module")
-def rows():
+def rows(shared_export_case):
+    # The suite's own run; its exports are the session's (conftest.py): bench/bench_export.py exports the
+    # same tiny cases, and each export costs ~10 s of CI's time.
     logging.disable(logging.WARNING)  # torch.onnx logs a warning per torchvision op it cannot register
     try:
-        return E.run("cpu", budget_s=0.01, cases=E.export_cases(("tiny",)), rounds=2)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(E, "export_case", shared_export_case)
+            return E.run("cpu", budget_s=0.01, cases=E.export_cases(("tiny",)), rounds=2)
     finally:
         logging.disable(logging.NOTSET)
 
