@@ -13,7 +13,8 @@ from fastgen._warnings import FastgenFallbackWarning
 
 __all__ = [
     "Condition", "FastgenFallbackWarning", "PatchConfig", "ToDoConfig", "ToMeConfig", "__version__", "benchmarks",
-    "condition", "edit", "framepack", "generation", "is_patched", "merging", "ops", "patch", "tune", "unpatch",
+    "condition", "edit", "fractal", "framepack", "generation", "is_patched", "merging", "ops", "patch", "tune",
+    "unpatch",
 ]
 _PATCH_API = ("patch", "unpatch", "is_patched", "generation", "tune", "PatchConfig", "PatchHandle")
 
@@ -21,7 +22,7 @@ _PATCH_API = ("patch", "unpatch", "is_patched", "generation", "tune", "PatchConf
 def __getattr__(name: str):
     # Submodules load on first use: importing fastgen stays cheap and imports no Triton, so
     # TRITON_INTERPRET (needed before Triton is first imported) can still be set after ``import fastgen``.
-    if name in ("ops", "benchmarks", "condition", "edit", "framepack"):
+    if name in ("ops", "benchmarks", "condition", "edit", "fractal", "framepack"):
         return importlib.import_module(f"fastgen.{name}")
     if name in ("ToMeConfig", "ToDoConfig", "merging"):
         module = importlib.import_module("fastgen.merging")

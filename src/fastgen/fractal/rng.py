@@ -1,0 +1,206 @@
+"""Keyed, counter-based random numbers for the FractalGen samplers.
+
+Every random number a sampler draws is a pure function of its *key* — (seed, image index, path of
+the patch in the tree, level, purpose, step, element) — and of nothing else: not of the order in
+which numbers are drawn, nor of how images and patches are laid out in a batch. A depth-first
+sampler that visits one patch at a time and a block sampler that runs every patch of a parent
+iteration in one call therefore draw the same numbers, and one seed gives the same image.
+
+The generator is Philox-4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3",
+SC 2011; the generator of cuRAND and Random123), written in int64 tensor ops that never overflow
+(32-bit words, products split into 16-bit halves), so CPU and CUDA give the same bits, nothing
+syncs with the host and the ops can be captured in a CUDA graph.
+
+Key layout (one Philox call gives 4 words; element ``e`` is word ``e % 4`` of block ``e // 4``):
+
+==========  ==========================================================================
+counter[0]  image index in the batch the user asked for (``< 2**32``)
+counter[1]  path: 0 at the top; a child made from token ``t`` of a node with path ``p`` on a
+            level of ``L`` tokens has path ``p * L + t`` (unique per level, ``< 2**32``)
+counter[2]  ``level << 24 | purpose << 16 | step``: the level of the node (the final pixel head
+            is level ``num_levels``), what the number is for (``ORDER``, ``GUIDE``, ``PIXEL``) and
+            a step within that purpose (0 for all of FractalGen's draws)
+counter[3]  ``element // 4``
+key         the seed's low and high 32 bits
+==========  ==========================================================================
+
+The iteration that predicts a patch is not part of its key: the path determines it, and keeping it
+out makes a patch's numbers independent of the iteration count too. The random order of a MAR node
+is the argsort of 63-bit keyed integers (two words per token); its categorical draws (guiding pixel,
+pixel head) are Gumbel-max over the 3 x 256 logits of R, G, B (elements ``256 * channel + value``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+M32 = 0xFFFFFFFF
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)  # Philox-4x32 multipliers
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)  # Weyl key increments (golden ratio, sqrt(3) - 1)
+ROUNDS = 10
+
+# Purposes (counter[2] bits 16-23).
+ORDER = 1  # a MAR node's random generation order
+GUIDE = 2  # a MAR node's guiding pixel (R, G, B)
+PIXEL = 3  # a pixel's R, G, B
+
+VALUES = 256  # categories per colour channel
+CHANNELS = 3
+
+
+def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # The 64-bit product of the 32-bit words a and m as (high, low) words, without an int64
+    # overflow (signed overflow is undefined in the C++ kernels): a * (m >> 16) and a * (m & 0xFFFF)
+    # are < 2**48, and the sum below < 2**49.
+    x = a * (m >> 16)
+    y = a * (m & 0xFFFF)
+    z = ((x & 0xFFFF) << 16) + y
+    return (x >> 16) + (z >> 32), z & M32
+
+
+def philox4x32(counter: torch.Tensor, seed: int, rounds: int = ROUNDS) -> torch.Tensor:
+    """Philox-4x32-``rounds`` of ``counter`` under the 64-bit key ``seed``.
+
+    Args:
+        counter: int64 ``(..., 4)``, each word in ``[0, 2**32)``.
+        seed: int in ``[0, 2**64)``: key words ``seed & 0xFFFFFFFF`` and ``seed >> 32``.
+
+    Returns:
+        int64 ``(..., 4)``, words in ``[0, 2**32)``; equal to Random123's ``philox4x32_R``.
+
+    Raises:
+        ValueError: for a seed outside ``[0, 2**64)`` or a counter that is not int64 ``(..., 4)``.
+    """
+    _check_seed(seed)
+    if counter.dtype != torch.int64 or counter.shape[-1:] != (4,):
+        raise ValueError(f"counter must be int64 (..., 4), got {counter.dtype} {tuple(counter.shape)}")
+    c0, c1, c2, c3 = counter.unbind(-1)
+    k0, k1 = seed & M32, seed >> 32
+    for _ in range(rounds):
+        hi0, lo0 = _mulhilo(c0, PHILOX_M[0])
+        hi1, lo1 = _mulhilo(c2, PHILOX_M[1])
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + PHILOX_W[0]) & M32, (k1 + PHILOX_W[1]) & M32
+    return torch.stack((c0, c1, c2, c3), dim=-1)
+
+
+def _check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+
+
+def purpose_word(level: int, purpose: int, step: int = 0) -> int:
+    """``counter[2]``: ``level << 24 | purpose << 16 | step``.
+
+    Raises:
+        ValueError: for a level outside [0, 256), a purpose outside [0, 256) or a step outside [0, 65536).
+    """
+    for name, value, bound in (("level", level, 256), ("purpose", purpose, 256), ("step", step, 65536)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < bound:
+            raise ValueError(f"{name} must be an integer in [0, {bound}), got {value!r}")
+    return level << 24 | purpose << 16 | step
+
+
+def random_bits(seed: int, image: torch.Tensor, path: torch.Tensor, *, level: int, purpose: int, count: int,
+                step: int = 0) -> torch.Tensor:
+    """Keyed 32-bit random words, elements ``0 .. count-1`` of each key.
+
+    Args:
+        seed: the sampling seed, in ``[0, 2**64)``.
+        image: int64, image index of each key (broadcasts with ``path``).
+        path: int64, path of the node in the tree (see the module docstring).
+        level, purpose, step: the rest of the key (``purpose_word``).
+        count: elements per key.
+
+    Returns:
+        int64 ``broadcast(image, path).shape + (count,)``, words in ``[0, 2**32)``. Element ``e`` of a
+        key is the same whatever ``count`` is (as long as ``count > e``) and whatever else is drawn
+        with it.
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"count must be a positive integer, got {count!r}")
+    image, path = torch.broadcast_tensors(image, path)
+    blocks = -(-count // 4)
+    shape = image.shape + (blocks,)
+    counter = torch.stack((image.unsqueeze(-1).expand(shape), path.unsqueeze(-1).expand(shape),
+                           torch.full(shape, purpose_word(level, purpose, step), dtype=torch.int64, device=path.device),
+                           torch.arange(blocks, device=path.device).expand(shape)), dim=-1)
+    return philox4x32(counter, seed).flatten(-2)[..., :count]
+
+
+def uniform(seed: int, image: torch.Tensor, path: torch.Tensor, *, level: int, purpose: int, count: int,
+            step: int = 0) -> torch.Tensor:
+    """Keyed uniforms in ``[0, 1)``: the top 24 bits of ``random_bits`` times ``2**-24`` (float32,
+    exact, so every device gives the same values). Shape as ``random_bits``."""
+    bits = random_bits(seed, image, path, level=level, purpose=purpose, count=count, step=step)
+    return (bits >> 8).to(torch.float32) * 2.0 ** -24
+
+
+def gumbel(seed: int, image: torch.Tensor, path: torch.Tensor, *, level: int, purpose: int, count: int,
+           step: int = 0) -> torch.Tensor:
+    """Keyed standard Gumbel noise ``-log(-log(u))``, ``u = (top 24 bits + 1/2) * 2**-24`` in (0, 1),
+    float32, shape as ``random_bits``.
+
+    The logarithms are taken in float64 and rounded to float32: float32 ``log`` may differ by an ulp
+    between vectorised and scalar code paths (contiguous or strided tensors) and between devices,
+    float64's error does not survive the rounding (except with probability about 2**-28 per value).
+    """
+    bits = random_bits(seed, image, path, level=level, purpose=purpose, count=count, step=step)
+    u = ((bits >> 8).to(torch.float64) + 0.5) * 2.0 ** -24
+    return (-torch.log(-torch.log(u))).to(torch.float32)
+
+
+def permutation(seed: int, image: torch.Tensor, path: torch.Tensor, *, level: int, length: int) -> torch.Tensor:
+    """A MAR node's random generation order: ``argsort`` of 63-bit keyed integers (purpose ``ORDER``,
+    two words per token, stable so that a tie, about 2**-47 likely, still has one answer).
+
+    Returns:
+        int64 ``broadcast(image, path).shape + (length,)``: a permutation of ``0 .. length-1``.
+    """
+    bits = random_bits(seed, image, path, level=level, purpose=ORDER, count=2 * length)
+    bits = bits.unflatten(-1, (length, 2))
+    keys = ((bits[..., 0] & 0x7FFFFFFF) << 32) | bits[..., 1]
+    return torch.argsort(keys, dim=-1, stable=True)
+
+
+def channel_gumbel(seed: int, image: torch.Tensor, path: torch.Tensor, *, level: int, purpose: int) -> torch.Tensor:
+    """The Gumbel noise of one pixel draw (a guiding pixel or a pixel): ``(..., 3, 256)`` float32, for
+    R, G, B; element ``256 * channel + value`` of the key."""
+    noise = gumbel(seed, image, path, level=level, purpose=purpose, count=CHANNELS * VALUES)
+    return noise.unflatten(-1, (CHANNELS, VALUES))
+
+
+def guided_logits(logits: torch.Tensor, uncond_logits: torch.Tensor | None = None, *, cfg: float | torch.Tensor = 1.0,
+                  temperature: float = 1.0, filter_threshold: float = 1e-4) -> torch.Tensor:
+    """The logits a pixel value is drawn from, as the official ``PixelLoss.sample`` forms them.
+
+    Temperature *multiplies* both logits. With classifier-free guidance (``uncond_logits`` given),
+    values whose conditional probability is below ``filter_threshold`` get their unconditional logit
+    raised to at least the conditional one shifted to the unconditional maximum (so guidance cannot
+    promote what the conditional model rules out), then ``uncond + cfg * (cond - uncond)``.
+
+    Args:
+        logits: ``(..., 256)`` conditional logits (any float dtype; computed in float32).
+        uncond_logits: ``(..., 256)`` unconditional logits, or None for no guidance.
+        cfg: guidance scale; a tensor must hold ``float32(cfg)`` (a Python float is rounded to
+            float32 by the multiplication, so both give the same bits).
+        temperature: multiplies the logits (official semantics: above 1 sharpens).
+        filter_threshold: conditional probability below which guidance is held back (official 1e-4).
+
+    Returns:
+        float32 ``(..., 256)``.
+    """
+    logits = logits.float() * temperature
+    if uncond_logits is None:
+        return logits
+    uncond = uncond_logits.float() * temperature
+    low = torch.softmax(logits, dim=-1) < filter_threshold
+    shifted = logits - logits.amax(dim=-1, keepdim=True) + uncond.amax(dim=-1, keepdim=True)
+    uncond = torch.where(low, torch.maximum(uncond, shifted), uncond)
+    return uncond + cfg * (logits - uncond)
+
+
+def sample_categorical(logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Gumbel-max: ``argmax(logits + noise)`` over the last dim (a draw from ``softmax(logits)`` when
+    ``noise`` is standard Gumbel). int64, ``logits.shape[:-1]``."""
+    return torch.argmax(logits + noise, dim=-1)

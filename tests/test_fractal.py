@@ -1,0 +1,499 @@
+"""FractalGen (fastgen.fractal): schedules against the method's figures, call counts of the reference
+sampler, the presets' parameter counts, KV-cached decoding against full recompute, the keyed RNG's
+independence of order and batch layout, the reference sampler's determinism, state-dict layout, and
+bad input. Tiny configs, CPU."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import math
+
+import pytest
+import torch
+
+import fastgen
+from fastgen.fractal import (
+    PRESETS,
+    PUBLISHED_PARAMETERS,
+    FractalConfig,
+    FractalGen,
+    LevelConfig,
+    PixelHeadConfig,
+    ReferenceSampler,
+    call_counts,
+    get_config,
+    make_plan,
+    mar_schedule,
+    rng,
+    sample,
+)
+from fastgen.fractal.model import ids_to_values, values_to_uint8
+from fastgen.fractal.schedule import level_schedule, mar_mask_lengths
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: threads only add overhead on the 2-core CI machine
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(kinds=("mar", "mar"), sizes=(8, 2, 1), *, guiding=False, num_conds=5, num_iter=4, widths=None,
+         num_classes=10) -> FractalConfig:
+    widths = widths or (16, 8, 8)[: len(kinds)]
+    levels = tuple(LevelConfig(kind=kind, image_size=sizes[k], patch_size=sizes[k + 1], width=widths[k], depth=1,
+                               heads=2, num_iter=num_iter, guiding_pixel=guiding and k > 0)
+                   for k, kind in enumerate(kinds))
+    head = PixelHeadConfig(width=8, depth=1, heads=2)
+    return FractalConfig(levels=levels, pixel_head=head, num_classes=num_classes, num_conds=num_conds, guide_head=head)
+
+
+def shrunk(name: str) -> FractalConfig:
+    """A preset's sequence structure (sizes, kinds, iterations, guiding pixels) at width 8, depth 1."""
+    c = get_config(name)
+    levels = tuple(LevelConfig(kind=lv.kind, image_size=lv.image_size, patch_size=lv.patch_size, width=8, depth=1,
+                               heads=2, num_iter=lv.num_iter, guiding_pixel=lv.guiding_pixel) for lv in c.levels)
+    head = PixelHeadConfig(width=8, depth=1, heads=2)
+    return FractalConfig(levels=levels, pixel_head=head, num_classes=10, num_conds=c.num_conds, guide_head=head)
+
+
+def model_of(config: FractalConfig, seed: int = 0) -> FractalGen:
+    # Random weights well away from the initialisation (whose near-zero codebooks make every pixel
+    # distribution almost uniform, so that guidance or labels would barely change a draw).
+    torch.manual_seed(seed)
+    model = FractalGen(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    return model
+
+
+# --- schedules -----------------------------------------------------------------------------------
+
+
+def test_mar_schedule_has_the_published_figures():
+    s = mar_schedule(256, 64)
+    assert len(s) == 64 and sum(s) == 256
+    assert s[:10] == (1,) * 10
+    assert s[-6:] == (6, 6, 7, 6, 6, 6)
+    assert mar_schedule(16, 16) == (1,) * 16
+    assert mar_schedule(16, 64) == (1,) * 16  # at most one iteration per token
+
+
+@pytest.mark.parametrize("length,n", [(256, 64), (256, 7), (16, 16), (16, 5), (4, 4), (64, 10)])
+def test_mar_schedule_is_the_cosine_formula(length, n):
+    masked, prev = mar_mask_lengths(length, n), length
+    for s, m in enumerate(masked):
+        assert m == max(1, min(prev - 1, math.floor(length * math.cos(math.pi / 2 * (s + 1) / n))))
+        prev = m
+    counts = mar_schedule(length, n)
+    assert all(c >= 1 for c in counts) and sum(counts) == length
+    bounds = level_schedule("mar", length, n).bounds
+    assert bounds[0][1] == length and bounds[-1][0] == 0  # order consumed from its end, as the official mask_by_order
+    assert all(a[0] == b[1] for a, b in itertools.pairwise(bounds))
+
+
+def test_cfg_schedules():
+    mar = level_schedule("mar", 256, 64)
+    linear = mar.cfg_scales(5.0, "linear")
+    assert all(a <= b for a, b in itertools.pairwise(linear)) and linear[0] > 1.0
+    assert linear[-1] == 1 + 4.0 * 255 / 256 < 5.0  # never quite the nominal scale
+    assert linear[0] == 1 + 4.0 * 1 / 256  # linear in the tokens generated once the iteration is done
+    assert mar.cfg_scales(5.0, "constant") == (5.0,) * 64
+    ar = level_schedule("ar", 16, 99)
+    assert ar.counts == (1,) * 16 and ar.cfg_scales(3.0, "linear")[-1] == 3.0
+    with pytest.raises(ValueError, match="cfg_schedule"):
+        mar.cfg_scales(2.0, "cosine")
+
+
+# --- call counts ------------------------------------------------------------------------------------
+
+
+def test_call_counts_of_the_presets():
+    c = call_counts(PRESETS["fractalmar_huge_in256"])
+    assert c.sequential == (64, 1024, 16384) and c.pixel_sequential == 49152
+    assert c.reference == (64, 4096, 65536) and c.pixel_reference == 3 * 256 * 256
+    assert c.guide_sequential == (0, 3 * 64, 3 * 1024)
+    c = call_counts(PRESETS["fractalmar_in64"])
+    assert c.sequential == (64, 1024) and c.pixel_sequential == 3072 and c.reference == (64, 4096)
+    assert call_counts(PRESETS["fractalar_in64"]).sequential == (256, 4096)
+
+
+class _Counting(ReferenceSampler):
+    """The reference sampler with its pixel draws counted and replaced by zeros (the pixel head's cost
+    is not what is counted here), and optionally whole nodes of a level replaced too."""
+
+    def __init__(self, model, plan, stub_level=None):
+        self.calls = collections.Counter()
+        self.steps = collections.defaultdict(set)
+        self.stub_level, self.stubbed = stub_level, []
+        super().__init__(model, plan, on_call=self.record)
+
+    def record(self, kind, level, iterations):
+        self.calls[kind, level] += 1
+        self.steps[kind, level].add(iterations)
+
+    def pixel(self, head, cond, noise, *, cfg, record):
+        kind, level, iterations = record
+        for c in range(3):
+            self.record(kind, level, iterations + (c,))
+        return torch.zeros(noise.shape[0], 3)
+
+    def node(self, k, conds, path, iterations, cfg):
+        if k == self.stub_level:
+            self.stubbed.append(iterations)
+            size = self.config.levels[k].image_size
+            return torch.zeros(path.shape[0], 3, size, size)
+        return super().node(k, conds, path, iterations, cfg)
+
+
+def test_reference_call_counts_imagenet64_mar():
+    model = model_of(shrunk("fractalmar_in64"))
+    sampler = _Counting(model, make_plan(model, [3], progress=False))
+    with torch.inference_mode():
+        sampler()
+    # Calls made, one patch's subtree at a time ...
+    assert sampler.calls["level", 0] == 64 and sampler.calls["level", 1] == 256 * 16
+    assert sampler.calls["pixel", 2] == 3 * 64 * 64
+    # ... and sequential (dependent) calls: those sharing their iterations are one batched call.
+    assert len(sampler.steps["level", 0]) == 64 and len(sampler.steps["level", 1]) == 1024
+    assert len(sampler.steps["pixel", 2]) == 3072
+    counts = call_counts(model.config)
+    assert counts.sequential == (64, 1024) and counts.reference == (64, 4096) and counts.pixel_sequential == 3072
+
+
+def test_reference_call_counts_imagenet256():
+    # Levels 0 and 1 run (level 2 nodes stubbed, their parent iterations recorded); one level-2 node
+    # runs on its own; the sequential counts compose.
+    config = shrunk("fractalmar_large_in256")
+    model = model_of(config)
+    plan = make_plan(model, [3], progress=False)
+    top = _Counting(model, plan, stub_level=2)
+    with torch.inference_mode():
+        top()
+    assert top.calls["level", 0] == 64 and len(top.steps["level", 1]) == 1024 and top.calls["level", 1] == 4096
+    assert top.calls["guide", 1] == 3 * 256 and len(top.steps["guide", 1]) == 3 * 64
+    assert len(top.stubbed) == 256 * 16 and len(set(top.stubbed)) == 1024
+    one = _Counting(model, plan)
+    with torch.inference_mode():
+        one.node(2, torch.zeros(1, 5, 8), torch.zeros(1, dtype=torch.int64), (0, 0), 1.0)
+    assert one.calls["level", 2] == 16 and len(one.steps["pixel", 3]) == 16 * 3 and one.calls["guide", 2] == 3
+    sequential = (len(top.steps["level", 0]), len(top.steps["level", 1]),
+                  len(set(top.stubbed)) * one.calls["level", 2])
+    assert sequential == (64, 1024, 16384) == call_counts(config).sequential
+    assert len(set(top.stubbed)) * len(one.steps["pixel", 3]) == 49152 == call_counts(config).pixel_sequential
+
+
+# --- presets ----------------------------------------------------------------------------------------
+
+# Parameter counts of the official builders (LTH14/fractalgen models/fractalgen.py with the README's
+# flags), counted with the official code.
+OFFICIAL_PARAMETERS = {"fractalar_in64": 442_068_224, "fractalmar_in64": 431_995_648,
+                       "fractalmar_base_in256": 186_300_224, "fractalmar_large_in256": 437_000_064,
+                       "fractalmar_huge_in256": 849_586_240}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_parameter_counts(name):
+    with torch.device("meta"):
+        model = FractalGen(name)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == OFFICIAL_PARAMETERS[name]
+    # The README's 432M for the AR model is the MAR model's figure; its builder has 442.07M (2.3% more).
+    tolerance = 0.025 if name == "fractalar_in64" else 0.01
+    assert abs(n / PUBLISHED_PARAMETERS[name] - 1) < tolerance
+
+
+def test_preset_structure():
+    h = PRESETS["fractalmar_huge_in256"]
+    assert [lv.width for lv in h.levels] + [h.pixel_head.width] == [1280, 640, 320, 64]
+    assert [lv.depth for lv in h.levels] + [h.pixel_head.depth] == [40, 10, 5, 1]
+    assert [lv.seq_len for lv in h.levels] == [256, 16, 16] and h.num_iters == (64, 16, 16)
+    assert [lv.guiding_pixel for lv in h.levels] == [False, True, True] and h.num_conds == 5
+    m = PRESETS["fractalmar_in64"]
+    assert [lv.seq_len for lv in m.levels] == [256, 16] and m.num_iters == (64, 16) and m.image_size == 64
+    assert PRESETS["fractalar_in64"].num_conds == 1 and PRESETS["fractalar_in64"].num_iters == (256, 16)
+
+
+# --- model ------------------------------------------------------------------------------------------
+
+
+def test_ar_kv_cached_decoding_equals_full_recompute():
+    model = model_of(tiny(("ar", "ar"), num_conds=1))
+    level = model.levels[0]
+    b, length = 3, level.config.seq_len
+    tokens, conds = torch.randn(b, length, level.config.token_dim), torch.randn(b, 1, 16)
+    with torch.inference_mode():
+        full = level(tokens, conds)[:, :, 0]  # (B, L, D)
+        x = level.embed(tokens, conds)
+        cache = level.new_cache(b + 2)  # a larger cache serves fewer rows
+        one = torch.cat([level.hidden(level.embed(tokens, conds, s, s + 1), cache=cache, pos=s)
+                         for s in range(length)], dim=1)
+        chunked_cache = level.new_cache(b)
+        chunks = torch.cat([level.hidden(x[:, s:s + 5], cache=chunked_cache, pos=s) for s in range(0, length, 5)], 1)
+    torch.testing.assert_close(one, full, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(chunks, full, atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="does not fit a KVCache"):
+        level.hidden(x[:, :1], cache=level.new_cache(1), pos=0)
+
+
+def test_pixel_head_kv_cached_decoding_equals_full_recompute():
+    head = model_of(tiny()).pixel_head
+    cond, ids = torch.randn(5, 8), torch.randint(0, 256, (5, 3))
+    with torch.inference_mode():
+        full = head(cond, ids)
+        cache = head.new_cache(5)
+        steps = [head.logits(head.hidden(head.embed(cond, ids, c, c + 1), cache=cache, pos=c)[:, 0], c)
+                 for c in range(3)]
+    torch.testing.assert_close(torch.stack(steps, 1), full, atol=2e-5, rtol=1e-5)
+    assert full.dtype == torch.float32 and full.shape == (5, 3, 256)
+
+
+def test_mar_level_hands_children_their_neighbours():
+    model = model_of(tiny(("mar", "mar"), (16, 4, 1)))
+    level = model.levels[0]  # 4 x 4 tokens
+    tokens, masked = torch.randn(2, 16, 48), torch.rand(2, 16) < 0.5
+    with torch.inference_mode():
+        out = level(tokens, masked, torch.randn(2, 5, 16)).view(2, 4, 4, 5, 16)
+    own = out[..., 0, :]
+    assert torch.equal(out[:, 1:, :, 1], own[:, :-1]) and not out[:, 0, :, 1].any()  # top
+    assert torch.equal(out[:, :, :-1, 2], own[:, :, 1:]) and not out[:, :, -1, 2].any()  # right
+    assert torch.equal(out[:, :-1, :, 3], own[:, 1:]) and not out[:, -1, :, 3].any()  # bottom
+    assert torch.equal(out[:, :, 1:, 4], own[:, :, :-1]) and not out[:, :, 0, 4].any()  # left
+
+
+def test_pixel_values_map_back_exactly():
+    ids = torch.arange(256)[:, None].expand(-1, 3)
+    values = ids_to_values(ids).t().reshape(1, 3, 16, 16)
+    assert torch.equal(values_to_uint8(values), ids.t().reshape(1, 3, 16, 16).to(torch.uint8))
+
+
+# --- keyed RNG --------------------------------------------------------------------------------------
+
+
+def test_philox_known_answers():
+    # Random123's kat_vectors for philox4x32_10.
+    c = torch.tensor([[0, 0, 0, 0], [0xFFFFFFFF] * 4, [0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344]])
+    keys = [0, 0xFFFFFFFF_FFFFFFFF, 0x299F31D0_A4093822]
+    want = [[0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8], [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD],
+            [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]]
+    for row, key, expected in zip(c, keys, want):
+        assert rng.philox4x32(row[None], key)[0].tolist() == expected
+
+
+def test_keyed_numbers_do_not_depend_on_order_or_layout():
+    images = torch.tensor([0, 3, 3, 7, 1, 0])
+    paths = torch.tensor([5, 5, 6, 1000, 65535, 2 ** 31])
+    kw = {"level": 2, "purpose": rng.PIXEL, "count": 7}
+    flat = rng.random_bits(42, images, paths, **kw)
+    singles = torch.cat([rng.random_bits(42, images[i:i + 1], paths[i:i + 1], **kw) for i in range(6)])
+    perm = torch.tensor([4, 2, 0, 5, 1, 3])
+    shuffled = rng.random_bits(42, images[perm], paths[perm], **kw)
+    grid = rng.random_bits(42, images.view(2, 3), paths.view(2, 3), **kw)
+    assert torch.equal(flat, singles) and torch.equal(shuffled, flat[perm]) and torch.equal(grid.view(6, 7), flat)
+    assert torch.equal(rng.random_bits(42, images, paths, level=2, purpose=rng.PIXEL, count=3), flat[:, :3])
+    assert torch.equal(rng.random_bits(42, images[:, None], paths[None, :], **kw)[torch.arange(6), torch.arange(6)],
+                       flat)
+    # every part of the key matters
+    for other in (rng.random_bits(43, images, paths, **kw), rng.random_bits(42, images + 1, paths, **kw),
+                  rng.random_bits(42, images, paths + 1, **kw),
+                  rng.random_bits(42, images, paths, **{**kw, "level": 1}),
+                  rng.random_bits(42, images, paths, **{**kw, "purpose": rng.GUIDE}),
+                  rng.random_bits(42, images, paths, step=1, **kw)):
+        assert (other != flat).float().mean() > 0.99
+    assert flat.min() >= 0 and flat.max() < 2 ** 32
+    # pinned: the key layout is part of the samplers' contract (one seed, one image)
+    assert rng.random_bits(1234, torch.tensor([3]), torch.tensor([77]), level=2, purpose=rng.PIXEL,
+                           count=2).tolist() == PINNED_BITS
+
+
+PINNED_BITS = [[4246059522, 3406712816]]  # philox4x32_10(counter (3, 77, 2 << 24 | 3 << 16, 0), key 1234)[:2]
+
+
+def test_keyed_distributions():
+    image, path = torch.arange(20000), torch.zeros(1, dtype=torch.int64)
+    u = rng.uniform(7, image, path, level=0, purpose=rng.ORDER, count=4)
+    assert u.dtype == torch.float32 and u.min() >= 0 and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
+    g = rng.gumbel(7, image, path, level=0, purpose=rng.PIXEL, count=4).double()
+    assert abs(g.mean().item() - 0.5772) < 0.02 and abs(g.var().item() - math.pi ** 2 / 6) < 0.05
+    logits = torch.tensor([0.0, 1.0, -1.0, 2.0])
+    draws = rng.sample_categorical(logits, rng.gumbel(7, image, path, level=0, purpose=rng.PIXEL, count=4))
+    freq = torch.bincount(draws, minlength=4).double() / draws.numel()
+    torch.testing.assert_close(freq, torch.softmax(logits.double(), 0), atol=0.012, rtol=0)
+    perms = rng.permutation(7, image[:50], path, level=1, length=16)
+    assert torch.equal(perms.sort(-1).values, torch.arange(16).expand(50, -1))
+    assert torch.equal(rng.permutation(7, image[10:11], path, level=1, length=16), perms[10:11])
+    assert len({tuple(p) for p in perms.tolist()}) == 50
+
+
+def test_guided_logits_follow_the_official_formula():
+    cond = torch.tensor([[2.0, 1.0, -30.0, 0.5]])
+    uncond = torch.tensor([[0.0, 3.0, 1.0, 0.0]])
+    assert torch.equal(rng.guided_logits(cond, temperature=1.5), cond * 1.5)
+    out = rng.guided_logits(cond, uncond, cfg=4.0, temperature=1.0, filter_threshold=1e-4)
+    # value 2 is ruled out by the conditional model: its unconditional logit is raised to
+    # max(1, -30 - 2 + 3) = 1 (no change) -> 1 + 4 * (-30 - 1); the others are plain CFG
+    expected = uncond + 4.0 * (cond - uncond)
+    assert torch.equal(out, expected)
+    out = rng.guided_logits(cond, torch.tensor([[0.0, 3.0, -50.0, 0.0]]), cfg=4.0)
+    assert out[0, 2] == -29.0 + 4.0 * (-30.0 + 29.0)  # raised to -30 - 2 + 3 = -29
+
+
+# --- reference sampler ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kinds,sizes,guiding,num_conds", [
+    (("mar", "mar"), (8, 2, 1), False, 5),
+    (("ar", "ar"), (8, 2, 1), False, 1),
+    (("mar", "mar", "mar"), (8, 4, 2, 1), True, 5),
+], ids=["mar", "ar", "mar3-guiding"])
+def test_reference_sampler_is_deterministic(kinds, sizes, guiding, num_conds):
+    model = model_of(tiny(kinds, sizes, guiding=guiding, num_conds=num_conds))
+    kw = {"cfg": 3.0, "temperature": 1.1, "progress": False}
+    a = sample(model, [1, 4, 9], seed=5, **kw)
+    assert a.dtype == torch.uint8 and a.shape == (3, 3, 8, 8)
+    assert torch.equal(a, sample(model, torch.tensor([1, 4, 9]), seed=5, **kw))
+    assert not torch.equal(a, sample(model, [1, 4, 9], seed=6, **kw))
+    # image i depends on its label, i and the seed, not on the rest of the batch
+    assert torch.equal(a[:2], sample(model, [1, 4], seed=5, **kw))
+    assert not torch.equal(a[0], a[1])
+
+
+def test_reference_sampler_without_cfg_and_with_a_generator():
+    model = model_of(tiny())
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a = sample(model, [2, 2], seed=g1, cfg=1.0, progress=False)
+    assert torch.equal(a, sample(model, [2, 2], seed=g2, cfg=1.0, progress=False))
+    assert not torch.equal(a[0], a[1])  # the image index is part of every key
+    # (random weights carry little class signal down the levels: a large scale shows guidance at work)
+    assert not torch.equal(sample(model, [2], cfg=1.0, progress=False), sample(model, [2], cfg=500.0, progress=False))
+    out = sample(model, 2, num_iter=(2, 4), cfg_schedule="constant", cfg=2.0, progress=True)
+    assert out.shape == (1, 3, 8, 8)
+
+
+def test_reference_sampler_draws_each_key_once():
+    model = model_of(tiny(("mar", "mar", "mar"), (8, 4, 2, 1), guiding=True))
+    seen = collections.defaultdict(list)
+    real = rng.random_bits
+
+    def spy(seed, image, path, *, level, purpose, count, step=0):
+        image_b, path_b = torch.broadcast_tensors(image, path)
+        for i, p in zip(image_b.flatten().tolist(), path_b.flatten().tolist()):
+            seen[level, purpose].append((i, p))
+        return real(seed, image, path, level=level, purpose=purpose, count=count, step=step)
+
+    rng.random_bits = spy
+    try:
+        sample(model, [0, 1], cfg=2.0, progress=False)
+    finally:
+        rng.random_bits = real
+    for key, draws in seen.items():
+        assert len(draws) == len(set(draws)), key
+    # orders: one per node and image; guiding pixels below the top; pixels: every pixel once
+    assert sorted(p for i, p in seen[0, rng.ORDER] if i == 1) == [0]
+    assert sorted(p for i, p in seen[1, rng.ORDER] if i == 1) == list(range(4))
+    assert sorted(p for i, p in seen[2, rng.GUIDE] if i == 1) == list(range(16))
+    assert sorted(p for i, p in seen[3, rng.PIXEL] if i == 0) == list(range(64))
+    assert (0, rng.GUIDE) not in seen
+
+
+def test_block_sampler_is_not_there_yet():
+    model = model_of(tiny())
+    with pytest.raises(NotImplementedError, match="block"):
+        sample(model, [1], sampler="block", progress=False)
+
+
+# --- state dicts ------------------------------------------------------------------------------------
+
+
+def test_state_dict_round_trip():
+    config = tiny(("mar", "mar", "mar"), (8, 4, 2, 1), guiding=True)
+    a, b = model_of(config, 0), model_of(config, 1)
+    assert not torch.equal(sample(a, [3], progress=False), sample(b, [3], progress=False))
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(sample(a, [3], cfg=2.0, progress=False), sample(b, [3], cfg=2.0, progress=False))
+    keys = set(a.state_dict())
+    assert {"class_emb.weight", "fake_latent", "generator.mask_token", "next_fractal.generator.pix_proj.weight",
+            "next_fractal.generator.guiding_pixel_loss.r_mlm.bias",
+            "next_fractal.next_fractal.next_fractal.b_codebook.weight"} <= keys
+    assert not any("rope" in k for k in keys)
+
+
+def test_wrong_state_dict_layout_is_a_clear_error():
+    model = model_of(tiny())
+    sd = model.state_dict()
+    missing = {k: v for k, v in sd.items() if k != "generator.mask_token"}
+    with pytest.raises(ValueError, match=r"missing keys \(1\): generator.mask_token"):
+        model.load_state_dict(missing)
+    with pytest.raises(ValueError, match=r"unexpected keys \(1\): generator.extra"):
+        model.load_state_dict({**sd, "generator.extra": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"mis-shaped keys .*class_emb.weight: expected \(10, 16\), got \(1000, 16\)"):
+        model.load_state_dict({**sd, "class_emb.weight": torch.zeros(1000, 16)})
+    ar = model_of(tiny(("ar", "ar"), num_conds=1))
+    with pytest.raises(ValueError, match="does not match .*missing keys .*blocks.0.attention.wqkv.weight"):
+        ar.load_state_dict(sd)
+    model.load_state_dict(missing, strict=False)  # non-strict: missing keys are fine, shapes are not
+    with pytest.raises(ValueError, match="mis-shaped"):
+        model.load_state_dict({"fake_latent": torch.zeros(2, 16)}, strict=False)
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+
+
+def test_bad_sampling_input():
+    model = model_of(tiny())
+    with pytest.raises(ValueError, match=r"class labels must be in \[0, 10\).*\[10\]"):
+        sample(model, [1, 10], progress=False)
+    with pytest.raises(ValueError, match=r"\[-1\]"):
+        sample(model, torch.tensor([-1]), progress=False)
+    with pytest.raises(ValueError, match="integers"):
+        sample(model, [1.5], progress=False)
+    with pytest.raises(ValueError, match="cfg must be >= 1"):
+        sample(model, [1], cfg=0.5, progress=False)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        sample(model, [1], temperature=0, progress=False)
+    with pytest.raises(ValueError, match="cfg_schedule"):
+        sample(model, [1], cfg_schedule="cosine", progress=False)
+    with pytest.raises(ValueError, match="unknown sampler 'fast'"):
+        sample(model, [1], sampler="fast", progress=False)
+    with pytest.raises(ValueError, match="num_iter"):
+        sample(model, [1], num_iter=(4,), progress=False)
+    with pytest.raises(ValueError, match="iterations must be positive"):
+        sample(model, [1], num_iter=0, progress=False)
+    with pytest.raises(ValueError, match="seed"):
+        sample(model, [1], seed=-1, progress=False)
+    with pytest.raises(ValueError, match="filter_threshold"):
+        sample(model, [1], filter_threshold=2.0, progress=False)
+
+
+def test_bad_configs():
+    with pytest.raises(ValueError, match="unknown FractalGen preset 'fractalmar_giant'.*fractalmar_huge_in256"):
+        get_config("fractalmar_giant")
+    with pytest.raises(ValueError, match="unknown FractalGen preset"):
+        FractalGen("nope")
+    with pytest.raises(ValueError, match="kind"):
+        LevelConfig(kind="diffusion", image_size=8, patch_size=2, width=8, depth=1, heads=2, num_iter=4)
+    with pytest.raises(ValueError, match="divide"):
+        LevelConfig(kind="mar", image_size=8, patch_size=3, width=8, depth=1, heads=2, num_iter=4)
+    with pytest.raises(ValueError, match="RoPE"):
+        LevelConfig(kind="ar", image_size=8, patch_size=2, width=12, depth=1, heads=2, num_iter=4)
+    with pytest.raises(ValueError, match="unknown LevelConfig option"):
+        LevelConfig(kind="mar", image_size=8, patch_size=2, width=8, depth=1, heads=2, num_iter=4, dropout=0.1)
+    with pytest.raises(ValueError, match="patch_size"):
+        tiny(sizes=(8, 2, 2))
+    a, _ = tiny().levels
+    with pytest.raises(ValueError, match=r"level 1's image_size \(4\) must be level 0's patch_size \(2\)"):
+        FractalConfig(levels=(a, LevelConfig(kind="mar", image_size=4, patch_size=1, width=8, depth=1, heads=2,
+                                             num_iter=4)), pixel_head=PixelHeadConfig(width=8, depth=1, heads=2))
+    with pytest.raises(ValueError, match="passes 1"):
+        tiny(("ar", "mar"), num_conds=5)
+    with pytest.raises(ValueError, match="level 0 has no guiding pixel"):
+        FractalConfig(levels=(LevelConfig(kind="mar", image_size=2, patch_size=1, width=8, depth=1, heads=2,
+                                          num_iter=4, guiding_pixel=True),),
+                      pixel_head=PixelHeadConfig(width=8, depth=1, heads=2))
+
+
+def test_fractal_is_a_lazy_submodule():
+    assert "fractal" in fastgen.__all__ and fastgen.fractal.sample is sample
