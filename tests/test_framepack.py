@@ -98,8 +98,24 @@ def test_bad_configs_raise(bad, match):
 def test_bad_lengths_raise():
     with pytest.raises(ValueError, match="num_frames"):
         num_sections(0)
-    with pytest.raises(ValueError, match="at least 1 section"):
+    with pytest.raises(ValueError, match="latent_window_size"):
+        num_sections(129, latent_window_size=0)
+    with pytest.raises(ValueError, match="number of sections"):
         section_layouts(FramePackConfig(), 0)
+    with pytest.raises(ValueError, match="number of sections"):
+        video_length(0, 9, VANILLA)
+    with pytest.raises(ValueError, match="sampling_type"):
+        video_length(3, 9, "inverted")
+    with pytest.raises(ValueError, match="latent_height"):
+        packed_tokens(FramePackConfig(), -4, 10)
+
+
+def test_numpy_integers_are_accepted_as_diffusers_accepts_them():
+    import numpy as np
+
+    assert num_sections(np.int64(129), np.int64(9)) == 4
+    assert FramePackConfig(latent_window_size=np.int64(9)).latent_window_size == 9
+    assert [s.padding for s in section_layouts(FramePackConfig(), np.int64(4))] == [3, 2, 1, 0]
 
 
 # --- against diffusers' pipeline ----------------------------------------------------------------
@@ -259,6 +275,9 @@ def test_sections_stream_the_pipeline_video(sampling_type):
     np.testing.assert_allclose(video, want, rtol=1e-5, atol=1e-5)
     decode = (2 * 9 - 1) * 4 + 1 + 33  # one decoded section and the held-back overlap, at most
     assert max(s.num_frames for s in got) <= decode
+    empty = [s for s in got if not s.num_frames]
+    assert all(s.frames.shape == (1, 0, 32, 32, 3) for s in empty)  # typed as the other sections' frames
+    assert (len(empty) == 1) == (sampling_type == INVERTED_ANTI_DRIFTING)
     if sampling_type == INVERTED_ANTI_DRIFTING:  # the end of the video comes first
         assert [s.start for s in got][1:] == sorted([s.start for s in got][1:], reverse=True)
     latents = list(sections(pipe, image, **call, generator=torch.Generator().manual_seed(0), output_type="latent",
@@ -333,6 +352,17 @@ def test_bad_sampler_input_raises():
         next(sections(pipe, image, **call, output_type="mp4"))
     with pytest.raises(TypeError, match="unexpected keyword"):
         next(sections(pipe, image, **call, frames=9))
+    with pytest.raises(ValueError, match="expected \\(1, 4, 1, 4, 4\\)"):  # two frames
+        next(sections(pipe, None, **call, image_latents=torch.zeros(1, 4, 2, 4, 4), image_embeds=embeds))
+    with pytest.raises(ValueError, match="image_embeds of shape"):
+        next(sections(pipe, None, **call, image_latents=torch.zeros(1, 4, 1, 4, 4), image_embeds=embeds[..., :7]))
+    flux, _ = build_pipeline("flux", "tiny")
+    with pytest.raises(ValueError, match="HunyuanVideoFramepackPipeline"):
+        next(sections(flux, image, **call))
+    import numpy as np
+
+    out = pipe(image, **dict(call, num_frames=np.int64(33)), output_type="latent").frames
+    assert len(out) == 1
 
 
 def test_sections_run_from_precomputed_conditioning_without_image_encoder():
@@ -376,3 +406,59 @@ def test_history_convolutions_whose_weights_a_hook_places_are_called_not_read():
     assert model.clean_x_embedder.proj.weight.is_meta
     for h in handles:
         h.remove()
+
+
+def test_lora_on_the_history_embedders_is_computed_as_upstream():
+    """A PEFT LoRA wraps the history convolutions: the fused packing, which reads a convolution's
+    weight, must step aside, at every LoRA scale, as the scale changes between calls."""
+    import copy
+
+    from peft import LoraConfig
+
+    model, inputs = tiny_denoiser("framepack")
+    model.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
+                                 target_modules=["clean_x_embedder.proj_4x", "clean_x_embedder.proj"]))
+    reference = copy.deepcopy(model)
+    fastgen.patch(model)
+    with torch.no_grad(), fastgen.generation(model):
+        for scale in (1.0, 0.3, 1.0, 0.0):
+            kw = dict(inputs, attention_kwargs={"scale": scale}, return_dict=False)
+            torch.testing.assert_close(model(**kw)[0], reference(**kw)[0], rtol=1e-5, atol=1e-5)
+
+
+def _live_latent_frames(channels, size):
+    # latent frames held by live tensors of the pipeline's latent layout (B, C, T, h, w)
+    import gc
+
+    seen, frames = set(), 0
+    for obj in gc.get_objects():
+        # type(), not isinstance(): a deprecated module proxy warns when asked for its __class__
+        if (issubclass(type(obj), torch.Tensor) and obj.dim() == 5 and obj.shape[1] == channels and tuple(obj.shape[3:]) == size
+                and obj.dtype == torch.float32):
+            base = obj._base if obj._base is not None else obj
+            if id(base) not in seen:
+                seen.add(id(base))
+                frames += base.shape[2]
+    return frames
+
+
+@pytest.mark.parametrize("sampling_type", [INVERTED_ANTI_DRIFTING, VANILLA])
+def test_memory_is_flat_over_sections(sampling_type):
+    """The step cache and the latents a patched pipeline call keeps do not grow with the sections
+    made: the same at section 3 as at section 8."""
+    pipe, call = _pipe()
+    call.update(num_frames=33 * 8, num_inference_steps=1, sampling_type=sampling_type)
+    handle = fastgen.patch(pipe)
+    entries, frames = [], []
+
+    def probe(module, args, kwargs):
+        entries.append(len(handle.state.kv_cache))
+        frames.append(_live_latent_frames(4, (4, 4)))
+
+    hook = pipe.transformer.register_forward_pre_hook(probe, with_kwargs=True)
+    try:
+        pipe(**call, generator=torch.Generator().manual_seed(0), output_type="pt")
+    finally:
+        hook.remove()
+    assert len(entries) == 8
+    assert entries[7] == entries[2] and frames[7] == frames[2], (entries, frames)

@@ -24,6 +24,7 @@ from fastgen.framepack.schedule import (
     latent_paddings,
     num_sections,
     packed_tokens,
+    section_layout,
     section_layouts,
     window_num_frames,
 )
@@ -31,5 +32,5 @@ from fastgen.framepack.offload import enable_low_vram
 from fastgen.framepack.sampler import Section, sections, video_length
 
 __all__ = ["FramePackConfig", "INVERTED_ANTI_DRIFTING", "RELEASED_HISTORY", "SAMPLING_TYPES", "Section",
-           "SectionLayout", "VANILLA", "enable_low_vram", "latent_paddings", "num_sections", "packed_tokens", "section_layouts",
+           "SectionLayout", "VANILLA", "enable_low_vram", "latent_paddings", "num_sections", "packed_tokens", "section_layout", "section_layouts",
            "sections", "video_length", "window_num_frames"]

@@ -68,11 +68,16 @@ class _HistoryPatchify(_model_hook_base()):
         names = ("latents_clean", "latents_clean_2x", "latents_clean_4x")
         values = dict(zip(names, args), **kwargs)
         xs = [values.get(n) for n in names]
+        convs = (module.proj, module.proj_2x, module.proj_4x)
         if (len(values) != 3 or not all(torch.is_tensor(x) and x.dim() == 5 and x.shape[2] > 0 for x in xs)
-                or _upstream_only() or not _floor_free(xs[0], module.proj.kernel_size)
+                or _upstream_only()
+                # a LoRA (PEFT wraps the convolution) or any other module computes more than its
+                # weight says: it must be called
+                or not all(type(c) is torch.nn.Conv3d for c in convs)
+                or not _floor_free(xs[0], module.proj.kernel_size)
                 # a hook that puts a convolution's weights in place when it runs (sequential or
                 # leaf-level offload): the convolutions must be called, not read
-                or any(places_own_weights(c) for c in (module.proj, module.proj_2x, module.proj_4x))):
+                or any(places_own_weights(c) for c in convs)):
             self.packing.recent = None
             return forward(*args, **kwargs)
         return self.packing.patchify(module, *xs)

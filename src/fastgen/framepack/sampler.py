@@ -30,8 +30,9 @@ from fastgen.framepack.schedule import (
     INVERTED_ANTI_DRIFTING,
     VANILLA,
     FramePackConfig,
+    _positive_int,
     num_sections,
-    section_layouts,
+    section_layout,
     window_num_frames,
 )
 
@@ -65,8 +66,17 @@ class Section:
 def video_length(n: int, latent_window_size: int, sampling_type: str, vae_scale_factor_temporal: int = 4) -> int:
     """Pixel frames of the video diffusers' pipeline returns for ``n`` sections: decoded sections of
     ``(T - 1) * temporal + 1`` frames blended over ``window_num_frames`` frames, then cut to a
-    multiple of the temporal factor plus one."""
-    tf = vae_scale_factor_temporal
+    multiple of the temporal factor plus one.
+
+    Raises:
+        ValueError: for a count or size that is not a positive int, or an unknown sampling type.
+    """
+    n = _positive_int(n, "the number of sections")
+    latent_window_size = _positive_int(latent_window_size, "latent_window_size")
+    tf = _positive_int(vae_scale_factor_temporal, "vae_scale_factor_temporal")
+    sampling_type = getattr(sampling_type, "value", sampling_type)
+    if sampling_type not in (VANILLA, INVERTED_ANTI_DRIFTING):
+        raise ValueError(f"sampling_type must be {VANILLA!r} or {INVERTED_ANTI_DRIFTING!r}, got {sampling_type!r}")
     return (_blended_length(n, latent_window_size, sampling_type, tf) - 1) // tf * tf + 1
 
 
@@ -130,6 +140,16 @@ class _Stream:
         return start, final
 
 
+def _no_frames(decoded: torch.Tensor, output_type: str):
+    # an empty section in the layout its output type has: (B, 0, C, H, W), (B, 0, H, W, C), B lists
+    B, C, _, H, W = decoded.shape
+    if output_type == "pil":
+        return [[] for _ in range(B)]
+    if output_type == "np":
+        return np.zeros((B, 0, H, W, C), dtype=np.float32)
+    return decoded.new_zeros((B, 0, C, H, W), dtype=torch.float32)
+
+
 def _call_args(pipe, kwargs: dict) -> dict:
     """The pipeline call's arguments with diffusers' defaults filled in (its signature, not a copy)."""
     import inspect
@@ -173,8 +193,16 @@ def sections(pipe, image=None, *, output_type: str = "pt", progress: bool = True
         anti-drifting order; ``Section.start`` places the frames).
 
     Raises:
-        ValueError: as the pipeline's ``check_inputs`` does, and for ``output_type="latent"``.
+        ValueError: for a pipeline that is not a ``HunyuanVideoFramepackPipeline``, as its
+            ``check_inputs`` does, for ``image_latents`` / ``image_embeds`` that do not match the
+            pipeline, the size or the batch, and for an unknown ``output_type``.
+
+    The generation scope (``fastgen.generation``: the cache of step-invariant work) stays open until
+    the generator finishes: run it to its end, or ``close()`` it when stopping early.
     """
+    if type(pipe).__name__ != "HunyuanVideoFramepackPipeline" and not any(
+            c.__name__ == "HunyuanVideoFramepackPipeline" for c in type(pipe).__mro__):
+        raise ValueError(f"sections() takes a HunyuanVideoFramepackPipeline, got {type(pipe).__name__}")
     if output_type not in ("pt", "np", "pil", "latent"):
         raise ValueError(f"output_type must be 'pt', 'np', 'pil' or 'latent', got {output_type!r}")
     if "return_dict" in kwargs:
@@ -185,6 +213,7 @@ def sections(pipe, image=None, *, output_type: str = "pt", progress: bool = True
 
     with fastgen.generation(pipe, args["generator"]):
         yield from _run(pipe, args, progress=progress, decode=output_type != "latent")
+    pipe.maybe_free_model_hooks()
 
 
 @torch.no_grad()
@@ -201,7 +230,9 @@ def pipeline_call(pipe, *args, **kwargs):
     call = _call_args(pipe, {k: v for k, v in bound.arguments.items() if k != "self"})
     output_type, return_dict = call["output_type"], call["return_dict"]
     chunks, latents_out = [], []
-    for section in _run(pipe, call, progress=True, collect_latents=latents_out, decode=output_type != "latent",
+    # diffusers' latent output is the history after every section: kept only when asked for
+    collect = latents_out if output_type == "latent" else None
+    for section in _run(pipe, call, progress=True, collect_latents=collect, decode=output_type != "latent",
                         postprocess=False):
         if section.num_frames:
             chunks.append((section.start, section.frames))
@@ -233,8 +264,7 @@ def _run(pipe, a: dict, *, progress: bool, collect_latents: list | None = None, 
                       a["prompt_template"], a["image"], a["image_latents"], a["last_image"], a["last_image_latents"],
                       sampling_type)
     config = FramePackConfig(latent_window_size=a["latent_window_size"], sampling_type=sampling_type)
-    if not isinstance(a["num_frames"], int) or a["num_frames"] < 1:
-        raise ValueError(f"num_frames must be a positive int, got {a['num_frames']!r}")
+    num_frames = _positive_int(a["num_frames"], "num_frames")
 
     has_neg = a["negative_prompt"] is not None or (
         a["negative_prompt_embeds"] is not None and a["negative_pooled_prompt_embeds"] is not None)
@@ -288,14 +318,18 @@ def _run(pipe, a: dict, *, progress: bool, collect_latents: list | None = None, 
 
     w = config.latent_window_size
     tf = pipe.vae_scale_factor_temporal
-    n = num_sections(a["num_frames"], w, tf)
-    layouts = section_layouts(config, n)
+    n = num_sections(num_frames, w, tf)
     sizes = list(config.history_sizes)
     C = pipe.transformer.config.in_channels
     lh, lw = height // pipe.vae_scale_factor_spatial, width // pipe.vae_scale_factor_spatial
-    if image_latents.shape[-2:] != (lh, lw) or image_latents.shape[1] != C:
+    if image_latents.dim() != 5 or image_latents.shape[1:] != (C, 1, lh, lw) or image_latents.shape[0] != batch_size:
         raise ValueError(f"image_latents of shape {tuple(image_latents.shape)} do not match {C} latent channels at "
-                         f"{lh}x{lw} (height {height}, width {width})")
+                         f"{lh}x{lw} (height {height}, width {width}): expected ({batch_size}, {C}, 1, {lh}, {lw})")
+    proj_dim = getattr(pipe.transformer.config, "image_proj_dim", None)
+    if image_embeds.dim() != 3 or image_embeds.shape[0] not in (1, batch_size) or (
+            proj_dim is not None and image_embeds.shape[-1] != proj_dim):
+        raise ValueError(f"image_embeds of shape {tuple(image_embeds.shape)} do not match the transformer: expected "
+                         f"(1 or {batch_size}, tokens, {proj_dim})")
     inverted = sampling_type == INVERTED_ANTI_DRIFTING
     # the frames any later section reads: its packed context, and the 2*window (+1) one decode spans
     keep = None if collect_latents is not None else max(config.history_frames, 2 * w + 1)
@@ -314,8 +348,10 @@ def _run(pipe, a: dict, *, progress: bool, collect_latents: list | None = None, 
     quiet = getattr(pipe, "_progress_bar_config", {}).get("disable", False)
     bar = tqdm(total=n, desc="FramePack sections", unit="section", disable=not progress or quiet)
     try:
-        for layout in layouts:
-            k = layout.index
+        for k in range(n):
+            # built as its section starts: the previous section's index tensors, and the packed
+            # context and RoPE tables cached on them, go with it (flat memory over sections)
+            layout = section_layout(config, n, k)
             if inverted:
                 parts = history[:, :, : sum(sizes)].split(sizes, dim=2)
                 one_x, rest = parts[0], parts[1:]
@@ -395,8 +431,9 @@ def _run(pipe, a: dict, *, progress: bool, collect_latents: list | None = None, 
                                        "loop places frames by that count")
                 start, frames = stream.add(decoded, layout.last)
             count = frames.shape[2] if frames is not None else 0
-            if postprocess and frames is not None and count:
-                frames = pipe.video_processor.postprocess_video(frames, output_type=a["output_type"])
+            if postprocess and frames is not None:
+                frames = (pipe.video_processor.postprocess_video(frames, output_type=a["output_type"]) if count
+                          else _no_frames(frames, a["output_type"]))
             bar.update()
             yield Section(index=k, count=n, start=start, frames=frames, num_frames=count, latents=latents)
     finally:

@@ -21,6 +21,7 @@ tensor for both. Pure data: no model, no tensors beyond the index vectors.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -35,11 +36,18 @@ SAMPLING_TYPES = (VANILLA, INVERTED_ANTI_DRIFTING)
 RELEASED_HISTORY = ((1, (1, 2, 2)), (2, (2, 4, 4)), (16, (4, 8, 8)))
 
 
+def _positive_int(value, what: str) -> int:
+    # numpy and torch integers too, as diffusers' pipeline accepts them
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{what} must be a positive int, got {value!r}")
+    return int(value)
+
+
 def _kernel(k) -> tuple[int, int, int]:
     if (not isinstance(k, (tuple, list)) or len(k) != 3
-            or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in k)):
+            or not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) and x > 0 for x in k)):
         raise ValueError(f"a patch kernel is three positive ints (t, h, w), got {k!r}")
-    return tuple(k)
+    return tuple(int(x) for x in k)
 
 
 @validated
@@ -69,9 +77,7 @@ class FramePackConfig:
     history: tuple = RELEASED_HISTORY
 
     def __post_init__(self):
-        w = self.latent_window_size
-        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-            raise ValueError(f"latent_window_size must be a positive int, got {w!r}")
+        object.__setattr__(self, "latent_window_size", _positive_int(self.latent_window_size, "latent_window_size"))
         st = getattr(self.sampling_type, "value", self.sampling_type)  # diffusers' FramepackSamplingType enum
         if st not in SAMPLING_TYPES:
             raise ValueError(f"sampling_type must be one of {SAMPLING_TYPES}, got {self.sampling_type!r}")
@@ -83,9 +89,9 @@ class FramePackConfig:
             if not isinstance(rate, (tuple, list)) or len(rate) != 2:
                 raise ValueError(f"each history rate is (frames, (kt, kh, kw)), got {rate!r}")
             frames, kernel = rate
-            if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            if isinstance(frames, bool) or not isinstance(frames, numbers.Integral) or frames < 1:
                 raise ValueError(f"a history rate packs at least 1 frame, got {frames!r}")
-            rates.append((frames, _kernel(kernel)))
+            rates.append((int(frames), _kernel(kernel)))
         object.__setattr__(self, "history", tuple(rates))
 
     @property
@@ -103,8 +109,13 @@ class FramePackConfig:
 
 
 def window_num_frames(latent_window_size: int, vae_scale_factor_temporal: int = 4) -> int:
-    """Pixel frames of one section: ``(window - 1) * temporal + 1`` (33 as released)."""
-    return (latent_window_size - 1) * vae_scale_factor_temporal + 1
+    """Pixel frames of one section: ``(window - 1) * temporal + 1`` (33 as released).
+
+    Raises:
+        ValueError: if either argument is not a positive int.
+    """
+    w = _positive_int(latent_window_size, "latent_window_size")
+    return (w - 1) * _positive_int(vae_scale_factor_temporal, "vae_scale_factor_temporal") + 1
 
 
 def num_sections(num_frames: int, latent_window_size: int = 9, vae_scale_factor_temporal: int = 4) -> int:
@@ -112,10 +123,9 @@ def num_sections(num_frames: int, latent_window_size: int = 9, vae_scale_factor_
     at the released window, at least 1 (129 -> 4, 91 -> 3).
 
     Raises:
-        ValueError: if ``num_frames`` < 1.
+        ValueError: if an argument is not a positive int.
     """
-    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
-        raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
+    num_frames = _positive_int(num_frames, "num_frames")
     per = window_num_frames(latent_window_size, vae_scale_factor_temporal)
     return max(1, math.ceil(num_frames / per))
 
@@ -123,8 +133,7 @@ def num_sections(num_frames: int, latent_window_size: int = 9, vae_scale_factor_
 def latent_paddings(n: int) -> list[int]:
     """Blank windows between the start frame and the noisy window, per section of an inverted
     anti-drifting video of ``n`` sections: ``[n-1, ..., 0]``, or ``[3] + [2]*(n-3) + [1, 0]`` for n > 4."""
-    if n < 1:
-        raise ValueError(f"a video has at least 1 section, got {n}")
+    n = _positive_int(n, "the number of sections")
     return [3] + [2] * (n - 3) + [1, 0] if n > 4 else list(reversed(range(n)))
 
 
@@ -156,31 +165,42 @@ class SectionLayout:
         return self.clean.numel() + sum(h.numel() for h in self.history)
 
 
-def section_layouts(config: FramePackConfig, n: int) -> list[SectionLayout]:
-    """The ``n`` sections of one video, in the order they are made (see the module docstring).
+def section_layout(config: FramePackConfig, n: int, k: int) -> SectionLayout:
+    """Section ``k`` (0-based, in the order made) of a video of ``n`` sections (see the module
+    docstring). Built when its section starts, so its index tensors (the keys of the per-section
+    caches) are gone with the section.
 
     Raises:
-        ValueError: if ``n`` < 1.
+        ValueError: if ``n`` < 1 or ``k`` is not in ``range(n)``.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"a video has at least 1 section, got {n!r}")
+    n = _positive_int(n, "the number of sections")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k < n:
+        raise ValueError(f"section index must be in range({n}), got {k!r}")
+    k = int(k)
     w, sizes = config.latent_window_size, list(config.history_sizes)
-    out = []
-    for k in range(n):
-        if config.sampling_type == INVERTED_ANTI_DRIFTING:
-            pad = latent_paddings(n)[k] * w
-            parts = torch.arange(1 + pad + w + sum(sizes)).split([1, pad, w, *sizes])
-            prefix, _, latents, one_x, rest = parts[0], parts[1], parts[2], parts[3], parts[4:]
-            padding = pad // w
-        else:
-            parts = torch.arange(1 + sum(sizes) + w).split([1, *reversed(sizes), w])
-            prefix, latents, one_x = parts[0], parts[-1], parts[-2]
-            rest = tuple(reversed(parts[1:-2]))  # nearest first
-            padding = 0
-        out.append(SectionLayout(index=k, first=k == 0, last=k == n - 1, padding=padding, latents=latents,
-                                 clean=torch.cat([prefix, one_x]), history=tuple(rest),
-                                 total=sum(p.numel() for p in parts)))
-    return out
+    if config.sampling_type == INVERTED_ANTI_DRIFTING:
+        pad = latent_paddings(n)[k] * w
+        parts = torch.arange(1 + pad + w + sum(sizes)).split([1, pad, w, *sizes])
+        prefix, latents, one_x, rest = parts[0], parts[2], parts[3], parts[4:]
+        padding = pad // w
+    else:
+        parts = torch.arange(1 + sum(sizes) + w).split([1, *reversed(sizes), w])
+        prefix, latents, one_x = parts[0], parts[-1], parts[-2]
+        rest = tuple(reversed(parts[1:-2]))  # nearest first
+        padding = 0
+    return SectionLayout(index=k, first=k == 0, last=k == n - 1, padding=padding, latents=latents,
+                         clean=torch.cat([prefix, one_x]), history=tuple(rest),
+                         total=sum(p.numel() for p in parts))
+
+
+def section_layouts(config: FramePackConfig, n: int) -> list[SectionLayout]:
+    """The ``n`` sections of one video, in the order they are made (``section_layout`` of each).
+
+    Raises:
+        ValueError: if ``n`` is not a positive int.
+    """
+    n = _positive_int(n, "the number of sections")
+    return [section_layout(config, n, k) for k in range(n)]
 
 
 def packed_tokens(config: FramePackConfig, latent_height: int, latent_width: int,
@@ -194,8 +214,13 @@ def packed_tokens(config: FramePackConfig, latent_height: int, latent_width: int
     Returns:
         ``{"4x": ..., "2x": ..., "clean": ..., "noisy": ..., "context": ..., "total": ...}`` with
         rate names ``f"{kh // patch_h}x"`` (the spatial compression over the noisy tokens').
+
+    Raises:
+        ValueError: for a latent size or patch kernel that is not positive ints.
     """
-    pt, ph, pw = patch_size
+    latent_height = _positive_int(latent_height, "latent_height")
+    latent_width = _positive_int(latent_width, "latent_width")
+    pt, ph, pw = _kernel(patch_size)
     w = config.latent_window_size
 
     def tokens(frames, k):
