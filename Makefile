@@ -5,6 +5,9 @@ VENV ?= .venv
 # to keep the CUDA torch you have (the package itself accepts any torch >= 2.5).
 CONSTRAINTS ?= constraints/cpu.txt
 BIN := $(VENV)/bin
+# Test processes (pytest-xdist): CI machines have 2 cores, and every test runs torch on one thread.
+# Whole files go to one worker (--dist loadfile), so module-scoped fixtures (exports) run once.
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test bench wheels check-csrc clean
 
@@ -22,7 +25,7 @@ demo: setup
 
 # The whole suite on a CPU: kernels under the Triton interpreter, benchmarks run once as tests.
 test: setup
-	$(BIN)/python -m pytest -p no:cacheprovider --benchmark-disable $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -p no:cacheprovider --benchmark-disable -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # diffusers' own model tests for the six supported denoisers, unpatched, then with every model patched
 # (default path, kernel path), listing the tests patching breaks (tools/diffusers_suite/README.md). Not

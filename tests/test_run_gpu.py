@@ -35,8 +35,11 @@ def test_quick_dry_run_end_to_end(tmp_path):
 
 
 def _run(out, *args, **env):
+    # the script's own pytest runs must not believe they are pytest-xdist workers (which this test may
+    # run in): pytest-benchmark reads PYTEST_XDIST_WORKER and then records nothing
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT_TEST"))}
     return subprocess.run(["bash", str(ROOT / "bench" / "run_gpu.sh"), str(out), *args],
-                          cwd=ROOT, env=dict(os.environ, PYTHON=sys.executable, **env), capture_output=True, text=True,
+                          cwd=ROOT, env=dict(base, PYTHON=sys.executable, **env), capture_output=True, text=True,
                           timeout=300)
 
 
