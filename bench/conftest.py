@@ -29,6 +29,9 @@ def _results(config) -> list[core.Result]:
         if "row" in info:  # a suite's own row (benchmarks.framepack: per-section lists), as the suite made it
             rows.append(core.Result(**info["row"]))
             continue
+        if "rows" in info:  # several, as the suite made them (benchmarks.fractal: both samplers of a case)
+            rows.extend(core.Result(**r) for r in info["rows"])
+            continue
         ms = bench.stats.median * 1e3
         if info["suite"] == "condition":  # per image: the first forward, then (steps - 1) timed ones
             steps = info["steps"]

@@ -28,46 +28,15 @@ from fastgen.fractal import (
     rng,
     sample,
 )
+from fastgen.fractal.config import small_config
 from fastgen.fractal.model import ids_to_values, values_to_uint8
+from fractal_models import model_of, single_thread, tiny  # noqa: F401 (single_thread: an autouse fixture)
 from fastgen.fractal.schedule import level_schedule, mar_mask_lengths
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: threads only add overhead on the 2-core CI machine
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny(kinds=("mar", "mar"), sizes=(8, 2, 1), *, guiding=False, num_conds=5, num_iter=4, widths=None,
-         num_classes=10) -> FractalConfig:
-    widths = widths or (16, 8, 8)[: len(kinds)]
-    levels = tuple(LevelConfig(kind=kind, image_size=sizes[k], patch_size=sizes[k + 1], width=widths[k], depth=1,
-                               heads=2, num_iter=num_iter, guiding_pixel=guiding and k > 0)
-                   for k, kind in enumerate(kinds))
-    head = PixelHeadConfig(width=8, depth=1, heads=2)
-    return FractalConfig(levels=levels, pixel_head=head, num_classes=num_classes, num_conds=num_conds, guide_head=head)
 
 
 def shrunk(name: str) -> FractalConfig:
     """A preset's sequence structure (sizes, kinds, iterations, guiding pixels) at width 8, depth 1."""
-    c = get_config(name)
-    levels = tuple(LevelConfig(kind=lv.kind, image_size=lv.image_size, patch_size=lv.patch_size, width=8, depth=1,
-                               heads=2, num_iter=lv.num_iter, guiding_pixel=lv.guiding_pixel) for lv in c.levels)
-    head = PixelHeadConfig(width=8, depth=1, heads=2)
-    return FractalConfig(levels=levels, pixel_head=head, num_classes=10, num_conds=c.num_conds, guide_head=head)
-
-
-def model_of(config: FractalConfig, seed: int = 0) -> FractalGen:
-    # Random weights well away from the initialisation (whose near-zero codebooks make every pixel
-    # distribution almost uniform, so that guidance or labels would barely change a draw).
-    torch.manual_seed(seed)
-    model = FractalGen(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.5)
-    return model
+    return small_config(name)
 
 
 # --- schedules -----------------------------------------------------------------------------------
@@ -397,12 +366,6 @@ def test_reference_sampler_draws_each_key_once():
     assert sorted(p for i, p in seen[2, rng.GUIDE] if i == 1) == list(range(16))
     assert sorted(p for i, p in seen[3, rng.PIXEL] if i == 0) == list(range(64))
     assert (0, rng.GUIDE) not in seen
-
-
-def test_block_sampler_is_not_there_yet():
-    model = model_of(tiny())
-    with pytest.raises(NotImplementedError, match="block"):
-        sample(model, [1], sampler="block", progress=False)
 
 
 # --- state dicts ------------------------------------------------------------------------------------

@@ -48,7 +48,8 @@ def test_wheel_contains_library_and_kernels(wheel):
                    "fastgen/kernels/qk_norm_rope.py", "fastgen/cli.py", "fastgen/models.py",
                    "fastgen/benchmarks/__init__.py", "fastgen/benchmarks/core.py", "fastgen/benchmarks/edit.py",
                    "fastgen/kernels/merging.py", "fastgen/merging/dit.py", "fastgen/export/operators.py",
-                   "fastgen/export/tensorrt_operators.json"):
+                   "fastgen/export/tensorrt_operators.json", "fastgen/fractal/weights/digits.pt",
+                   "fastgen/fractal/weights/digits_classifier.pt"):
         assert needed in names, f"{needed} missing from {wheel.name}"
     meta = next(n for n in names if n.endswith("METADATA"))
     text = zipfile.ZipFile(wheel).read(meta).decode()

@@ -1,5 +1,5 @@
-"""The ``fastgen`` command: ``fastgen info``, ``demo``, ``tune``, ``bench`` and ``export`` (``export onnx``,
-``export plan``)."""
+"""The ``fastgen`` command: ``fastgen info``, ``demo``, ``tune``, ``bench``, ``export`` (``export onnx``,
+``export plan``) and ``fractal``."""
 
 from __future__ import annotations
 
@@ -517,6 +517,123 @@ def export_args(sub) -> None:
     pl.set_defaults(func=cmd_export_plan)
 
 
+# ``fastgen fractal``: class labels drawn when none are given (the official demo's ImageNet classes).
+FRACTAL_LABELS = {"digits": list(range(10)), "imagenet": [207, 360, 387, 974, 88, 979, 417, 279]}
+
+
+def _labels_arg(text: str) -> list[int]:
+    try:
+        labels = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"class labels are comma-separated integers, got {text!r}") from None
+    if not labels:
+        raise argparse.ArgumentTypeError("no class label given")
+    return labels
+
+
+def _state_dict(path: str, torch) -> dict:
+    """A state dict from ``path`` (an official checkpoint's ``"model"`` entry, or a plain state dict);
+    ValueError with a one-line reason."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"--weights {path}: no such file") from None
+    except Exception as exc:  # a file torch cannot read as a state dict: say so in one line
+        raise ValueError(f"--weights {path} is not a PyTorch state dict ({type(exc).__name__}: "
+                         f"{str(exc).strip().splitlines()[0][:160]})") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # an official checkpoint: {"model": state dict, ...}
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"--weights {path} holds a {type(state).__name__}, not a state dict of tensors")
+    return state
+
+
+def _fractal_model(args, torch):
+    """(model, what) from --preset / --weights; raises ValueError with a one-line reason."""
+    from fastgen import fractal
+    from fastgen.fractal import digits
+
+    config = digits.DIGITS_CONFIG if args.preset == "digits" else fractal.get_config(args.preset)
+    if not args.weights:
+        if args.preset == "digits":
+            return digits.load_digits_model(), "digits model (trained, fastgen/fractal/weights/digits.pt)"
+        return fractal.FractalGen(config), f"{args.preset} with random weights (pass --weights for a checkpoint)"
+    state = _state_dict(args.weights, torch)
+    with torch.device("meta"):  # the layout first, without the memory or the time of the real model
+        fractal.FractalGen(config).load_state_dict(state)
+    model = fractal.FractalGen(config)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return model, f"{args.preset} from {args.weights}"
+
+
+def cmd_fractal(args) -> int:
+    import time
+
+    import torch
+
+    from fastgen.fractal import image_grid, sample
+
+    device = _device_arg(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    try:
+        model, what = _fractal_model(args, torch)
+        labels = args.labels or FRACTAL_LABELS["digits" if args.preset == "digits" else "imagenet"]
+        model = model.to(device=device, dtype=dtype).eval()
+        settings = dict(sampler=args.sampler, cfg=args.cfg, temperature=args.temperature, seed=args.seed,
+                        num_iter=args.num_iter, progress=not args.quiet)
+        t0 = time.perf_counter()
+        images = sample(model, labels, **settings)
+        seconds = time.perf_counter() - t0
+        grid = image_grid(images, nrow=args.nrow, scale=args.scale)
+    except ValueError as exc:
+        return _usage_error("fractal", str(exc).splitlines()[0])
+    from PIL import Image
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid.permute(1, 2, 0).cpu().numpy()).save(out)
+    side = images.shape[-1]
+    print(f"wrote {out}: {len(labels)} images of {side}x{side} (labels {labels}) from {what}; sampler "
+          f"{args.sampler}, cfg {args.cfg}, temperature {args.temperature}, seed {args.seed}, {device} "
+          f"{str(dtype).removeprefix('torch.')}; {seconds:.2f} s")
+    return 0
+
+
+def fractal_args(sub) -> None:
+    """``fastgen fractal``: sample a grid of FractalGen images to a PNG. (``fastgen.fractal`` is imported
+    when the command runs, not here: its import costs a second every other command would pay.)"""
+    f = sub.add_parser("fractal", help="sample class-conditional FractalGen images into a PNG grid",
+                       description="Sample images from a FractalGen model (fastgen.fractal.sample) and write them as "
+                       "one PNG grid. --preset digits is the tiny model trained on 16x16 digits (its weights ship "
+                       "with fastgen); the published presets have random weights unless --weights names a "
+                       "checkpoint (the official 'model' state dict). Exit status 2 on bad arguments.")
+    f.add_argument("--preset", default="digits", metavar="NAME",
+                   help="digits (default), or a published config: a name of fastgen.fractal.PRESETS such as "
+                        "fractalmar_in64 (an unknown name lists them)")
+    f.add_argument("--weights", metavar="PATH", help="a checkpoint or state dict for the preset's layout")
+    f.add_argument("--labels", type=_labels_arg, metavar="A,B,...",
+                   help="class labels, one image each (default: 0..9 for digits, eight ImageNet classes otherwise)")
+    f.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale, >= 1 (default 2)")
+    f.add_argument("--temperature", type=float, default=1.0, help="multiplies the logits, > 0 (default 1)")
+    f.add_argument("--num-iter", type=_positive, default=None, metavar="N",
+                   help="iterations of every MAR level (default: the config's)")
+    f.add_argument("--seed", type=int, default=0, help="sampling seed in [0, 2**64) (default 0)")
+    f.add_argument("--sampler", default="block", help="block (default) or reference")
+    f.add_argument("--out", default="fractal.png", help="the PNG (default fractal.png)")
+    f.add_argument("--nrow", type=_positive, default=None, help="images per grid row (default: about square)")
+    f.add_argument("--scale", type=_positive, default=None,
+                   help="nearest-neighbour upscaling of each image (default: to at least 64 px)")
+    f.add_argument("--device", help="cuda or cpu (default: cuda if present)")
+    f.add_argument("--dtype", choices=DTYPES, help="default bf16 on GPU, fp32 on CPU")
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.set_defaults(func=cmd_fractal)
+
+    def error(message):  # one line, exit status 2 (argparse prints its usage first)
+        f.exit(2, f"{f.prog}: error: {message}\n")
+
+    f.error = error
+
+
 DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_CPU_TOME = 0.5  # the ToMe row a demo without a GPU adds (--tome 0 drops it)
 CPU_DEMO_SIDE = 1024  # ... on images of this side, for the image families, unless a size is given
@@ -617,6 +734,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.set_defaults(func=cmd_bench)
 
     export_args(sub)
+    fractal_args(sub)
 
     args = p.parse_args(argv)
     return args.func(args)

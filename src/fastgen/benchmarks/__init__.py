@@ -9,11 +9,11 @@ runs them; a new suite is a new module and a line here.
 
 from __future__ import annotations
 
-from fastgen.benchmarks import (attention, conditions, denoisers, edit, export, framepack, merging, prologue,
-                                quantize, tensorrt)
+from fastgen.benchmarks import (attention, conditions, denoisers, edit, export, fractal, framepack, merging,
+                                prologue, quantize, tensorrt)
 from fastgen.benchmarks.core import Result, default_device, environment, markdown_table, save
 
 SUITES = {m.SUITE: m.run for m in (attention, prologue, quantize, denoisers, conditions, edit, merging, export,
-                                    tensorrt, framepack)}
+                                    tensorrt, framepack, fractal)}
 
 __all__ = ["SUITES", "Result", "default_device", "environment", "markdown_table", "save"]

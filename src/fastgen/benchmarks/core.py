@@ -418,3 +418,12 @@ def save(results: list[Result], env: dict, out_dir: str | Path, stem: str) -> tu
     j.write_text(json.dumps({"environment": env, "results": [asdict(r) for r in results]}, indent=2))
     m.write_text(markdown_table(results, env))
     return j, m
+
+
+def report(results: list[Result], env: dict, out_dir: str | Path | None, stem: str) -> None:
+    """What a suite's ``python -m`` entry point ends with: print ``markdown_table``; with ``out_dir``,
+    ``save`` there and print where."""
+    print(markdown_table(results, env))
+    if out_dir:
+        j, m = save(results, env, out_dir, stem)
+        print(f"wrote {j} and {m}")

@@ -254,6 +254,24 @@ def get_config(name: str) -> FractalConfig:
     return PRESETS[name]
 
 
+def small_config(name: str | FractalConfig, *, width: int = 8, depth: int = 1, heads: int = 2,
+                 num_classes: int = 10) -> FractalConfig:
+    """A preset's structure (image and patch sizes, kinds, iterations, guiding pixels, conditions) at a
+    small ``width`` and ``depth`` for every level and head: the sequential call pattern of the published
+    model at a cost a CPU can sample (tests, CPU benchmarks).
+
+    Raises:
+        ValueError: for an unknown preset name, or sizes the configs reject.
+    """
+    c = get_config(name) if isinstance(name, str) else name
+    levels = tuple(LevelConfig(kind=lv.kind, image_size=lv.image_size, patch_size=lv.patch_size, width=width,
+                               depth=depth, heads=heads, num_iter=lv.num_iter, guiding_pixel=lv.guiding_pixel)
+                   for lv in c.levels)
+    head = PixelHeadConfig(width=width, depth=depth, heads=heads)
+    return FractalConfig(levels=levels, pixel_head=head, num_classes=num_classes, num_conds=c.num_conds,
+                         guide_head=head)
+
+
 def ar_hidden(width: int) -> int:
     """Hidden width of an AR level's SwiGLU MLP: ``2/3 * 4 * width`` rounded up to a multiple of 256
     (LlamaGen's ``FeedForward`` as the official ``models/ar.py`` uses it)."""

@@ -40,7 +40,19 @@ Sequences and conventions (as the official code runs them):
 
 Level transformers expose a full forward (bidirectional for MAR, causal for AR and the pixel head)
 and, for the causal ones, ``decode`` against a ``KVCache`` preallocated once (only new tokens are
-computed). Attention is ``F.scaled_dot_product_attention``.
+computed). Non-causal attention (MAR levels, one-token decoding) goes through
+``fastgen.ops.attention``; causal attention over several tokens through
+``F.scaled_dot_product_attention``.
+
+Row invariance (why one seed gives one image whatever the sampler): on a CPU every row of every
+operation here is computed the same way however many rows a call has, so a sampler that batches
+every patch of an iteration into one call computes bit for bit what one patch at a time computes.
+Two things are needed for that, both done here: linear layers (``Linear``, ``linear``) never hand the
+BLAS fewer rows than a multiple of 4 (MKL's sgemm takes another kernel below 4 rows and splits rows
+over threads, giving other roundings), and a ``KVCache`` made with ``queries=True`` attends over the
+causal window of cached queries, so a decoded token equals the same token of a full causal forward
+(a one-query attention call rounds differently). Elementwise and row-wise ops (norms, softmax, GELU
+on widths that are multiples of 8) do not depend on the rows.
 """
 
 from __future__ import annotations
@@ -52,12 +64,39 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastgen.fractal.config import AR, FractalConfig, LevelConfig, PixelHeadConfig, ar_hidden, get_config
+from fastgen.ops.attention import attention
 
 PIXEL_MEAN = (0.485, 0.456, 0.406)
 PIXEL_STD = (0.229, 0.224, 0.225)
 ROPE_BASE = 10000.0
 _LN_EPS = 1e-6
 _RMS_EPS = 1e-5
+# Rows a CPU GEMM is given come in multiples of this (module docstring): below 4 rows MKL's sgemm uses
+# another kernel, and with several threads a share of fewer than 4 rows does too.
+ROW_QUANTUM = 4
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` whose rows do not depend on how many rows the call has: on a CPU, ``x``'s rows
+    (all dims but the last, flattened) are padded with zero rows to a multiple of ``ROW_QUANTUM``
+    (a copy, only where they are not one already). Elsewhere ``F.linear`` as is."""
+    if x.device.type != "cpu":
+        return F.linear(x, weight, bias)
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    short = -rows % ROW_QUANTUM
+    if not short:
+        return F.linear(x, weight, bias)
+    flat = x.reshape(rows, k)
+    out = F.linear(torch.cat([flat, flat.new_zeros(short, k)]), weight, bias)
+    return out[:rows].reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state-dict keys) computed by ``linear``: row invariant."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class KVCache:
@@ -67,13 +106,21 @@ class KVCache:
     ``n`` new tokens at position ``pos`` writes ``[:, :rows, :, pos:pos+n]`` and attends over
     ``[:, :rows, :, :pos+n]``: one cache serves any batch up to ``batch`` (the first rows), and
     positions beyond ``pos + n`` are never read, so a cache needs no clearing between uses.
+
+    With ``queries=True`` the queries are kept too (``q``, same shape) and a decode call attends
+    causally over the whole window ``[0, pos+n)`` of cached queries, returning the new tokens' rows:
+    the result equals a full causal forward bit for bit (module docstring), at the cost of
+    recomputing attention (not the projections) over the window; for short sequences (the pixel
+    heads' 3 tokens).
     """
 
     def __init__(self, depth: int, batch: int, heads: int, length: int, head_dim: int, *,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 queries: bool = False):
         shape = (depth, batch, heads, length, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.q = torch.zeros(shape, device=device, dtype=dtype) if queries else None
 
     @property
     def batch(self) -> int:
@@ -87,7 +134,7 @@ class KVCache:
 def _attend(q, k, v, *, causal: bool, cache: KVCache | None, layer: int, pos: int):
     # q, k, v: (B, H, n, Dh).
     if cache is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True) if causal else attention(q, k, v)
     rows, n = q.shape[0], q.shape[2]
     if rows > cache.batch or pos + n > cache.length:
         raise ValueError(f"decode of {rows} rows at positions {pos}..{pos + n - 1} does not fit a KVCache of "
@@ -95,9 +142,14 @@ def _attend(q, k, v, *, causal: bool, cache: KVCache | None, layer: int, pos: in
     end = pos + n
     cache.k[layer, :rows, :, pos:end] = k
     cache.v[layer, :rows, :, pos:end] = v
-    mask = None
-    if n > 1:  # new token i (at pos + i) sees keys up to pos + i
-        mask = torch.arange(end, device=q.device) <= torch.arange(pos, end, device=q.device)[:, None]
+    if cache.q is not None:  # the causal window of cached queries: a full forward's rows, exactly
+        cache.q[layer, :rows, :, pos:end] = q
+        window = [t[layer, :rows, :, :end] for t in (cache.q, cache.k, cache.v)]
+        return F.scaled_dot_product_attention(*window, is_causal=True)[:, :, pos:end]
+    if n == 1:  # one query sees every cached key: no mask
+        return attention(q, cache.k[layer, :rows, :, :end], cache.v[layer, :rows, :, :end])
+    # new token i (at pos + i) sees keys up to pos + i
+    mask = torch.arange(end, device=q.device) <= torch.arange(pos, end, device=q.device)[:, None]
     return F.scaled_dot_product_attention(q, cache.k[layer, :rows, :, :end], cache.v[layer, :rows, :, :end],
                                           attn_mask=mask)
 
@@ -108,8 +160,8 @@ class _Attention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim, bias=True)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x, *, causal=False, cache=None, layer=0, pos=0):
         b, n, c = x.shape
@@ -121,8 +173,8 @@ class _Attention(nn.Module):
 class _Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))
@@ -178,8 +230,8 @@ class _ARAttention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.wo = nn.Linear(dim, dim, bias=False)
+        self.wqkv = Linear(dim, 3 * dim, bias=False)
+        self.wo = Linear(dim, dim, bias=False)
 
     def forward(self, x, table, *, cache=None, layer=0, pos=0):
         b, n, c = x.shape
@@ -194,9 +246,9 @@ class _FeedForward(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         hidden = ar_hidden(dim)
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w1 = Linear(dim, hidden, bias=False)
+        self.w3 = Linear(dim, hidden, bias=False)
+        self.w2 = Linear(hidden, dim, bias=False)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -256,7 +308,7 @@ class PixelHead(nn.Module):
         super().__init__()
         w = config.width
         self.config = config
-        self.cond_proj = nn.Linear(cond_width, w)
+        self.cond_proj = Linear(cond_width, w)
         self.r_codebook = nn.Embedding(256, w)
         self.g_codebook = nn.Embedding(256, w)
         self.b_codebook = nn.Embedding(256, w)
@@ -299,7 +351,7 @@ class PixelHead(nn.Module):
         """float32 ``(..., 256)`` logits of ``channel`` (0 R, 1 G, 2 B) from the hidden state at
         position ``channel``: ``hidden @ codebook.T + bias``, in float32 as the official code."""
         mlm = (self.r_mlm, self.g_mlm, self.b_mlm)[channel]
-        return hidden.float() @ self._codebooks[channel].weight.float().t() + mlm.bias.float()[0]
+        return linear(hidden.float(), self._codebooks[channel].weight.float()) + mlm.bias.float()[0]
 
     def forward(self, cond: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Full causal forward: ``(B, 3, 256)`` float32 logits of R, G, B given ``ids`` ``(B, 3)`` (channel
@@ -307,11 +359,12 @@ class PixelHead(nn.Module):
         h = self.hidden(self.embed(cond, ids, 0, 3))
         return torch.stack([self.logits(h[:, c], c) for c in range(3)], dim=1)
 
-    def new_cache(self, batch: int, *, device=None, dtype=None) -> KVCache:
-        """A ``KVCache`` for ``batch`` rows and the 3 positions ``[cond; r; g]``."""
+    def new_cache(self, batch: int, *, device=None, dtype=None, queries: bool = False) -> KVCache:
+        """A ``KVCache`` for ``batch`` rows and the 3 positions ``[cond; r; g]`` (``queries``: decode
+        exactly as the full forward, ``KVCache``)."""
         p = next(self.parameters())
         return KVCache(self.config.depth, batch, self.config.heads, 3, self.config.width // self.config.heads,
-                       device=device or p.device, dtype=dtype or p.dtype)
+                       device=device or p.device, dtype=dtype or p.dtype, queries=queries)
 
 
 class _MlmBias(nn.Module):
@@ -321,10 +374,23 @@ class _MlmBias(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1, 256))
 
 
+_PIXEL_STATS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def pixel_stats(device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``(3,)`` ImageNet mean and std on ``device``, made once per device: no host-to-device copy
+    after the first call (the block sampler's CUDA graphs capture ``ids_to_values``)."""
+    device = torch.device(device)
+    stats = _PIXEL_STATS.get(device)
+    if stats is None:
+        stats = _PIXEL_STATS[device] = tuple(torch.tensor(v, dtype=torch.float32, device=device)
+                                             for v in (PIXEL_MEAN, PIXEL_STD))
+    return stats
+
+
 def ids_to_values(ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Channel values ``(..., 3)`` int in [0, 256) to normalised pixel values ``(v / 255 - mean) / std``."""
-    mean = torch.tensor(PIXEL_MEAN, dtype=torch.float32, device=ids.device)
-    std = torch.tensor(PIXEL_STD, dtype=torch.float32, device=ids.device)
+    mean, std = pixel_stats(ids.device)
     return ((ids.float() / 255 - mean) / std).to(dtype)
 
 
@@ -332,9 +398,23 @@ def values_to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Normalised images ``(B, 3, H, W)`` to uint8 (``round(clip((x * std + mean) * 255))``; the values
     the samplers produce map back to the sampled channel values exactly)."""
     shape = (1, 3) + (1,) * (images.dim() - 2)
-    mean = torch.tensor(PIXEL_MEAN, dtype=torch.float32, device=images.device).view(shape)
-    std = torch.tensor(PIXEL_STD, dtype=torch.float32, device=images.device).view(shape)
+    mean, std = (t.view(shape) for t in pixel_stats(images.device))
     return torch.round(((images.float() * std + mean) * 255).clamp(0, 255)).to(torch.uint8)
+
+
+def unpatchify(tokens: torch.Tensor, grid: int, patch: int) -> torch.Tensor:
+    """``(B, grid**2, 3 * patch**2)`` raster tokens, each a flattened ``(3, patch, patch)`` sub-patch, to
+    ``(B, 3, grid * patch, grid * patch)`` (official ``unpatchify``)."""
+    b = tokens.shape[0]
+    x = tokens.reshape(b, grid, grid, 3, patch, patch).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, 3, grid * patch, grid * patch)
+
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """``(B, C, H, H)`` to raster tokens ``(B, (H / patch)**2, C * patch**2)``: the inverse of ``unpatchify``."""
+    b, c, side = images.shape[:3]
+    g = side // patch
+    return images.reshape(b, c, g, patch, g, patch).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, c * patch * patch)
 
 
 class MARLevel(nn.Module):
@@ -356,11 +436,11 @@ class MARLevel(nn.Module):
         self.config, self.num_conds = config, num_conds
         self.prefix = num_conds + int(config.guiding_pixel)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
-        self.patch_emb = nn.Linear(config.token_dim, d)
+        self.patch_emb = Linear(config.token_dim, d)
         self.patch_emb_ln = nn.LayerNorm(d, eps=_LN_EPS)
-        self.cond_emb = nn.Linear(cond_width, d)
+        self.cond_emb = Linear(cond_width, d)
         if config.guiding_pixel:
-            self.pix_proj = nn.Linear(3, d)
+            self.pix_proj = Linear(3, d)
         self.pos_embed_learned = nn.Parameter(torch.zeros(1, config.seq_len + self.prefix, d))
         self.blocks = nn.ModuleList([Block(d, config.heads) for _ in range(config.depth)])
         self.norm = nn.LayerNorm(d, eps=_LN_EPS)
@@ -410,10 +490,10 @@ class ARLevel(nn.Module):
         super().__init__()
         d = config.width
         self.config = config
-        self.patch_emb = nn.Linear(config.token_dim, d)
+        self.patch_emb = Linear(config.token_dim, d)
         self.patch_emb_ln = nn.LayerNorm(d, eps=_LN_EPS)
         self.pos_embed_learned = nn.Parameter(torch.zeros(1, config.seq_len + 1, d))
-        self.cond_emb = nn.Linear(cond_width, d)
+        self.cond_emb = Linear(cond_width, d)
         self.blocks = nn.ModuleList([ARBlock(d, config.heads) for _ in range(config.depth)])
         self.norm = nn.LayerNorm(d, eps=_LN_EPS)
         # Not a parameter or a persistent buffer: the checkpoints do not hold it (official: an attribute).

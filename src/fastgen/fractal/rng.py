@@ -58,35 +58,52 @@ def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (x >> 16) + (z >> 32), z & M32
 
 
-def philox4x32(counter: torch.Tensor, seed: int, rounds: int = ROUNDS) -> torch.Tensor:
+def philox4x32(counter: torch.Tensor, seed: int | torch.Tensor, rounds: int = ROUNDS) -> torch.Tensor:
     """Philox-4x32-``rounds`` of ``counter`` under the 64-bit key ``seed``.
 
     Args:
         counter: int64 ``(..., 4)``, each word in ``[0, 2**32)``.
-        seed: int in ``[0, 2**64)``: key words ``seed & 0xFFFFFFFF`` and ``seed >> 32``.
+        seed: int in ``[0, 2**64)``: key words ``seed & 0xFFFFFFFF`` and ``seed >> 32``; or those two
+            words as an int64 tensor ``(2,)`` on the counter's device (``seed_words``), the same bits,
+            read on the device (a CUDA graph can take the seed as an input).
 
     Returns:
         int64 ``(..., 4)``, words in ``[0, 2**32)``; equal to Random123's ``philox4x32_R``.
 
     Raises:
-        ValueError: for a seed outside ``[0, 2**64)`` or a counter that is not int64 ``(..., 4)``.
+        ValueError: for a seed outside ``[0, 2**64)``, a seed tensor that is not int64 ``(2,)``, or a
+            counter that is not int64 ``(..., 4)``.
     """
-    _check_seed(seed)
     if counter.dtype != torch.int64 or counter.shape[-1:] != (4,):
         raise ValueError(f"counter must be int64 (..., 4), got {counter.dtype} {tuple(counter.shape)}")
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or tuple(seed.shape) != (2,):
+            raise ValueError(f"a seed tensor must be int64 (2,) (seed_words), got {seed.dtype} {tuple(seed.shape)}")
+        # Every round's key words at once (round r: k + r * W mod 2**32), then 0-d views of them.
+        r = torch.arange(rounds, dtype=torch.int64, device=seed.device)
+        keys = list(zip(((seed[0] + r * PHILOX_W[0]) & M32).unbind(), ((seed[1] + r * PHILOX_W[1]) & M32).unbind()))
+    else:
+        _check_seed(seed)
+        k0, k1 = seed & M32, seed >> 32
+        keys = [((k0 + r * PHILOX_W[0]) & M32, (k1 + r * PHILOX_W[1]) & M32) for r in range(rounds)]
     c0, c1, c2, c3 = counter.unbind(-1)
-    k0, k1 = seed & M32, seed >> 32
-    for _ in range(rounds):
+    for k0, k1 in keys:
         hi0, lo0 = _mulhilo(c0, PHILOX_M[0])
         hi1, lo1 = _mulhilo(c2, PHILOX_M[1])
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        k0, k1 = (k0 + PHILOX_W[0]) & M32, (k1 + PHILOX_W[1]) & M32
     return torch.stack((c0, c1, c2, c3), dim=-1)
 
 
 def _check_seed(seed) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
         raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+
+
+def seed_words(seed: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The key words ``(seed & 0xFFFFFFFF, seed >> 32)`` of ``seed`` as an int64 tensor ``(2,)`` on
+    ``device``: what every function here takes in place of the int seed."""
+    _check_seed(seed)
+    return torch.tensor([seed & M32, seed >> 32], dtype=torch.int64, device=device)
 
 
 def purpose_word(level: int, purpose: int, step: int = 0) -> int:
@@ -101,8 +118,8 @@ def purpose_word(level: int, purpose: int, step: int = 0) -> int:
     return level << 24 | purpose << 16 | step
 
 
-def random_bits(seed: int, image: torch.Tensor, path: torch.Tensor, *, level: int, purpose: int, count: int,
-                step: int = 0) -> torch.Tensor:
+def random_bits(seed: int | torch.Tensor, image: torch.Tensor, path: torch.Tensor, *, level: int, purpose: int,
+                count: int, step: int = 0) -> torch.Tensor:
     """Keyed 32-bit random words, elements ``0 .. count-1`` of each key.
 
     Args:
@@ -128,7 +145,7 @@ def random_bits(seed: int, image: torch.Tensor, path: torch.Tensor, *, level: in
     return philox4x32(counter, seed).flatten(-2)[..., :count]
 
 
-def uniform(seed: int, image: torch.Tensor, path: torch.Tensor, *, level: int, purpose: int, count: int,
+def uniform(seed: int | torch.Tensor, image: torch.Tensor, path: torch.Tensor, *, level: int, purpose: int, count: int,
             step: int = 0) -> torch.Tensor:
     """Keyed uniforms in ``[0, 1)``: the top 24 bits of ``random_bits`` times ``2**-24`` (float32,
     exact, so every device gives the same values). Shape as ``random_bits``."""
@@ -136,7 +153,7 @@ def uniform(seed: int, image: torch.Tensor, path: torch.Tensor, *, level: int, p
     return (bits >> 8).to(torch.float32) * 2.0 ** -24
 
 
-def gumbel(seed: int, image: torch.Tensor, path: torch.Tensor, *, level: int, purpose: int, count: int,
+def gumbel(seed: int | torch.Tensor, image: torch.Tensor, path: torch.Tensor, *, level: int, purpose: int, count: int,
            step: int = 0) -> torch.Tensor:
     """Keyed standard Gumbel noise ``-log(-log(u))``, ``u = (top 24 bits + 1/2) * 2**-24`` in (0, 1),
     float32, shape as ``random_bits``.
@@ -150,7 +167,8 @@ def gumbel(seed: int, image: torch.Tensor, path: torch.Tensor, *, level: int, pu
     return (-torch.log(-torch.log(u))).to(torch.float32)
 
 
-def permutation(seed: int, image: torch.Tensor, path: torch.Tensor, *, level: int, length: int) -> torch.Tensor:
+def permutation(seed: int | torch.Tensor, image: torch.Tensor, path: torch.Tensor, *, level: int,
+                length: int) -> torch.Tensor:
     """A MAR node's random generation order: ``argsort`` of 63-bit keyed integers (purpose ``ORDER``,
     two words per token, stable so that a tie, about 2**-47 likely, still has one answer).
 
@@ -163,7 +181,8 @@ def permutation(seed: int, image: torch.Tensor, path: torch.Tensor, *, level: in
     return torch.argsort(keys, dim=-1, stable=True)
 
 
-def channel_gumbel(seed: int, image: torch.Tensor, path: torch.Tensor, *, level: int, purpose: int) -> torch.Tensor:
+def channel_gumbel(seed: int | torch.Tensor, image: torch.Tensor, path: torch.Tensor, *, level: int,
+                   purpose: int) -> torch.Tensor:
     """The Gumbel noise of one pixel draw (a guiding pixel or a pixel): ``(..., 3, 256)`` float32, for
     R, G, B; element ``256 * channel + value`` of the key."""
     noise = gumbel(seed, image, path, level=level, purpose=purpose, count=CHANNELS * VALUES)

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from fastgen.fractal import rng
+from fastgen.fractal.block import sample_block
 from fastgen.fractal.config import AR, MAR
-from fastgen.fractal.model import FractalGen, PixelHead, ids_to_values, values_to_uint8
+from fastgen.fractal.model import FractalGen, PixelHead, ids_to_values, unpatchify, values_to_uint8
 from fastgen.fractal.schedule import CFG_SCHEDULES, LevelSchedule, schedules
 
 SAMPLERS = ("reference", "block")
@@ -141,14 +142,6 @@ def make_plan(model: FractalGen, class_labels, *, cfg: float = 1.0, cfg_schedule
                         temperature=_number("temperature", temperature, 0.0, strict=True),
                         filter_threshold=filter_threshold, seed=_seed(seed),
                         levels=schedules(model.config, _num_iters(model, num_iter)), progress=bool(progress))
-
-
-def unpatchify(tokens: torch.Tensor, grid: int, patch: int) -> torch.Tensor:
-    """``(B, grid**2, 3 * patch**2)`` raster tokens, each a flattened ``(3, patch, patch)`` sub-patch, to
-    ``(B, 3, grid * patch, grid * patch)`` (official ``unpatchify``)."""
-    b = tokens.shape[0]
-    x = tokens.reshape(b, grid, grid, 3, patch, patch).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, 3, grid * patch, grid * patch)
 
 
 class ReferenceSampler:
@@ -281,9 +274,9 @@ def _reference(model: FractalGen, plan: SamplingPlan) -> torch.Tensor:
     return ReferenceSampler(model, plan)()
 
 
-# The sampler implementations: (model, plan) -> normalised images (B, 3, H, W). "block" lands here
-# when it is implemented (issue #15).
-_IMPLEMENTATIONS: dict[str, Callable[[FractalGen, SamplingPlan], torch.Tensor]] = {"reference": _reference}
+# The sampler implementations: (model, plan) -> normalised images (B, 3, H, W).
+_IMPLEMENTATIONS: dict[str, Callable[[FractalGen, SamplingPlan], torch.Tensor]] = {
+    "reference": _reference, "block": sample_block}
 
 
 @torch.inference_mode()
@@ -296,7 +289,8 @@ def sample(model: FractalGen, class_labels, *, sampler: str = "reference", cfg: 
         model: a ``FractalGen`` (any device and float dtype; it runs where its parameters are).
         class_labels: ``B`` class indices (int, sequence or 1-D integer tensor) in ``[0, num_classes)``.
         sampler: ``"reference"`` (depth first, one patch's subtree at a time) or ``"block"``
-            (every patch of a parent iteration in one batched call; same images for one seed).
+            (every patch of a parent iteration in one batched call, static caches, CUDA graphs on a
+            GPU: ``fastgen.fractal.block``; the same images for one seed, bit for bit in float32 on a CPU).
         cfg: classifier-free guidance scale, >= 1 (1: none). Published: ``PRESET_SAMPLING``.
         cfg_schedule: ``"linear"`` (default; the top level's scale grows with the tokens generated,
             levels below use their top-level iteration's scale) or ``"constant"``.
@@ -316,13 +310,37 @@ def sample(model: FractalGen, class_labels, *, sampler: str = "reference", cfg: 
     Raises:
         ValueError: for an unknown sampler, labels out of range, cfg < 1, a non-positive temperature,
             an unknown schedule, bad iterations or seed.
-        NotImplementedError: for ``sampler="block"`` until the block sampler lands.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; the samplers are {SAMPLERS}")
-    if sampler not in _IMPLEMENTATIONS:
-        raise NotImplementedError(f"sampler={sampler!r} (the batched block sampler of issue #15) is not "
-                                  "implemented yet; use sampler='reference'")
     plan = make_plan(model, class_labels, cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature,
                      num_iter=num_iter, filter_threshold=filter_threshold, seed=seed, progress=progress)
     return values_to_uint8(_IMPLEMENTATIONS[sampler](model, plan))
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None, scale: int | None = None, pad: int = 2) -> torch.Tensor:
+    """uint8 images ``(B, 3, H, W)`` as one grid ``(3, rows * (H s + pad) + pad, nrow * (W s + pad) + pad)``
+    on black, each image upscaled ``s`` times (nearest; default: the smallest ``s`` giving 64 px).
+
+    Args:
+        nrow: images per row (default ``ceil(sqrt(B))``).
+
+    Raises:
+        ValueError: for images that are not uint8 ``(B, 3, H, W)``, or ``nrow`` / ``scale`` below 1.
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be uint8 (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+    b, _, height, width = images.shape
+    nrow = nrow or math.ceil(math.sqrt(b))
+    scale = scale or max(1, -(-64 // max(height, width)))
+    if nrow < 1 or scale < 1:
+        raise ValueError(f"nrow and scale must be at least 1, got {nrow} and {scale}")
+    rows = -(-b // nrow)
+    h, w = height * scale, width * scale
+    grid = torch.zeros(3, rows * (h + pad) + pad, nrow * (w + pad) + pad, dtype=torch.uint8)
+    big = images.cpu().repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    for i in range(b):
+        r, c = divmod(i, nrow)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = big[i]
+    return grid
+

@@ -1,0 +1,260 @@
+"""FractalGen suite (issue #15): images per second of the reference sampler and the block sampler
+(``fastgen.fractal.sample(..., sampler=...)``), same model, same plan, same run, at several batch sizes.
+
+Providers: "reference" (depth first, one patch's subtree at a time) and "block" (every patch of a parent
+iteration in one call; static caches; CUDA graphs on a GPU). Both draw the same keyed random numbers,
+so the rows also say how many of the block sampler's uint8 values equal the reference's (all of them in
+float32 on a CPU; in bf16 on a GPU the two part where a draw's logits round differently).
+
+Cases: on a GPU the published ImageNet 64 MAR and ImageNet 256 MAR-B / L / H configs (random weights,
+bf16, the published CFG scale and temperature) at batch 1, 16 and 256; on a CPU a small MAR over MAR
+config (32 px: 64 tokens of 4 x 4 in 16 iterations, then 16 pixels in 16) at batch 1, 4 and 16.
+
+Timing: each provider once untimed (warm-up: allocations, autotuning, graph capture), then ``rounds``
+timed calls, the providers interleaved (a change in the machine's load hits both); medians. A full
+ImageNet 256 sample with the reference sampler takes minutes per batch, so a case may time a subset of
+the top level's iterations (``top_iterations``: every k-th, so that early one-token iterations and late
+six- or seven-token ones are both in it) and scale the time by ``iterations / top_iterations``: an
+estimate of a whole image, said so in the table. The block sampler amortises its calls better in the
+late iterations, so a uniform subset does not favour it.
+
+``python -m fastgen.benchmarks.fractal`` runs it with its knobs (``--presets``, ``--batches``, ...).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, replace
+
+import torch
+
+from fastgen.benchmarks.core import PeakMemory, Result, call_ms, free_memory, register_table
+
+SUITE = "fractal"
+REFERENCE, BLOCK = "reference", "block"
+PROVIDERS = (REFERENCE, BLOCK)
+ROUNDS = 3
+GPU_PRESETS = ("fractalmar_in64", "fractalmar_base_in256", "fractalmar_large_in256", "fractalmar_huge_in256")
+GPU_BATCHES = (1, 16, 256)
+CPU_BATCHES = (1, 4, 16)
+# Top-level iterations timed on a GPU (of 64): the reference's whole ImageNet 256 image is minutes.
+# The reference spends ~1,100 forwards per top-level token of a 256 px model (16 level-1 iterations, each
+# a 16-iteration level-2 node with its pixel and guiding-pixel heads): seconds per token even on an H100.
+GPU_TOP_ITERATIONS = {"fractalmar_in64": 4, "fractalmar_base_in256": 2, "fractalmar_large_in256": 2,
+                      "fractalmar_huge_in256": 2}
+CPU_CASE = "cpu-small-mar (32 px: MAR 64 tok / 16 it, MAR 16 px / 16 it, width 32)"
+
+
+@dataclass(frozen=True)
+class FractalCase:
+    """One model at one batch size.
+
+    Attributes:
+        name: the case's name in the tables (a preset or ``CPU_CASE``).
+        config: a ``FractalConfig``, or the preset's name.
+        batch: images per call.
+        dtype: "bfloat16" or "float32".
+        cfg, temperature: sampling settings (CFG doubles the rows when > 1).
+        top_iterations: the top level's iterations timed (every k-th), or None for whole images.
+    """
+
+    name: str
+    config: object
+    batch: int
+    dtype: str = "float32"
+    cfg: float = 2.0
+    temperature: float = 1.0
+    top_iterations: int | None = None
+
+    def __post_init__(self):
+        for name in ("batch",) + (("top_iterations",) if self.top_iterations is not None else ()):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"FractalCase.{name} must be a positive int, got {value!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"FractalCase.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+def cpu_config():
+    """The CPU case's config: the ImageNet 64 MAR model's shape shrunk (32 px; 64 tokens in 16 iterations
+    over 16 pixels in 16), width 32, depth 1."""
+    from fastgen.fractal import FractalConfig, LevelConfig, PixelHeadConfig
+
+    levels = (LevelConfig(kind="mar", image_size=32, patch_size=4, width=32, depth=1, heads=2, num_iter=16),
+              LevelConfig(kind="mar", image_size=4, patch_size=1, width=32, depth=1, heads=2, num_iter=16))
+    head = PixelHeadConfig(width=16, depth=1, heads=2)
+    return FractalConfig(levels=levels, pixel_head=head, num_classes=10, guide_head=head)
+
+
+def fractal_cases(device: torch.device | str, batches=None, presets=None,
+                  top_iterations: int | None = None) -> list[FractalCase]:
+    """GPU: ``presets`` (default ``GPU_PRESETS``) at ``batches`` (default 1, 16, 256), bf16, the published
+    CFG and temperature, ``GPU_TOP_ITERATIONS``; CPU: ``CPU_CASE`` at ``batches`` (default 1, 4, 16), whole
+    images. ``top_iterations`` overrides the iterations timed (0: whole images)."""
+    from fastgen.fractal import PRESET_SAMPLING
+
+    device = torch.device(device)
+    if device.type == "cuda" or presets:
+        cases = []
+        for preset in presets or GPU_PRESETS:
+            s = PRESET_SAMPLING[preset]
+            top = GPU_TOP_ITERATIONS.get(preset) if top_iterations is None else (top_iterations or None)
+            cases += [FractalCase(preset, preset, b, "bfloat16" if device.type == "cuda" else "float32", s["cfg"],
+                                  s["temperature"], top) for b in batches or GPU_BATCHES]
+        return cases
+    return [FractalCase(CPU_CASE, cpu_config(), b, top_iterations=top_iterations or None)
+            for b in batches or CPU_BATCHES]
+
+
+def subset_plan(plan, top_iterations: int | None):
+    """``plan`` whose top level runs every k-th of its iterations (``top_iterations`` of them), or ``plan``
+    itself for None: for timing (each iteration costs what its token count costs, whatever is masked)."""
+    from fastgen.fractal.schedule import LevelSchedule
+
+    top = plan.levels[0]
+    if top_iterations is None or top_iterations >= top.num_iter:
+        return plan
+    step = top.num_iter / top_iterations
+    keep = sorted({min(top.num_iter - 1, int(i * step)) for i in range(top_iterations)})
+    sub = LevelSchedule(top.kind, top.seq_len, tuple(top.bounds[i] for i in keep),
+                        tuple(top.masked_after[i] for i in keep))
+    return replace(plan, levels=(sub,) + plan.levels[1:])
+
+
+def build_model(case: FractalCase, device: torch.device):
+    """The case's model with random weights (the initialisation) on ``device`` in its dtype."""
+    from fastgen.fractal import FractalGen
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = FractalGen(case.config)
+    return model.to(getattr(torch, case.dtype)).eval()
+
+
+def _sampler_call(model, plan, provider: str):
+    from fastgen.fractal.block import sample_block
+    from fastgen.fractal.model import values_to_uint8
+    from fastgen.fractal.sampler import ReferenceSampler
+
+    def run():
+        with torch.inference_mode():
+            images = ReferenceSampler(model, plan)() if provider == REFERENCE else sample_block(model, plan)
+            return values_to_uint8(images)
+
+    return run
+
+
+def run_case(model, case: FractalCase, device: torch.device, rounds: int = ROUNDS, progress=None) -> list[Result]:
+    """Rows of both providers for ``case`` on ``model``: median ms per call over ``rounds`` interleaved
+    timed calls after one untimed call each; images per second (scaled to whole images where
+    ``top_iterations`` is set); peak memory of the timed calls; the share of equal uint8 values."""
+    from fastgen.fractal import make_plan
+
+    labels = [(7 * i) % model.config.num_classes for i in range(case.batch)]
+    plan = make_plan(model, labels, cfg=case.cfg, temperature=case.temperature, seed=0, progress=False)
+    timed = subset_plan(plan, case.top_iterations)
+    total, done = plan.levels[0].num_iter, timed.levels[0].num_iter
+    calls = {p: _sampler_call(model, timed, p) for p in PROVIDERS}
+    images = {p: calls[p]() for p in PROVIDERS}  # warm-up
+    ms: dict[str, list[float]] = {p: [] for p in PROVIDERS}
+    peaks: dict[str, list] = {p: [] for p in PROVIDERS}
+    for _ in range(rounds):
+        for p in PROVIDERS:
+            with PeakMemory(device) as peak:
+                ms[p].append(call_ms(calls[p], device))
+            peaks[p].append(peak.mb)
+            if progress:
+                progress()
+    equal = float((images[BLOCK] == images[REFERENCE]).float().mean())
+    rows = []
+    for p in PROVIDERS:
+        median = statistics.median(ms[p]) * total / done
+        known = [m for m in peaks[p] if m is not None]
+        rows.append(Result(SUITE, f"{case.name} b{case.batch}", p, median, peak_mb=max(known) if known else None,
+                           extra=dict(model=case.name, batch=case.batch, images_per_s=case.batch / median * 1e3,
+                                      round_ms=ms[p], top_iterations=done, iterations=total,
+                                      estimated=done < total, dtype=case.dtype, cfg=case.cfg,
+                                      temperature=case.temperature, equal_fraction=equal,
+                                      peak_kind=PeakMemory(device).kind)))
+    rows[1].speedup = rows[0].ms / rows[1].ms
+    return rows
+
+
+def run(device: torch.device, budget_s: float = 1.0, progress=None, *, cases: list[FractalCase] | None = None,
+        rounds: int = ROUNDS) -> list[Result]:
+    """Rows of both samplers for every case (default ``fractal_cases(device)``); models built once per
+    config. ``budget_s`` is not used: a run is sized by its cases and rounds."""
+    device = torch.device(device)
+    rows: list[Result] = []
+    models: dict = {}
+    for case in cases or fractal_cases(device):
+        key = (str(case.config), case.dtype)
+        if key not in models:
+            models.clear()
+            free_memory(device)
+            models[key] = build_model(case, device)
+        rows += run_case(models[key], case, device, rounds, progress)
+    models.clear()
+    free_memory(device)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Table
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt(x, spec: str, suffix: str = "") -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:{spec}}{suffix}"
+
+
+def fractal_table(rows: list[Result]) -> list[str]:
+    """Lines of this suite's table (a blank line and a heading first; empty without rows)."""
+    if not rows:
+        return []
+    lines = ["", "FractalGen: images per second, reference (depth first) vs block sampler (one batched call per "
+             "parent iteration), same model and plan, interleaved rounds, medians. 'estimated': timed over every "
+             "k-th top-level iteration and scaled to the whole image.", "",
+             "| model | batch | sampler | ms / batch | images / s | speed-up | timed top iterations | equal uint8 "
+             "values | peak MB |", "| --- | ---: | --- | ---: | ---: | ---: | --- | ---: | ---: |"]
+    for r in rows:
+        e = r.extra
+        timed = f"{e['top_iterations']} of {e['iterations']}" + (" (estimated)" if e["estimated"] else "")
+        lines.append(f"| {e['model']} ({e['dtype']}) | {e['batch']} | {r.provider} | {r.ms:.1f} | "
+                     f"{e['images_per_s']:.3g} | {_fmt(r.speedup, '.2f', 'x')} | {timed} | "
+                     f"{e['equal_fraction'] * 100:.1f}% | {_fmt(r.peak_mb, '.0f')} |")
+    return lines
+
+
+register_table(SUITE, fractal_table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fastgen.benchmarks.fractal``: run the suite, print its table, save with --out."""
+    import argparse
+
+    from fastgen.benchmarks.core import default_device, environment, report
+
+    p = argparse.ArgumentParser(prog="python -m fastgen.benchmarks.fractal", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda where present)")
+    p.add_argument("--presets", default=None, help="comma-separated presets (default: the GPU set on a GPU, the "
+                   "small config on a CPU)")
+    p.add_argument("--batches", default=None, help="comma-separated batch sizes")
+    p.add_argument("--top-iterations", type=int, default=None, help="top-level iterations timed (0: all)")
+    p.add_argument("--rounds", type=int, default=ROUNDS, help=f"timed rounds (default {ROUNDS})")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--out", default=None, help="folder for fractal-<device>.json/.md")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device) if args.device else default_device()
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else None
+    presets = args.presets.split(",") if args.presets else None
+    rows = run(device, cases=fractal_cases(device, batches, presets, args.top_iterations), rounds=args.rounds)
+    report(rows, environment(device), args.out, f"fractal-{device.type}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

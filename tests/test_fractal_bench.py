@@ -1,0 +1,50 @@
+"""The FractalGen benchmark suite (fastgen.benchmarks.fractal) on a CPU: the block sampler is faster than the
+reference at every batch size tested on a small config, with the same images; the GPU cases' configs (on
+the meta device) and the subset of top-level iterations they time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastgen.benchmarks import SUITES, environment, markdown_table
+from fastgen.benchmarks import fractal as F
+from fastgen.fractal import PUBLISHED_PARAMETERS, FractalGen, make_plan
+from fastgen.fractal.config import small_config
+from fractal_models import single_thread  # noqa: F401 (an autouse fixture: one thread)
+
+
+def test_block_is_faster_than_the_reference_at_every_batch_size():
+    cases = F.fractal_cases("cpu", batches=(1, 4, 16), top_iterations=2)
+    rows = F.run(torch.device("cpu"), cases=cases, rounds=3)
+    assert SUITES["fractal"] is F.run and len(rows) == 6
+    for reference, block in zip(rows[::2], rows[1::2]):
+        assert (reference.provider, block.provider) == (F.REFERENCE, F.BLOCK) and reference.case == block.case
+        assert block.extra["equal_fraction"] == 1.0  # the same images, bit for bit
+        assert block.extra["estimated"] and block.extra["top_iterations"] == 2 and block.extra["iterations"] == 16
+        # 3 interleaved rounds on a shared machine: the fastest round of each (the least disturbed) decides
+        fastest = min(block.extra["round_ms"]), min(reference.extra["round_ms"])
+        assert fastest[0] < fastest[1], (block.case, reference.extra["round_ms"], block.extra["round_ms"])
+        assert block.speedup == pytest.approx(reference.ms / block.ms)
+    table = markdown_table(rows, environment("cpu"))
+    assert "FractalGen: images per second" in table and "| suite | case |" not in table
+    assert "| 16 | block |" in table and "2 of 16 (estimated)" in table
+
+
+def test_gpu_cases_and_the_timed_subset():
+    cases = F.fractal_cases("cuda")
+    assert [(c.name, c.batch) for c in cases[:3]] == [("fractalmar_in64", b) for b in (1, 16, 256)]
+    assert {c.name for c in cases} == set(F.GPU_PRESETS) and all(c.dtype == "bfloat16" for c in cases)
+    for preset in F.GPU_PRESETS:
+        with torch.device("meta"):
+            model = FractalGen(preset)
+        assert abs(sum(p.numel() for p in model.parameters()) / PUBLISHED_PARAMETERS[preset] - 1) < 0.01
+    model = FractalGen(small_config("fractalmar_in64"))  # 256 tokens in 64 iterations at the top
+    plan = make_plan(model, [1], progress=False)
+    sub = F.subset_plan(plan, 8)
+    assert sub.levels[0].num_iter == 8 and sub.levels[1:] == plan.levels[1:]
+    assert sub.levels[0].bounds == plan.levels[0].bounds[::8]  # early one-token and late several-token iterations
+    assert sub.levels[0].counts[0] == 1 and max(sub.levels[0].counts) >= 6
+    assert F.subset_plan(plan, None) is plan and F.subset_plan(plan, 64) is plan
+    with pytest.raises(ValueError, match="batch"):
+        F.FractalCase("x", F.cpu_config(), 0)
