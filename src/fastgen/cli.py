@@ -579,6 +579,12 @@ def cmd_fractal(args) -> int:
         model, what = _fractal_model(args, torch)
         labels = args.labels or FRACTAL_LABELS["digits" if args.preset == "digits" else "imagenet"]
         model = model.to(device=device, dtype=dtype).eval()
+        from fastgen.fractal import PRESET_SAMPLING
+        from fastgen.fractal.digits import DIGITS_SAMPLING
+
+        published = DIGITS_SAMPLING if args.preset == "digits" else PRESET_SAMPLING[args.preset]
+        args.cfg = published["cfg"] if args.cfg is None else args.cfg
+        args.temperature = published["temperature"] if args.temperature is None else args.temperature
         settings = dict(sampler=args.sampler, cfg=args.cfg, temperature=args.temperature, seed=args.seed,
                         num_iter=args.num_iter, progress=not args.quiet)
         t0 = time.perf_counter()
@@ -613,8 +619,10 @@ def fractal_args(sub) -> None:
     f.add_argument("--weights", metavar="PATH", help="a checkpoint or state dict for the preset's layout")
     f.add_argument("--labels", type=_labels_arg, metavar="A,B,...",
                    help="class labels, one image each (default: 0..9 for digits, eight ImageNet classes otherwise)")
-    f.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale, >= 1 (default 2)")
-    f.add_argument("--temperature", type=float, default=1.0, help="multiplies the logits, > 0 (default 1)")
+    f.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale, >= 1 (default: the "
+                   "preset's published one; digits: fastgen.fractal.digits.DIGITS_SAMPLING)")
+    f.add_argument("--temperature", type=float, default=None, help="multiplies the logits, > 0 (default: the "
+                   "preset's published one, as --cfg)")
     f.add_argument("--num-iter", type=_positive, default=None, metavar="N",
                    help="iterations of every MAR level (default: the config's)")
     f.add_argument("--seed", type=int, default=0, help="sampling seed in [0, 2**64) (default 0)")
