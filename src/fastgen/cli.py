@@ -575,6 +575,8 @@ def cmd_fractal(args) -> int:
 
     device = _device_arg(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    if args.threads or (device.type == "cpu" and args.preset == "digits"):
+        torch.set_num_threads(args.threads or 1)  # the digits model's ops are tiny: threads only wait on each other
     try:
         model, what = _fractal_model(args, torch)
         labels = args.labels or FRACTAL_LABELS["digits" if args.preset == "digits" else "imagenet"]
@@ -633,6 +635,8 @@ def fractal_args(sub) -> None:
                    help="nearest-neighbour upscaling of each image (default: to at least 64 px)")
     f.add_argument("--device", help="cuda or cpu (default: cuda if present)")
     f.add_argument("--dtype", choices=DTYPES, help="default bf16 on GPU, fp32 on CPU")
+    f.add_argument("--threads", type=_positive, default=None,
+                   help="torch.set_num_threads on a CPU (default: 1 for digits, torch's own otherwise)")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.set_defaults(func=cmd_fractal)
 
