@@ -13,10 +13,16 @@ ROOT = Path(__file__).resolve().parents[1]
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")  # what the device tool brings back
 
 
+def _script_env() -> dict:
+    # The script's own pytest runs must not believe they are pytest-xdist workers (which this test may
+    # run in): pytest-benchmark reads PYTEST_XDIST_WORKER and then records nothing.
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT_TEST"))}
+
+
 @pytest.mark.slow
 def test_quick_dry_run_end_to_end(tmp_path):
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHON=sys.executable)
+    env = dict(_script_env(), PYTHON=sys.executable)
     env.pop("FASTGEN_CACHE_DIR", None)  # the script sets its own
     proc = subprocess.run(["bash", str(ROOT / "bench" / "run_gpu.sh"), str(out), "quick", "--dry-run"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -35,12 +41,9 @@ def test_quick_dry_run_end_to_end(tmp_path):
 
 
 def _run(out, *args, **env):
-    # the script's own pytest runs must not believe they are pytest-xdist workers (which this test may
-    # run in): pytest-benchmark reads PYTEST_XDIST_WORKER and then records nothing
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT_TEST"))}
     return subprocess.run(["bash", str(ROOT / "bench" / "run_gpu.sh"), str(out), *args],
-                          cwd=ROOT, env=dict(base, PYTHON=sys.executable, **env), capture_output=True, text=True,
-                          timeout=300)
+                          cwd=ROOT, env=dict(_script_env(), PYTHON=sys.executable, **env), capture_output=True,
+                          text=True, timeout=300)
 
 
 @pytest.mark.slow
