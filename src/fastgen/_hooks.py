@@ -73,3 +73,15 @@ def call_as_forward(module, fn: Callable, *args, skip: str | None = None, **kwar
     for hook in reversed(hooks):
         out = hook.post_forward(module, out)
     return out
+
+
+def remove_diffusers_hook(module, name: str, had_registry: bool) -> None:
+    """Take fastgen's diffusers hook ``name`` off ``module`` and leave no trace: diffusers re-binds
+    ``forward`` as an instance attribute while hooks are registered, and the registry itself goes
+    when fastgen created it (``had_registry`` False) and nothing else is registered there."""
+    registry = module._diffusers_hook
+    registry.remove_hook(name, recurse=False)
+    if not registry.hooks:
+        module.__dict__.pop("forward", None)
+        if not had_registry:
+            del module._diffusers_hook

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from fastgen._hooks import places_own_weights
+from fastgen._hooks import places_own_weights, remove_diffusers_hook
 
 _PACK_HOOK = "fastgen_history_pack"
 _ROPE_HOOK = "fastgen_framepack_rope"
@@ -127,12 +127,7 @@ class HistoryPacking:
 
     def uninstall(self) -> None:
         for module, name, had in self.hooked:
-            registry = module._diffusers_hook
-            registry.remove_hook(name, recurse=False)
-            if not registry.hooks:  # as ModelPatch._unhook: leave no trace
-                module.__dict__.pop("forward", None)
-                if not had:
-                    del module._diffusers_hook
+            remove_diffusers_hook(module, name, had)
         self.hooked.clear()
         self.model.__dict__.pop(_METHOD, None)
         self.recent = None

@@ -13,6 +13,7 @@ import weakref
 
 import torch
 
+from fastgen._hooks import remove_diffusers_hook
 from fastgen._validity import capturing, version
 from fastgen._warnings import warn_once
 from fastgen.patching.config import PatchConfig
@@ -211,12 +212,7 @@ class ModelPatch:
 
     def _unhook(self) -> None:
         for module, name, had in self.hooked:
-            registry = module._diffusers_hook
-            registry.remove_hook(name, recurse=False)
-            if not registry.hooks:  # leave no trace: diffusers re-binds forward as an instance attribute
-                module.__dict__.pop("forward", None)
-                if not had:
-                    del module._diffusers_hook
+            remove_diffusers_hook(module, name, had)
         self.hooked.clear()
 
 
