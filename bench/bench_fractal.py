@@ -3,7 +3,8 @@ plan, same run. On a GPU the ImageNet 64 MAR and ImageNet 256 MAR-B / L / H conf
 at batch 1, 16 and 256, each timed over a subset of its top-level iterations and scaled to whole images;
 on a CPU the small MAR config at batch 1, 4 and 16 (under FASTGEN_DRY_RUN=1: batch 1 and 4 over 2
 top-level iterations, one round; so too in the CPU test run, --benchmark-disable).
-FASTGEN_FRACTAL_PRESETS / _BATCHES / _TOP_ITERATIONS override. Each row
+FASTGEN_FRACTAL_PRESETS / _BATCHES / _TOP_ITERATIONS override; on a GPU each case's timed rounds get
+CASE_BUDGET_S seconds (judged by its warm-up; at least one round). Each row
 goes into fastgen's table (benchmarks.fractal.fractal_table); pytest-benchmark's own time is the whole
 case (warm-up and rounds of both samplers)."""
 
@@ -28,6 +29,7 @@ _top = os.environ.get("FASTGEN_FRACTAL_TOP_ITERATIONS")
 CASES = F.fractal_cases(DEVICE, _list("FASTGEN_FRACTAL_BATCHES", int) or ([1, 4] if DRY else None),
                         _list("FASTGEN_FRACTAL_PRESETS", str), int(_top) if _top else (2 if DRY else None))
 ROUNDS = 1 if DRY else F.ROUNDS
+CASE_BUDGET_S = 10.0 if DEVICE.type == "cuda" else None  # 12 cases in run_gpu.sh's few minutes
 _MODELS: dict = {}
 
 
@@ -47,7 +49,7 @@ def test_samplers(benchmark, case):
     if benchmark.disabled and DEVICE.type == "cpu":  # the test run (--benchmark-disable): the code path, cheaply
         case, rounds = replace(case, top_iterations=2), 1
     rows = []
-    benchmark.pedantic(lambda: rows.extend(F.run_case(model, case, DEVICE, rounds)), rounds=1, iterations=1)
+    benchmark.pedantic(lambda: rows.extend(F.run_case(model, case, DEVICE, rounds, budget_s=CASE_BUDGET_S)), rounds=1, iterations=1)
     benchmark.group = f"fractal {case.name}"
     benchmark.extra_info.update(suite="fractal", case=rows[1].case, provider="reference, block",
                                 rows=[asdict(r) for r in rows])

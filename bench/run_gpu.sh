@@ -3,27 +3,31 @@
 # (torch, triton, pytest, pytest-benchmark present; diffusers and friends carried as wheels in .whl/,
 # from `make wheels`), writing at most 8 files into OUTDIR, summary.md always among them.
 #
-#   bench/run_gpu.sh OUTDIR [quick|test|bench|conditions|edit|merging|framepack|demo]... [--dry-run]
+#   bench/run_gpu.sh OUTDIR [quick|test|bench|conditions|edit|merging|framepack|fractal|demo]... [--dry-run]
 #
 # quick (the default; within 7 minutes from a bare machine): build csrc/, the GPU kernel tests at
 #   reduced parametrization (attention, prologue, fp8, AOT configs; bf16 included), the attention and
 #   prologue benchmarks, one Flux-dev 1024^2 step patched vs unpatched (random weights initialised on
 #   the device) with the cost of deciding its automatic backends, and summary.md. Files: summary.md,
 #   build.log, tests.log, bench.log, pytest-benchmark.json, bench-cuda.json, flux-step.json, autotune.json.
-# test | bench | conditions | edit | merging | framepack | demo: the full test suite, every kernel/denoiser
+# test | bench | conditions | edit | merging | framepack | fractal | demo: the full test suite, every kernel/denoiser
 #   benchmark, the image-condition and KV-Edit suites on Flux-dev, token merging (its kernel tests on the GPU,
 #   then per-step time, memory and deviation at real sizes vs unpatched and tomesd, and the matching vs
 #   tomesd's at 4096-65536 tokens), FramePack (its kernel tests on the GPU, then time and peak memory of
 #   each of 20 sections of the 13B FramePackI2V_HY transformer at 640x608, diffusers vs fastgen, the
 #   transformer's output patched vs unpatched, and the low-VRAM mode; FASTGEN_FRAMEPACK_SECTIONS /
-#   FASTGEN_FRAMEPACK_STEPS resize it), the demo: one per call, each within 7 minutes.
+#   FASTGEN_FRAMEPACK_STEPS resize it), FractalGen (the block sampler's tests on the GPU, CUDA graphs included,
+#   then images per second of the reference vs the block sampler on the ImageNet 64 MAR and ImageNet 256
+#   MAR-B / L / H configs, random bf16 weights, batch 1, 16, 256; FASTGEN_FRACTAL_PRESETS / _BATCHES /
+#   _TOP_ITERATIONS narrow it, and rows measured before a cut are kept), the demo: one per call, each within
+#   7 minutes.
 #
 # Every stage runs under its own time limit (STAGE_LIMITS below), so summary.md (tables, device,
 # versions, commit, what was skipped or cut and why) is written before the device call's limit.
 # --dry-run runs the same stages on this CPU with tiny shapes under the Triton interpreter and no
 # build, so a script error never costs a GPU window (tests/test_run_gpu.py runs it).
 set -uo pipefail
-USAGE="usage: bench/run_gpu.sh OUTDIR [quick|test|bench|conditions|edit|merging|framepack|demo]... [--dry-run]"
+USAGE="usage: bench/run_gpu.sh OUTDIR [quick|test|bench|conditions|edit|merging|framepack|fractal|demo]... [--dry-run]"
 OUT=${1:?$USAGE}
 shift
 case $OUT in -*) echo "run_gpu.sh: the first argument is the output folder, got '$OUT'; $USAGE" >&2; exit 2 ;; esac
@@ -34,7 +38,7 @@ for a in "$@"; do
 done
 [ ${#PHASES[@]} -eq 0 ] && PHASES=(quick)
 for ph in "${PHASES[@]}"; do  # a typo must not cost a GPU call
-  case $ph in quick|test|bench|conditions|edit|merging|framepack|demo) ;; *) echo "run_gpu.sh: unknown phase '$ph' (quick test bench conditions edit merging framepack demo)" >&2; exit 2 ;; esac
+  case $ph in quick|test|bench|conditions|edit|merging|framepack|fractal|demo) ;; *) echo "run_gpu.sh: unknown phase '$ph' (quick test bench conditions edit merging framepack fractal demo)" >&2; exit 2 ;; esac
 done
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || { echo "run_gpu.sh: cannot use '$OUT' as the output folder" >&2; exit 2; }
 cd "$(dirname "$0")/.." || exit 2
@@ -48,10 +52,10 @@ want() { [[ " ${PHASES[*]} " == *" $1 "* ]]; }
 # Seconds per stage. quick: 20 (wheels) + 15 (GPU probe) + 90 (build) + 20 (fallback install) + 95 (tests)
 # + 65 (bench) + 75 (flux) + 15 (summary) = 395, plus at most 2 s of kill grace for each of the 8: under
 # 7 minutes (420 s). Every other phase: 20 + 15 + 90 + 20 + 240 + 15 = 400 (merging: 60 + 180, framepack:
-# 60 + 180), plus grace.
+# 60 + 180, fractal: 45 + 210), plus grace.
 declare -A LIMIT=([wheels]=20 [build]=90 [tests]=95 [bench]=65 [flux]=75 [summary]=15
                   [test]=240 [benchall]=240 [conditions]=240 [edit]=240 [mtests]=60 [merging]=180
-                  [ftests]=60 [framepack]=180 [demo]=200)
+                  [ftests]=60 [framepack]=180 [fractests]=45 [fractal]=210 [demo]=200)
 for name in "${!LIMIT[@]}"; do  # RUN_GPU_LIMIT_<stage>=SECONDS overrides one (tests cut a stage on purpose)
   var=RUN_GPU_LIMIT_$name
   [ -n "${!var:-}" ] && LIMIT[$name]=${!var}
@@ -120,7 +124,7 @@ fi
 if want bench; then
   stage benchall "$OUT/bench.log" "$PY" -m pytest bench -p no:cacheprovider -q --benchmark-json "$OUT/pytest-benchmark.json" \
     --ignore=bench/bench_conditions.py --ignore=bench/bench_edit.py --ignore=bench/bench_merging.py \
-    --ignore=bench/bench_framepack.py \
+    --ignore=bench/bench_framepack.py --ignore=bench/bench_fractal.py \
     --benchmark-columns=median,iqr,rounds --fastgen-out "$OUT"
 fi
 if want conditions; then  # (a) symmetric, (b) asymmetric, (c) cached, (d) cached + compact
@@ -143,6 +147,13 @@ if want framepack; then  # the FramePack kernels on the GPU, then the suite (per
   [ "$DRY" = 1 ] && FT+=(-k "bad_inputs")
   stage ftests "$OUT/tests.log" "$PY" -m pytest "${FT[@]}" -p no:cacheprovider -v -rfEs
   stage framepack "$OUT/bench.log" "$PY" -m pytest bench/bench_framepack.py -p no:cacheprovider -q -rxs \
+    --benchmark-json "$OUT/pytest-benchmark.json" --fastgen-out "$OUT"
+fi
+if want fractal; then  # block == reference on the GPU (graphs included), then images per second, IN64 MAR first
+  FR=(tests/test_fractal_block.py tests/test_fractal_digits.py)
+  [ "$DRY" = 1 ] && FR+=(-k "bucketed_layout or seed_words")
+  stage fractests "$OUT/tests.log" "$PY" -m pytest "${FR[@]}" -p no:cacheprovider -v -rfEs
+  stage fractal "$OUT/bench.log" "$PY" -m pytest bench/bench_fractal.py -p no:cacheprovider -q -rxs \
     --benchmark-json "$OUT/pytest-benchmark.json" --fastgen-out "$OUT"
 fi
 if want demo; then

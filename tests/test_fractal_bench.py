@@ -48,3 +48,12 @@ def test_gpu_cases_and_the_timed_subset():
     assert F.subset_plan(plan, None) is plan and F.subset_plan(plan, 64) is plan
     with pytest.raises(ValueError, match="batch"):
         F.FractalCase("x", F.cpu_config(), 0)
+
+
+def test_a_case_budget_cuts_the_rounds_to_what_fits_but_keeps_one():
+    case = F.fractal_cases("cpu", batches=(1,), top_iterations=1)[0]
+    model = F.build_model(case, torch.device("cpu"))
+    cut = F.run_case(model, case, torch.device("cpu"), rounds=5, budget_s=1e-6)
+    assert [len(r.extra["round_ms"]) for r in cut] == [1, 1]
+    full = F.run_case(model, case, torch.device("cpu"), rounds=2, budget_s=None)
+    assert [len(r.extra["round_ms"]) for r in full] == [2, 2]

@@ -46,28 +46,28 @@ def _run(out, *args, **env):
                           text=True, timeout=300)
 
 
-@pytest.mark.slow
-def test_merging_phase_dry_run(tmp_path):
-    proc = _run(tmp_path / "out", "merging", "--dry-run")
+def _phase_dry_run(tmp_path, phase: str, stages: tuple[str, ...], **env) -> str:
+    # One phase's --dry-run: it succeeds, brings back at most 8 files, and its stages ran; its summary.md.
+    proc = _run(tmp_path / "out", phase, "--dry-run", **env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert len(files) <= 8, files
     summary = (tmp_path / "out" / "summary.md").read_text()
-    for stage in ("mtests", "merging"):
+    for stage in stages:
         assert re.search(rf"^\| {stage} \| ok \| \d+ \|$", summary, re.M), summary
+    return summary
+
+
+@pytest.mark.slow
+def test_merging_phase_dry_run(tmp_path):
+    summary = _phase_dry_run(tmp_path, "merging", ("mtests", "merging"))
     assert "Token merging: ms per denoising step" in summary and "| fastgen ToMe 0.5 |" in summary
     assert "Matching: fastgen bipartite_match vs tomesd" in summary
 
 
 @pytest.mark.slow
 def test_framepack_phase_dry_run(tmp_path):
-    proc = _run(tmp_path / "out", "framepack", "--dry-run", FASTGEN_FRAMEPACK_SECTIONS="2")
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
-    assert len(files) <= 8, files
-    summary = (tmp_path / "out" / "summary.md").read_text()
-    for stage in ("ftests", "framepack"):
-        assert re.search(rf"^\| {stage} \| ok \| \d+ \|$", summary, re.M), summary
+    summary = _phase_dry_run(tmp_path, "framepack", ("ftests", "framepack"), FASTGEN_FRAMEPACK_SECTIONS="2")
     assert re.search(r"^\d+ passed", summary.split("## Tests")[1].strip(), re.M), summary
     assert "FramePack: one video, per section" in summary and "| fastgen low-VRAM | 1 |" in summary
     assert "Per section, framepack tiny stand-in" in summary and "\n| 2 | " in summary
@@ -112,3 +112,11 @@ def test_summary_merges_the_decisions_of_every_stage(tmp_path):
     import json
 
     assert len(json.loads((out / "autotune.json").read_text())["entries"]) == 2
+
+
+@pytest.mark.slow
+def test_fractal_phase_dry_run(tmp_path):
+    summary = _phase_dry_run(tmp_path, "fractal", ("fractests", "fractal"))
+    assert re.search(r"^\d+ passed", summary.split("## Tests")[1].strip(), re.M), summary
+    assert "FractalGen: images per second" in summary
+    assert re.search(r"^\| cpu-small-mar .* \| 4 \| block \| [\d.]+ \| .* \| 100\.0% \|", summary, re.M), summary

@@ -392,7 +392,8 @@ def markdown_table(results: list[Result], env: dict) -> str:
     if env.get("triton_interpreter"):
         lines += ["Triton ran under its CPU interpreter: its times show correctness, not kernel speed.", ""]
     if env.get("compute_capability") is None:
-        lines += ["Peak memory is measured on CUDA devices only.", ""]
+        lines += ["Peak MB off CUDA is the whole process's peak resident set size (host RSS: weights, Python and "
+                  "its libraries included), not a device's allocation.", ""]
     shared = [r for r in results if r.suite not in _OWN_TABLES]
     if shared:
         lines += [

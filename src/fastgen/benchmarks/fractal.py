@@ -145,10 +145,17 @@ def _sampler_call(model, plan, provider: str):
     return run
 
 
-def run_case(model, case: FractalCase, device: torch.device, rounds: int = ROUNDS, progress=None) -> list[Result]:
+def run_case(model, case: FractalCase, device: torch.device, rounds: int = ROUNDS, progress=None,
+             budget_s: float | None = None) -> list[Result]:
     """Rows of both providers for ``case`` on ``model``: median ms per call over ``rounds`` interleaved
     timed calls after one untimed call each; images per second (scaled to whole images where
-    ``top_iterations`` is set); peak memory of the timed calls; the share of equal uint8 values."""
+    ``top_iterations`` is set); peak memory of the timed calls; the share of equal uint8 values.
+
+    ``budget_s``: seconds the timed rounds may take, judged by the warm-up calls (which include
+    allocation, autotuning and graph capture, so they overestimate): fewer rounds, at least one, where
+    ``rounds`` would not fit (a whole GPU phase has minutes for every case). None: ``rounds``."""
+    import time
+
     from fastgen.fractal import make_plan
 
     labels = [(7 * i) % model.config.num_classes for i in range(case.batch)]
@@ -156,7 +163,10 @@ def run_case(model, case: FractalCase, device: torch.device, rounds: int = ROUND
     timed = subset_plan(plan, case.top_iterations)
     total, done = plan.levels[0].num_iter, timed.levels[0].num_iter
     calls = {p: _sampler_call(model, timed, p) for p in PROVIDERS}
+    start = time.perf_counter()
     images = {p: calls[p]() for p in PROVIDERS}  # warm-up
+    if budget_s is not None:
+        rounds = max(1, min(rounds, int(budget_s / max(time.perf_counter() - start, 1e-9))))
     ms: dict[str, list[float]] = {p: [] for p in PROVIDERS}
     peaks: dict[str, list] = {p: [] for p in PROVIDERS}
     for _ in range(rounds):
@@ -181,10 +191,10 @@ def run_case(model, case: FractalCase, device: torch.device, rounds: int = ROUND
     return rows
 
 
-def run(device: torch.device, budget_s: float = 1.0, progress=None, *, cases: list[FractalCase] | None = None,
-        rounds: int = ROUNDS) -> list[Result]:
+def run(device: torch.device, budget_s: float | None = None, progress=None, *,
+        cases: list[FractalCase] | None = None, rounds: int = ROUNDS) -> list[Result]:
     """Rows of both samplers for every case (default ``fractal_cases(device)``); models built once per
-    config. ``budget_s`` is not used: a run is sized by its cases and rounds."""
+    config. ``budget_s``: each case's timed rounds' budget (``run_case``), None for ``rounds`` each."""
     device = torch.device(device)
     rows: list[Result] = []
     models: dict = {}
@@ -194,7 +204,7 @@ def run(device: torch.device, budget_s: float = 1.0, progress=None, *, cases: li
             models.clear()
             free_memory(device)
             models[key] = build_model(case, device)
-        rows += run_case(models[key], case, device, rounds, progress)
+        rows += run_case(models[key], case, device, rounds, progress, budget_s)
     models.clear()
     free_memory(device)
     return rows
