@@ -40,13 +40,44 @@ def _status(argv) -> int:
     (["--preset", "fractalmar_giant"], "unknown FractalGen preset"),
     (["--preset", "fractalmar_in64", "--weights", "/nonexistent.pt"], "no such file"),
     (["--sampler", "fast"], "unknown sampler 'fast'"),
-], ids=["label", "labels", "cfg", "temperature", "preset", "weights", "sampler"])
+    (["--labels", "1,,2"], "none empty, got '1,,2'"),
+    (["--labels", "1,2,"], "none empty"),
+    (["--device", "cpu:1"], "--device cpu:1: there is one CPU device"),
+    (["--device", "cuda:99"], r"--device cuda:99(: this machine has \d+ CUDA| asked for, but .* sees no CUDA)"),
+    (["--out", "noext"], "argument --out: 'noext' needs an image extension Pillow writes"),
+    (["--out", "grid.notaformat"], r"\(\.notaformat is not one\)"),
+    (["--out", "{tmp}/x.png/grid.png"], "cannot create its folder, .*x.png is a file"),
+    (["--out", "{tmp}/folder.png"], "folder.png: a folder, not a file"),
+    (["--out", "{tmp}/grid.xbm"], r"grid.xbm: cannot write it \(OSError: cannot write mode RGB as XBM\)"),
+], ids=["label", "labels", "cfg", "temperature", "preset", "weights", "sampler", "empty-label", "trailing-comma",
+        "cpu-index", "cuda-index", "out-no-extension", "out-unknown-extension", "out-folder-is-a-file",
+        "out-is-a-folder", "out-format-without-rgb"])
 def test_fractal_bad_arguments_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
-    assert _status(["fractal", "--out", str(tmp_path / "x.png"), "--quiet", "--device", "cpu"] + argv) == 2
+    (tmp_path / "x.png").write_bytes(b"")  # a file where --out {tmp}/x.png/grid.png wants a folder
+    (tmp_path / "folder.png").mkdir()
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert _status(["fractal", "--out", str(tmp_path / "out.png"), "--quiet", "--device", "cpu"] + argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(message, err), err
     assert err.startswith("fastgen fractal: error: ")
-    assert not (tmp_path / "x.png").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.png", "x.png"]  # nothing written
+
+
+def test_fractal_loads_weights_without_a_warning(tmp_path, capsys):
+    # the layout check loads meta tensors into a meta model: no "copying from a non-meta parameter" warning
+    # per tensor (filterwarnings = error makes any warning fail this test)
+    from fastgen.fractal.digits import load_digits_model
+
+    weights, out = tmp_path / "digits.pth", tmp_path / "sub" / "grid.jpg"
+    torch.save(load_digits_model().state_dict(), weights)
+    assert main(["fractal", "--preset", "digits", "--weights", str(weights), "--labels", "7", "--out", str(out),
+                 "--quiet", "--device", "cpu"]) == 0
+    line = capsys.readouterr().out
+    assert f"from {weights}" in line and "1 image of 16x16" in line  # one image: no "1 images"
+    from PIL import Image
+
+    with Image.open(out) as image:  # a folder made for it; the extension picks the format
+        assert image.format == "JPEG"
 
 
 def test_fractal_wrong_state_dict_layout(tmp_path, capsys):
@@ -66,3 +97,25 @@ def test_image_grid():
     assert not grid[:, :, 0].any() and not grid[:, 15:, 8:].any()  # padding, the empty sixth cell
     with pytest.raises(ValueError, match="uint8"):
         image_grid(images.float())
+    assert image_grid(images, nrow=5, scale=1, pad=0).shape == (3, 2, 5 * 2)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(nrow=0), r"nrow must be an int >= 1 \(or None for the default\), got 0"),
+    (dict(scale=0), r"scale must be an int >= 1 \(or None for the default\), got 0"),
+    (dict(nrow=-1), "nrow must be an int >= 1"),
+    (dict(nrow=2.5), "nrow must be an int >= 1"),
+    (dict(nrow=True), "nrow must be an int >= 1"),
+    (dict(scale=False), "scale must be an int >= 1"),
+    (dict(pad=-1), "pad must be an int >= 0, got -1"),
+    (dict(pad=None), "pad must be an int >= 0, got None"),
+    (dict(images=torch.zeros(0, 3, 4, 4, dtype=torch.uint8)), r"at least one image .* got \(0, 3, 4, 4\)"),
+    (dict(images=torch.zeros(2, 3, 0, 4, dtype=torch.uint8)), r"at least one image .* got \(2, 3, 0, 4\)"),
+    (dict(images=[1, 2]), "images must be uint8 .* got list"),
+], ids=["nrow-0", "scale-0", "nrow-negative", "nrow-float", "nrow-bool", "scale-bool", "pad-negative", "pad-none",
+        "no-images", "no-pixels", "not-a-tensor"])
+def test_image_grid_validates_its_arguments(kwargs, message):
+    # the documented ValueError: never a silent default for 0, never a torch error from deep inside
+    kwargs = dict(dict(images=torch.zeros(5, 3, 4, 4, dtype=torch.uint8)), **kwargs)
+    with pytest.raises(ValueError, match=message):
+        image_grid(**kwargs)

@@ -13,7 +13,10 @@ from pathlib import Path
 from fastgen.constants import ATTENTION_BACKENDS
 
 
-def _device_arg(value: str | None):
+def _device(value: str | None):
+    """The torch device ``value`` names (default: cuda where present, else cpu); ValueError with a one-line
+    reason for a name torch does not know or a device this machine does not have (cpu:1, cuda:N past the
+    last GPU: torch accepts both and would quietly run on another device)."""
     import torch
 
     if not value:
@@ -21,10 +24,28 @@ def _device_arg(value: str | None):
     try:
         device = torch.device(value)
     except RuntimeError as exc:
-        raise SystemExit(f"fastgen: --device {value!r} is not a device ({exc})") from None
+        raise ValueError(f"--device {value!r} is not a device ({exc})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"fastgen: --device {value} asked for, but this torch ({torch.__version__}) sees no CUDA GPU")
+        raise ValueError(f"--device {value} asked for, but this torch ({torch.__version__}) sees no CUDA GPU")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {value}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise ValueError(f"--device {value}: there is one CPU device, cpu (or cpu:0)")
+    if device.type not in ("cpu", "cuda"):
+        try:
+            torch.empty(0, device=device)  # another kind (mps, xpu, ...): present in this torch and machine?
+        except (RuntimeError, AssertionError):
+            raise ValueError(f"--device {value}: this torch ({torch.__version__}) and machine have no "
+                             f"{device.type} device") from None
     return device
+
+
+def _device_arg(value: str | None):
+    try:
+        return _device(value)
+    except ValueError as exc:
+        raise SystemExit(f"fastgen: {exc}") from None
 
 
 def _prepare_interpreter(device, interpret: bool | None) -> None:
@@ -522,13 +543,41 @@ FRACTAL_LABELS = {"digits": list(range(10)), "imagenet": [207, 360, 387, 974, 88
 
 
 def _labels_arg(text: str) -> list[int]:
+    items = text.replace(" ", "").split(",")
+    if items == [""]:
+        raise argparse.ArgumentTypeError("no class label given")
+    if "" in items:  # "1,,2" or "1,2,": a label left out by mistake, not a shorter list
+        raise argparse.ArgumentTypeError(f"class labels are comma-separated integers with none empty, got {text!r}")
     try:
-        labels = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
+        return [int(v) for v in items]
     except ValueError:
         raise argparse.ArgumentTypeError(f"class labels are comma-separated integers, got {text!r}") from None
-    if not labels:
-        raise argparse.ArgumentTypeError("no class label given")
-    return labels
+
+
+def _image_out(text: str) -> Path:
+    """``--out``: a path whose extension names a format Pillow writes (.png, .jpg, .webp, ...)."""
+    from PIL import Image
+
+    Image.init()
+    path = Path(text)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt not in Image.SAVE:
+        raise argparse.ArgumentTypeError(f"{text!r} needs an image extension Pillow writes, such as .png, .jpg or "
+                                         ".webp" + (f" ({path.suffix} is not one)" if path.suffix else ""))
+    return path
+
+
+def _writable_parent(path: Path) -> None:
+    """Create ``path``'s folder; ValueError with a one-line reason where it cannot be, or ``path`` is a folder."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise ValueError(f"--out {path}: cannot create its folder, {exc.filename} is a file") from None
+    except OSError as exc:
+        raise ValueError(f"--out {path}: cannot create its folder {path.parent} ({exc.strerror})") from None
+    if path.is_dir() or not os.access(path.parent, os.W_OK):
+        raise ValueError(f"--out {path}: " + ("a folder, not a file" if path.is_dir() else
+                                              f"cannot write into {path.parent}"))
 
 
 def _state_dict(path: str, torch) -> dict:
@@ -560,7 +609,10 @@ def _fractal_model(args, torch):
         return fractal.FractalGen(config), f"{args.preset} with random weights (pass --weights for a checkpoint)"
     state = _state_dict(args.weights, torch)
     with torch.device("meta"):  # the layout first, without the memory or the time of the real model
-        fractal.FractalGen(config).load_state_dict(state)
+        layout = fractal.FractalGen(config)
+    # meta tensors in, so the load is a check of names and shapes (a real tensor into a meta parameter is a
+    # no-op that torch warns about, once per tensor)
+    layout.load_state_dict({k: v.to("meta") for k, v in state.items()})
     model = fractal.FractalGen(config)
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return model, f"{args.preset} from {args.weights}"
@@ -573,11 +625,12 @@ def cmd_fractal(args) -> int:
 
     from fastgen.fractal import image_grid, sample
 
-    device = _device_arg(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    if args.threads or (device.type == "cpu" and args.preset == "digits"):
-        torch.set_num_threads(args.threads or 1)  # the digits model's ops are tiny: threads only wait on each other
     try:
+        device = _device(args.device)
+        _writable_parent(args.out)  # before sampling, which may take minutes
+        dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+        if args.threads or (device.type == "cpu" and args.preset == "digits"):
+            torch.set_num_threads(args.threads or 1)  # the digits model's ops are tiny: threads only wait on each other
         model, what = _fractal_model(args, torch)
         labels = args.labels or FRACTAL_LABELS["digits" if args.preset == "digits" else "imagenet"]
         model = model.to(device=device, dtype=dtype).eval()
@@ -597,24 +650,29 @@ def cmd_fractal(args) -> int:
         return _usage_error("fractal", str(exc).splitlines()[0])
     from PIL import Image
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid.permute(1, 2, 0).cpu().numpy()).save(out)
+    out = args.out
+    try:
+        Image.fromarray(grid.permute(1, 2, 0).cpu().numpy()).save(out)
+    except (OSError, ValueError) as exc:  # the folder went away, a full disk, a format without RGB
+        return _usage_error("fractal", f"--out {out}: cannot write it ({type(exc).__name__}: "
+                                       f"{str(exc).strip().splitlines()[0][:160]})")
     side = images.shape[-1]
-    print(f"wrote {out}: {len(labels)} images of {side}x{side} (labels {labels}) from {what}; sampler "
+    count = f"{len(labels)} image" + ("s" if len(labels) != 1 else "")
+    print(f"wrote {out}: {count} of {side}x{side} (labels {labels}) from {what}; sampler "
           f"{args.sampler}, cfg {args.cfg}, temperature {args.temperature}, seed {args.seed}, {device} "
           f"{str(dtype).removeprefix('torch.')}; {seconds:.2f} s")
     return 0
 
 
 def fractal_args(sub) -> None:
-    """``fastgen fractal``: sample a grid of FractalGen images to a PNG. (``fastgen.fractal`` is imported
-    when the command runs, not here: its import costs a second every other command would pay.)"""
-    f = sub.add_parser("fractal", help="sample class-conditional FractalGen images into a PNG grid",
+    """``fastgen fractal``: sample a grid of FractalGen images to an image file. (``fastgen.fractal`` is
+    imported when the command runs, not here: its import costs a second every other command would pay.)"""
+    f = sub.add_parser("fractal", help="sample class-conditional FractalGen images into an image grid (PNG)",
                        description="Sample images from a FractalGen model (fastgen.fractal.sample) and write them as "
-                       "one PNG grid. --preset digits is the tiny model trained on 16x16 digits (its weights ship "
-                       "with fastgen); the published presets have random weights unless --weights names a "
-                       "checkpoint (the official 'model' state dict). Exit status 2 on bad arguments.")
+                       "one image grid (PNG by default; --out's extension picks the format). --preset digits is "
+                       "the tiny model trained on 16x16 digits (its weights ship with fastgen); the published "
+                       "presets have random weights unless --weights names a checkpoint (the official 'model' state "
+                       "dict). Exit status 2 on bad arguments, --out included.")
     f.add_argument("--preset", default="digits", metavar="NAME",
                    help="digits (default), or a published config: a name of fastgen.fractal.PRESETS such as "
                         "fractalmar_in64 (an unknown name lists them)")
@@ -629,11 +687,13 @@ def fractal_args(sub) -> None:
                    help="iterations of every MAR level (default: the config's)")
     f.add_argument("--seed", type=int, default=0, help="sampling seed in [0, 2**64) (default 0)")
     f.add_argument("--sampler", default="block", help="block (default) or reference")
-    f.add_argument("--out", default="fractal.png", help="the PNG (default fractal.png)")
+    f.add_argument("--out", type=_image_out, default="fractal.png", metavar="PATH",
+                   help="the grid's image file; its extension picks the format: .png (default fractal.png), or any "
+                        "other Pillow writes (.jpg, .webp, ...)")
     f.add_argument("--nrow", type=_positive, default=None, help="images per grid row (default: about square)")
     f.add_argument("--scale", type=_positive, default=None,
                    help="nearest-neighbour upscaling of each image (default: to at least 64 px)")
-    f.add_argument("--device", help="cuda or cpu (default: cuda if present)")
+    f.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if present)")
     f.add_argument("--dtype", choices=DTYPES, help="default bf16 on GPU, fp32 on CPU")
     f.add_argument("--threads", type=_positive, default=None,
                    help="torch.set_num_threads on a CPU (default: 1 for digits, torch's own otherwise)")

@@ -240,28 +240,61 @@ def fractal_table(rows: list[Result]) -> list[str]:
 register_table(SUITE, fractal_table)
 
 
+def _int_arg(low: int, listed: bool = False):
+    """An argparse type: an int >= ``low`` (``listed``: a comma-separated list of them)."""
+    import argparse
+
+    def parse(text: str):
+        try:
+            values = [int(v) for v in text.split(",")] if listed else [int(text)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{'comma-separated integers' if listed else 'an integer'} expected, "
+                                             f"got {text!r}") from None
+        if min(values) < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text!r}")
+        return values if listed else values[0]
+
+    return parse
+
+
+def _presets_arg(text: str) -> list[str]:
+    import argparse
+
+    from fastgen.fractal import PRESET_SAMPLING
+
+    unknown = [name for name in text.split(",") if name not in PRESET_SAMPLING]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown preset(s) {', '.join(map(repr, unknown))}; the presets are "
+                                         f"{', '.join(PRESET_SAMPLING)}")
+    return text.split(",")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fastgen.benchmarks.fractal``: run the suite, print its table, save with --out."""
+    """``python -m fastgen.benchmarks.fractal``: run the suite, print its table, save with --out. Bad arguments:
+    one line and exit status 2 (argparse's)."""
     import argparse
 
     from fastgen.benchmarks.core import default_device, environment, report
 
     p = argparse.ArgumentParser(prog="python -m fastgen.benchmarks.fractal", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda where present)")
-    p.add_argument("--presets", default=None, help="comma-separated presets (default: the GPU set on a GPU, the "
-                   "small config on a CPU)")
-    p.add_argument("--batches", default=None, help="comma-separated batch sizes")
-    p.add_argument("--top-iterations", type=int, default=None, help="top-level iterations timed (0: all)")
-    p.add_argument("--rounds", type=int, default=ROUNDS, help=f"timed rounds (default {ROUNDS})")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--presets", type=_presets_arg, default=None, help="comma-separated presets of "
+                   "fastgen.fractal.PRESETS (default: the GPU set on a GPU, the small config on a CPU)")
+    p.add_argument("--batches", type=_int_arg(1, listed=True), default=None,
+                   help="comma-separated batch sizes, each >= 1")
+    p.add_argument("--top-iterations", type=_int_arg(0), default=None, help="top-level iterations timed (0: all)")
+    p.add_argument("--rounds", type=_int_arg(1), default=ROUNDS, help=f"timed rounds, >= 1 (default {ROUNDS})")
+    p.add_argument("--threads", type=_int_arg(1), default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--out", default=None, help="folder for fractal-<device>.json/.md")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device) if args.device else default_device()
-    batches = [int(b) for b in args.batches.split(",")] if args.batches else None
-    presets = args.presets.split(",") if args.presets else None
-    rows = run(device, cases=fractal_cases(device, batches, presets, args.top_iterations), rounds=args.rounds)
+    try:
+        device = torch.device(args.device) if args.device else default_device()
+    except RuntimeError as exc:
+        p.error(f"--device {args.device!r} is not a device ({str(exc).splitlines()[0]})")
+    rows = run(device, cases=fractal_cases(device, args.batches, args.presets, args.top_iterations),
+               rounds=args.rounds)
     report(rows, environment(device), args.out, f"fractal-{device.type}")
     return 0
 

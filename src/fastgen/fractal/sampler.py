@@ -323,18 +323,33 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, scale: int | None 
     on black, each image upscaled ``s`` times (nearest; default: the smallest ``s`` giving 64 px).
 
     Args:
-        nrow: images per row (default ``ceil(sqrt(B))``).
+        images: uint8 ``(B, 3, H, W)``, at least one image of at least one pixel.
+        nrow: images per row, an int >= 1 (default ``ceil(sqrt(B))``).
+        scale: the upscaling ``s``, an int >= 1 (default: the smallest giving 64 px).
+        pad: black pixels between and around the images, an int >= 0 (default 2).
 
     Raises:
-        ValueError: for images that are not uint8 ``(B, 3, H, W)``, or ``nrow`` / ``scale`` below 1.
+        ValueError: for images that are not uint8 ``(B, 3, H, W)`` or hold no pixel, ``nrow`` / ``scale``
+            that are not ints >= 1 (None: the default), or ``pad`` that is not an int >= 0.
     """
-    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be uint8 (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+    import numbers
+
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4 \
+            or images.shape[1] != 3:
+        got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be uint8 (B, 3, H, W), got {got}")
+    if images.numel() == 0:
+        raise ValueError(f"images must hold at least one image of at least 1 x 1 pixels, got {tuple(images.shape)}")
+    for name, value, low in (("nrow", nrow, 1), ("scale", scale, 1), ("pad", pad, 0)):
+        if value is None and name != "pad":
+            continue  # the default
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            default = "" if name == "pad" else " (or None for the default)"
+            raise ValueError(f"{name} must be an int >= {low}{default}, got {value!r}")
     b, _, height, width = images.shape
-    nrow = nrow or math.ceil(math.sqrt(b))
-    scale = scale or max(1, -(-64 // max(height, width)))
-    if nrow < 1 or scale < 1:
-        raise ValueError(f"nrow and scale must be at least 1, got {nrow} and {scale}")
+    nrow = math.ceil(math.sqrt(b)) if nrow is None else int(nrow)
+    scale = max(1, -(-64 // max(height, width))) if scale is None else int(scale)
+    pad = int(pad)
     rows = -(-b // nrow)
     h, w = height * scale, width * scale
     grid = torch.zeros(3, rows * (h + pad) + pad, nrow * (w + pad) + pad, dtype=torch.uint8)
