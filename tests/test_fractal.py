@@ -9,6 +9,7 @@ import collections
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,7 +30,7 @@ from fastgen.fractal import (
     sample,
 )
 from fastgen.fractal.config import small_config
-from fastgen.fractal.model import ids_to_values, values_to_uint8
+from fastgen.fractal.model import ids_to_values, rope_2d, values_to_uint8
 from fractal_models import model_of, single_thread, tiny  # noqa: F401 (single_thread: an autouse fixture)
 from fastgen.fractal.schedule import level_schedule, mar_mask_lengths
 
@@ -384,6 +385,39 @@ def test_state_dict_round_trip():
     assert not any("rope" in k for k in keys)
 
 
+def test_meta_build_and_assigned_weights_sample_like_the_source():
+    # The usual way to load a large checkpoint: build on meta, load_state_dict(assign=True). The rotary
+    # tables are not in the state dict; they are rebuilt where the weights are.
+    config = tiny(("ar", "ar"), num_conds=1)
+    source = model_of(config)
+    with torch.device("meta"):
+        model = FractalGen(config)
+    model.load_state_dict(source.state_dict(), assign=True)
+    assert all(level.rope.device.type == "cpu" for level in model.levels)
+    assert torch.equal(sample(model, [3, 5], cfg=2.0, progress=False), sample(source, [3, 5], cfg=2.0, progress=False))
+
+
+def test_rotary_tables_stay_float32_in_a_low_precision_model():
+    # Official: the tables are float32 attributes whatever the weights' dtype; a bf16 table would round angles.
+    model = model_of(tiny(("ar", "ar"), num_conds=1)).to(torch.bfloat16)
+    for level in model.levels:
+        assert level.rope.dtype == torch.float32
+        assert torch.equal(level.rope, rope_2d(level.config.grid, level.config.width // level.config.heads))
+    assert model.levels[0].patch_emb.weight.dtype == torch.bfloat16
+    assert sample(model, [1], cfg=2.0, progress=False).shape == (1, 3, 8, 8)
+
+
+def test_state_dict_mistakes_get_a_hint():
+    model = model_of(tiny())
+    sd = model.state_dict()
+    with pytest.raises(ValueError, match="whole checkpoint .* 'model' entry"):
+        model.load_state_dict({"model": sd, "epoch": 3})
+    with pytest.raises(ValueError, match="'module.' .*DistributedDataParallel"):
+        model.load_state_dict({f"module.{k}": v for k, v in sd.items()})
+    with pytest.raises(ValueError, match="must be tensors; not tensors: fake_latent"):
+        model.load_state_dict({**sd, "fake_latent": [0.0] * 16})
+
+
 def test_wrong_state_dict_layout_is_a_clear_error():
     model = model_of(tiny())
     sd = model.state_dict()
@@ -429,6 +463,31 @@ def test_bad_sampling_input():
         sample(model, [1], seed=-1, progress=False)
     with pytest.raises(ValueError, match="filter_threshold"):
         sample(model, [1], filter_threshold=2.0, progress=False)
+    for name, value in (("cfg", float("inf")), ("temperature", float("inf")), ("cfg", float("nan"))):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+            sample(model, [1], progress=False, **{name: value})
+    with pytest.raises(ValueError, match="must be an int, a sequence of ints"):
+        sample(model, object(), progress=False)
+    with pytest.raises(ValueError, match="integers, got dtype torch.float64"):
+        sample(model, np.array([1.0, 2.0]), progress=False)
+    mixed = model_of(tiny())
+    mixed.class_emb.to(torch.float64)
+    with pytest.raises(ValueError, match="share one dtype and device.*torch.float32 on cpu, torch.float64 on cpu"):
+        sample(mixed, [1], progress=False)
+    with torch.device("meta"):
+        meta = FractalGen(tiny())
+    with pytest.raises(ValueError, match="meta device"):
+        sample(meta, [1], progress=False)
+
+
+def test_numpy_numbers_are_numbers():
+    model = model_of(tiny(("mar", "ar")))
+    want = sample(model, [1, 2], cfg=2.0, temperature=1.5, num_iter=2, seed=3, progress=False)
+    for labels in (np.array([1, 2]), [np.int64(1), np.int32(2)], torch.tensor([1, 2])):
+        got = sample(model, labels, cfg=np.float32(2.0), temperature=np.float64(1.5), num_iter=np.int64(2),
+                     seed=np.uint32(3), progress=False)
+        assert torch.equal(got, want)
+    assert torch.equal(sample(model, np.int64(2), seed=3, progress=False), sample(model, 2, seed=3, progress=False))
 
 
 def test_bad_configs():

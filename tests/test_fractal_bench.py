@@ -4,6 +4,9 @@ the meta device) and the subset of top-level iterations they time."""
 
 from __future__ import annotations
 
+import re
+import statistics
+
 import pytest
 import torch
 
@@ -22,13 +25,17 @@ def test_block_is_faster_than_the_reference_at_every_batch_size():
         assert (reference.provider, block.provider) == (F.REFERENCE, F.BLOCK) and reference.case == block.case
         assert block.extra["equal_fraction"] == 1.0  # the same images, bit for bit
         assert block.extra["estimated"] and block.extra["top_iterations"] == 2 and block.extra["iterations"] == 16
+        # scaled to a whole image: the reference by tokens, the block by the larger of tokens and iterations
+        ratio = block.extra["tokens"] / block.extra["top_tokens"]
+        assert reference.extra["scale"] == ratio and block.extra["scale"] == max(ratio, 8.0)
+        assert reference.ms == pytest.approx(statistics.median(reference.extra["round_ms"]) * ratio)
         # 3 interleaved rounds on a shared machine: the fastest round of each (the least disturbed) decides
         fastest = min(block.extra["round_ms"]), min(reference.extra["round_ms"])
         assert fastest[0] < fastest[1], (block.case, reference.extra["round_ms"], block.extra["round_ms"])
         assert block.speedup == pytest.approx(reference.ms / block.ms)
     table = markdown_table(rows, environment("cpu"))
     assert "FractalGen: images per second" in table and "| suite | case |" not in table
-    assert "| 16 | block |" in table and "2 of 16 (estimated)" in table
+    assert "| 16 | block |" in table and re.search(r"2 of 16 \(\d+ of 64 tokens; estimated, x[\d.]+\)", table)
 
 
 def test_gpu_cases_and_the_timed_subset():
@@ -43,8 +50,10 @@ def test_gpu_cases_and_the_timed_subset():
     plan = make_plan(model, [1], progress=False)
     sub = F.subset_plan(plan, 8)
     assert sub.levels[0].num_iter == 8 and sub.levels[1:] == plan.levels[1:]
-    assert sub.levels[0].bounds == plan.levels[0].bounds[::8]  # early one-token and late several-token iterations
-    assert sub.levels[0].counts[0] == 1 and max(sub.levels[0].counts) >= 6
+    assert sub.levels[0].bounds == plan.levels[0].bounds[4::8]  # each span's middle iteration
+    # its share of the tokens is its share of the iterations (the cosine schedule's counts rise): 32 of 256
+    assert sum(sub.levels[0].counts) == 32 and min(sub.levels[0].counts) == 1 and max(sub.levels[0].counts) >= 6
+    assert sum(F.subset_plan(plan, 2).levels[0].counts) == 7  # the ImageNet 256 cases' subset: 2 of 64 (8 pro rata)
     assert F.subset_plan(plan, None) is plan and F.subset_plan(plan, 64) is plan
     with pytest.raises(ValueError, match="batch"):
         F.FractalCase("x", F.cpu_config(), 0)

@@ -143,3 +143,53 @@ def test_cuda_graphs_replay_the_eager_block_sampler():
     assert torch.equal(first, eager) and torch.equal(again, eager)
     # (against the reference on a GPU only within sampling tolerance: its kernels see other shapes, so one
     # draw may part and with it the rest of its image; tests/test_fractal_digits.py checks what is drawn)
+
+
+@pytest.mark.parametrize("name", ["ar", "mar-ar"])
+def test_autocast_runs_both_samplers_with_cached_levels(name):
+    # The KV caches keep the weights' dtype; autocast hands them bf16 projections (stored in the cache's dtype).
+    model = _model(name)
+    full = sample(model, [1, 4, 9], cfg=3.0, **KW)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = sample(model, [1, 4, 9], sampler="reference", cfg=3.0, **KW)
+        out = sample(model, [1, 4, 9], sampler="block", cfg=3.0, **KW)
+    assert out.dtype == ref.dtype == torch.uint8 and out.shape == ref.shape == full.shape
+    # bf16 matmuls: a draw whose logits round differently may part; almost all values agree
+    assert (out == ref).float().mean() > 0.95 and (ref == full).float().mean() > 0.95
+
+
+def test_a_kept_sampler_serves_calls_in_every_grad_mode():
+    # Kept samplers (block_sampler on CUDA; keep=True here) hold buffers across calls: made under inference
+    # mode they must still take in-place writes in a later call outside it, and the reverse.
+    import contextlib
+
+    model = _model("mar-ar")
+    plan = make_plan(model, [3, 8], cfg=2.0, **KW)
+    want = sample(model, [3, 8], cfg=2.0, **KW)
+    kept = None
+    for mode in (torch.inference_mode, torch.no_grad, contextlib.nullcontext, torch.inference_mode):
+        with mode():
+            sampler = block_sampler(model, plan, keep=True)
+            out = values_to_uint8(sampler(plan))
+        kept = kept or sampler
+        assert sampler is kept and torch.equal(out, want), mode
+    assert not sample(model, [3], sampler="block", **KW).is_inference()  # an ordinary tensor for the caller
+    out = sample(model, [3], sampler="block", **KW)
+    out[:, :, 0] = 255  # writable (e.g. a grid's border)
+
+
+def test_kept_samplers_do_not_keep_their_model_alive():
+    import gc
+    import weakref
+
+    from fastgen.fractal import block
+
+    before = len(block._KEPT)  # other tests' models (cached) keep theirs
+    model = model_of(tiny(**CONFIGS["mar"]))
+    plan = make_plan(model, [1], cfg=2.0, **KW)
+    block_sampler(model, plan, keep=True)(plan)
+    assert model in block._KEPT and len(block._KEPT) == before + 1
+    ref = weakref.ref(model)
+    del model, plan
+    gc.collect()
+    assert ref() is None and len(block._KEPT) == before

@@ -47,9 +47,8 @@ def test_classifier_and_weights_are_small():
     from importlib import resources
 
     folder = resources.files("fastgen.fractal") / "weights"
-    sizes = {name: (folder / name).stat().st_size for name in ("digits.pt", "digits_classifier.pt")} \
-        if hasattr(folder / "digits.pt", "stat") else {}
-    assert all(size < 5e6 for size in sizes.values())
+    sizes = {name: len((folder / name).read_bytes()) for name in ("digits.pt", "digits_classifier.pt")}
+    assert all(0 < size < 5e6 for size in sizes.values()), sizes  # the issue: committed weights under 5 MB
     assert sum(p.numel() for p in load_digits_classifier().parameters()) < 50_000
 
 

@@ -13,10 +13,12 @@ config (32 px: 64 tokens of 4 x 4 in 16 iterations, then 16 pixels in 16) at bat
 Timing: each provider once untimed (warm-up: allocations, autotuning, graph capture), then ``rounds``
 timed calls, the providers interleaved (a change in the machine's load hits both); medians. A full
 ImageNet 256 sample with the reference sampler takes minutes per batch, so a case may time a subset of
-the top level's iterations (``top_iterations``: every k-th, so that early one-token iterations and late
-six- or seven-token ones are both in it) and scale the time by ``iterations / top_iterations``: an
-estimate of a whole image, said so in the table. The block sampler amortises its calls better in the
-late iterations, so a uniform subset does not favour it.
+the top level's iterations (``top_iterations``: the middle iteration of each of that many equal spans,
+so that the subset's share of the tokens is close to its share of the iterations; 4 of 64 cover 16 of
+256 tokens, 2 of 64 cover 7) and scale the time to a whole image, said so in the table ("estimated").
+The reference's time is scaled by the tokens (its cost is each token's subtree); the block sampler's by
+whichever of tokens or iterations gives the longer time (its cost is per iteration at small batches,
+per token at large), so an estimated speed-up is never inflated by the scaling.
 
 ``python -m fastgen.benchmarks.fractal`` runs it with its knobs (``--presets``, ``--batches``, ...).
 """
@@ -56,7 +58,7 @@ class FractalCase:
         batch: images per call.
         dtype: "bfloat16" or "float32".
         cfg, temperature: sampling settings (CFG doubles the rows when > 1).
-        top_iterations: the top level's iterations timed (every k-th), or None for whole images.
+        top_iterations: the top level's iterations timed (``subset_plan``), or None for whole images.
     """
 
     name: str
@@ -108,15 +110,17 @@ def fractal_cases(device: torch.device | str, batches=None, presets=None,
 
 
 def subset_plan(plan, top_iterations: int | None):
-    """``plan`` whose top level runs every k-th of its iterations (``top_iterations`` of them), or ``plan``
-    itself for None: for timing (each iteration costs what its token count costs, whatever is masked)."""
+    """``plan`` whose top level runs ``top_iterations`` of its iterations, the middle one of each of that
+    many equal spans (the cosine schedule's token counts rise over the iterations: midpoints keep the
+    subset's token share close to its iteration share), or ``plan`` itself for None: for timing (each
+    iteration costs what its token count costs, whatever is masked)."""
     from fastgen.fractal.schedule import LevelSchedule
 
     top = plan.levels[0]
     if top_iterations is None or top_iterations >= top.num_iter:
         return plan
     step = top.num_iter / top_iterations
-    keep = sorted({min(top.num_iter - 1, int(i * step)) for i in range(top_iterations)})
+    keep = sorted({min(top.num_iter - 1, int((i + 0.5) * step)) for i in range(top_iterations)})
     sub = LevelSchedule(top.kind, top.seq_len, tuple(top.bounds[i] for i in keep),
                         tuple(top.masked_after[i] for i in keep))
     return replace(plan, levels=(sub,) + plan.levels[1:])
@@ -162,6 +166,9 @@ def run_case(model, case: FractalCase, device: torch.device, rounds: int = ROUND
     plan = make_plan(model, labels, cfg=case.cfg, temperature=case.temperature, seed=0, progress=False)
     timed = subset_plan(plan, case.top_iterations)
     total, done = plan.levels[0].num_iter, timed.levels[0].num_iter
+    tokens, timed_tokens = plan.levels[0].seq_len, sum(timed.levels[0].counts)
+    # to a whole image (module docstring): the reference by tokens, the block by the larger of the two
+    scale = {REFERENCE: tokens / timed_tokens, BLOCK: max(tokens / timed_tokens, total / done)}
     calls = {p: _sampler_call(model, timed, p) for p in PROVIDERS}
     start = time.perf_counter()
     images = {p: calls[p]() for p in PROVIDERS}  # warm-up
@@ -179,11 +186,12 @@ def run_case(model, case: FractalCase, device: torch.device, rounds: int = ROUND
     equal = float((images[BLOCK] == images[REFERENCE]).float().mean())
     rows = []
     for p in PROVIDERS:
-        median = statistics.median(ms[p]) * total / done
+        median = statistics.median(ms[p]) * scale[p]
         known = [m for m in peaks[p] if m is not None]
         rows.append(Result(SUITE, f"{case.name} b{case.batch}", p, median, peak_mb=max(known) if known else None,
                            extra=dict(model=case.name, batch=case.batch, images_per_s=case.batch / median * 1e3,
                                       round_ms=ms[p], top_iterations=done, iterations=total,
+                                      top_tokens=timed_tokens, tokens=tokens, scale=scale[p],
                                       estimated=done < total, dtype=case.dtype, cfg=case.cfg,
                                       temperature=case.temperature, equal_fraction=equal,
                                       peak_kind=PeakMemory(device).kind)))
@@ -224,13 +232,16 @@ def fractal_table(rows: list[Result]) -> list[str]:
     if not rows:
         return []
     lines = ["", "FractalGen: images per second, reference (depth first) vs block sampler (one batched call per "
-             "parent iteration), same model and plan, interleaved rounds, medians. 'estimated': timed over every "
-             "k-th top-level iteration and scaled to the whole image.", "",
+             "parent iteration), same model and plan, interleaved rounds, medians. 'estimated': timed over a "
+             "subset of the top level's iterations (and tokens) and scaled to the whole image: the reference by "
+             "tokens, the block sampler by the larger of the token and iteration ratios ('x' column).", "",
              "| model | batch | sampler | ms / batch | images / s | speed-up | timed top iterations | equal uint8 "
              "values | peak MB |", "| --- | ---: | --- | ---: | ---: | ---: | --- | ---: | ---: |"]
     for r in rows:
         e = r.extra
-        timed = f"{e['top_iterations']} of {e['iterations']}" + (" (estimated)" if e["estimated"] else "")
+        timed = f"{e['top_iterations']} of {e['iterations']}"
+        if e["estimated"]:
+            timed += f" ({e['top_tokens']} of {e['tokens']} tokens; estimated, x{e['scale']:.3g})"
         lines.append(f"| {e['model']} ({e['dtype']}) | {e['batch']} | {r.provider} | {r.ms:.1f} | "
                      f"{e['images_per_s']:.3g} | {_fmt(r.speedup, '.2f', 'x')} | {timed} | "
                      f"{e['equal_fraction'] * 100:.1f}% | {_fmt(r.peak_mb, '.0f')} |")

@@ -113,8 +113,10 @@ class BlockSampler:
             graphs = device.type == "cuda"
         if graphs and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; the model is on {device}")
-        self.model, self.config, self.on_call = model, model.config, on_call
-        self.modules = model.levels
+        # A weak reference: samplers kept per model (block_sampler) must not keep the model alive.
+        self._model = weakref.ref(model)
+        self.config, self.on_call = model.config, on_call
+        self.modules, self.pixel_head = model.levels, model.pixel_head
         self.device, self.dtype = device, next(model.parameters()).dtype
         self.graphs, self.bucket = bool(graphs), bool(graphs if bucket is None else bucket)
         self.temperature, self.filter_threshold = plan.temperature, plan.filter_threshold
@@ -124,13 +126,21 @@ class BlockSampler:
                       k + 1 == self.config.num_levels, lv.guiding_pixel)
             for k, (lv, sched) in enumerate(zip(self.config.levels, plan.levels)))
         self.key = sampler_key(model, plan)
-        self.seed = torch.zeros(2, dtype=torch.int64, device=device)  # rng.seed_words, set per call
+        with torch.inference_mode(False):  # state kept across calls: ordinary tensors (``_buffer``)
+            self.seed = torch.zeros(2, dtype=torch.int64, device=device)  # rng.seed_words, set per call
+            self._tokens = {k: torch.arange(lp.length, device=device) for k, lp in enumerate(self.levels)}
         self.top_scales: tuple[float, ...] = ()  # the top level's CFG scale per iteration, set per call
-        self._tokens = {k: torch.arange(lp.length, device=device) for k, lp in enumerate(self.levels)}
         self._buffers: dict[tuple, object] = {}
         self._slots: dict[tuple[int, int], _Slot] = {}
         self._pool = None
         self.captured = 0  # CUDA graphs captured so far
+
+    @property
+    def model(self) -> FractalGen:
+        model = self._model()
+        if model is None:
+            raise RuntimeError("this BlockSampler's model has been deleted")
+        return model
 
     # --- the public call ---------------------------------------------------------------------------
 
@@ -157,7 +167,10 @@ class BlockSampler:
     def _buffer(self, key: tuple, make):
         buf = self._buffers.get(key)
         if buf is None:
-            buf = self._buffers[key] = make()
+            # Kept for later calls, which may run outside inference mode: never an inference tensor (those
+            # refuse in-place writes outside inference mode). Writing into an ordinary tensor inside it is fine.
+            with torch.inference_mode(False):
+                buf = self._buffers[key] = make()
         return buf
 
     def _record(self, kind: str, level: int, rows: int) -> None:
@@ -176,11 +189,11 @@ class BlockSampler:
         rows = row_bucket(n)
         slot = self._slots.get((k, rows))
         if slot is None:
-            slot = self._slots[(k, rows)] = _Slot(
+            slot = self._slots[(k, rows)] = self._buffer(("slot", k, rows), lambda: _Slot(
                 conds=torch.zeros((h, rows) + tuple(conds.shape[1:]), dtype=conds.dtype, device=self.device),
                 image=torch.zeros(rows, dtype=torch.int64, device=self.device),
                 path=torch.zeros(rows, dtype=torch.int64, device=self.device),
-                scale=torch.zeros((), dtype=torch.float32, device=self.device))
+                scale=torch.zeros((), dtype=torch.float32, device=self.device)))
         slot.conds[:, :n].copy_(conds.view((h, n) + tuple(conds.shape[1:])))
         slot.image[:n].copy_(image)
         slot.path[:n].copy_(path)
@@ -256,7 +269,7 @@ class BlockSampler:
             if lp.last:
                 pixel_noise = (noise.gather(1, picked[..., None].expand(n, c, noise.shape[-1])) if picked is not None
                                else noise[:, s]).view(n * c, rng.CHANNELS, rng.VALUES)
-                values = self._pixels(self.model.pixel_head, ("pixel",), child[:, 0], pixel_noise, child_scale)
+                values = self._pixels(self.pixel_head, ("pixel",), child[:, 0], pixel_noise, child_scale)
             elif k == 0:  # a graph root: the child's whole subtree in one (bucketed, captured) call
                 values = self._child(k + 1, child, child_image, child_path, child_scale)
             else:  # inside a root's subtree (its graph)
@@ -308,11 +321,12 @@ _KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 KEEP = 4
 
 
-def block_sampler(model: FractalGen, plan) -> BlockSampler:
-    """A ``BlockSampler`` for ``plan``: on a CUDA device the one kept for the model and these settings
-    (its CUDA graphs captured on earlier calls; the ``KEEP`` most recent per model, holding their buffers
-    and graph memory until ``release_block_samplers``), else a new one."""
-    if plan.labels.device.type != "cuda":
+def block_sampler(model: FractalGen, plan, *, keep: bool | None = None) -> BlockSampler:
+    """A ``BlockSampler`` for ``plan``: with ``keep`` (default: on a CUDA device) the one kept for the
+    model and these settings (its CUDA graphs captured on earlier calls; the ``KEEP`` most recent per
+    model, holding their buffers and graph memory until ``release_block_samplers`` or until the model is
+    deleted: they hold it weakly), else a new one."""
+    if not (plan.labels.device.type == "cuda" if keep is None else keep):
         return BlockSampler(model, plan)
     kept = _KEPT.setdefault(model, OrderedDict())
     key = sampler_key(model, plan)

@@ -140,18 +140,22 @@ def _attend(q, k, v, *, causal: bool, cache: KVCache | None, layer: int, pos: in
         raise ValueError(f"decode of {rows} rows at positions {pos}..{pos + n - 1} does not fit a KVCache of "
                          f"batch {cache.batch} and length {cache.length}")
     end = pos + n
+    # The cache keeps the weights' dtype; under autocast the projections come in another (as the official
+    # KVCache.update: stored in the cache's dtype), and attention runs in the cache's dtype.
+    out_dtype, q = q.dtype, q.to(cache.k.dtype)
     cache.k[layer, :rows, :, pos:end] = k
     cache.v[layer, :rows, :, pos:end] = v
     if cache.q is not None:  # the causal window of cached queries: a full forward's rows, exactly
         cache.q[layer, :rows, :, pos:end] = q
         window = [t[layer, :rows, :, :end] for t in (cache.q, cache.k, cache.v)]
-        return F.scaled_dot_product_attention(*window, is_causal=True)[:, :, pos:end]
-    if n == 1:  # one query sees every cached key: no mask
-        return attention(q, cache.k[layer, :rows, :, :end], cache.v[layer, :rows, :, :end])
-    # new token i (at pos + i) sees keys up to pos + i
-    mask = torch.arange(end, device=q.device) <= torch.arange(pos, end, device=q.device)[:, None]
-    return F.scaled_dot_product_attention(q, cache.k[layer, :rows, :, :end], cache.v[layer, :rows, :, :end],
-                                          attn_mask=mask)
+        out = F.scaled_dot_product_attention(*window, is_causal=True)[:, :, pos:end]
+    elif n == 1:  # one query sees every cached key: no mask
+        out = attention(q, cache.k[layer, :rows, :, :end], cache.v[layer, :rows, :, :end])
+    else:  # new token i (at pos + i) sees keys up to pos + i
+        mask = torch.arange(end, device=q.device) <= torch.arange(pos, end, device=q.device)[:, None]
+        out = F.scaled_dot_product_attention(q, cache.k[layer, :rows, :, :end], cache.v[layer, :rows, :, :end],
+                                             attn_mask=mask)
+    return out.to(out_dtype)
 
 
 class _Attention(nn.Module):
@@ -383,8 +387,9 @@ def pixel_stats(device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]
     device = torch.device(device)
     stats = _PIXEL_STATS.get(device)
     if stats is None:
-        stats = _PIXEL_STATS[device] = tuple(torch.tensor(v, dtype=torch.float32, device=device)
-                                             for v in (PIXEL_MEAN, PIXEL_STD))
+        with torch.inference_mode(False):  # kept across calls: an ordinary tensor whatever mode made it
+            stats = _PIXEL_STATS[device] = tuple(torch.tensor(v, dtype=torch.float32, device=device)
+                                                 for v in (PIXEL_MEAN, PIXEL_STD))
     return stats
 
 
@@ -496,10 +501,25 @@ class ARLevel(nn.Module):
         self.cond_emb = Linear(cond_width, d)
         self.blocks = nn.ModuleList([ARBlock(d, config.heads) for _ in range(config.depth)])
         self.norm = nn.LayerNorm(d, eps=_LN_EPS)
-        # Not a parameter or a persistent buffer: the checkpoints do not hold it (official: an attribute).
+        # Not a parameter or a persistent buffer: the checkpoints do not hold it (official: an attribute,
+        # float32 whatever the model's dtype; ``_apply`` keeps it so).
         self.register_buffer("rope", rope_2d(config.grid, d // config.heads), persistent=False)
         nn.init.normal_(self.pos_embed_learned, std=0.02)
         _init_linear_and_norms(self)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) would round the rotary table; rebuild it in float32 where the module now is.
+        super()._apply(fn, recurse)
+        if self.rope.dtype != torch.float32:
+            self.refresh_rope()
+        return self
+
+    def refresh_rope(self, device: torch.device | str | None = None) -> None:
+        """Rebuild the float32 rotary table on ``device`` (default: where ``rope`` is, or where the
+        parameters are when it is on the meta device, e.g. after ``load_state_dict(..., assign=True)``)."""
+        if device is None:
+            device = self.rope.device if self.rope.device.type != "meta" else self.patch_emb.weight.device
+        self.rope = rope_2d(self.config.grid, self.config.width // self.config.heads).to(device)
 
     def embed(self, tokens: torch.Tensor, conds: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Input tokens at positions ``[start, stop)`` (default ``stop = L``) after ``patch_emb_ln``:
@@ -621,7 +641,20 @@ class FractalGen(nn.Module):
             ValueError: naming the missing and unexpected keys (``strict``) and the keys whose shape
                 differs (always), with a hint at the config when the layout does not match.
         """
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
+        bad = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
+        if bad and set(state_dict) & {"model", "model_ema", "state_dict"}:
+            raise ValueError(f"this looks like a whole checkpoint (keys {sorted(state_dict)[:6]}): pass its "
+                             "'model' entry, e.g. torch.load(path)['model']")
+        if bad:
+            raise ValueError(f"state dict values must be tensors; not tensors: {_few(bad)}")
         expected = self.state_dict()
+        prefix = "module."  # saved from a DistributedDataParallel wrapper
+        if strict and state_dict and all(k.startswith(prefix) for k in state_dict) and not any(
+                k.startswith(prefix) for k in expected):
+            raise ValueError("every key starts with 'module.' (saved from a DistributedDataParallel wrapper): strip "
+                             "it, e.g. {k.removeprefix('module.'): v for k, v in state_dict.items()}")
         problems = []
         if strict:
             missing = sorted(set(expected) - set(state_dict))
@@ -640,7 +673,11 @@ class FractalGen(nn.Module):
                              f"num_conds={self.config.num_conds}); " + "; ".join(problems)
                              + ". A published checkpoint needs the preset it was trained as (fastgen.fractal.PRESETS) "
                              "and its 'model' entry.")
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        for level in self.levels:  # non-persistent tables of a model built on the meta device, then assigned
+            if isinstance(level, ARLevel) and level.rope.device.type == "meta":
+                level.refresh_rope()
+        return result
 
 
 def _few(items: list[str], n: int = 6) -> str:

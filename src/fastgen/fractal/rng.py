@@ -32,6 +32,8 @@ pixel head) are Gumbel-max over the 3 x 256 logits of R, G, B (elements ``256 * 
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 M32 = 0xFFFFFFFF
@@ -95,7 +97,7 @@ def philox4x32(counter: torch.Tensor, seed: int | torch.Tensor, rounds: int = RO
 
 
 def _check_seed(seed) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 64:
         raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
 
 
@@ -103,6 +105,7 @@ def seed_words(seed: int, device: torch.device | str | None = None) -> torch.Ten
     """The key words ``(seed & 0xFFFFFFFF, seed >> 32)`` of ``seed`` as an int64 tensor ``(2,)`` on
     ``device``: what every function here takes in place of the int seed."""
     _check_seed(seed)
+    seed = int(seed)
     return torch.tensor([seed & M32, seed >> 32], dtype=torch.int64, device=device)
 
 

@@ -19,6 +19,7 @@ iteration, temperature multiplying the logits, the probability filter, the AR le
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -68,8 +69,9 @@ class SamplingPlan:
 
 
 def _number(name: str, value, low: float, *, strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+    # numbers.Real: Python and NumPy ints and floats alike; infinity is refused (inf * 0 logits are NaN)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     if value < low or (strict and value == low):
         raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, got {value!r}")
     return float(value)
@@ -79,11 +81,20 @@ def _labels(model: FractalGen, class_labels) -> torch.Tensor:
     device = next(model.parameters()).device
     if isinstance(class_labels, torch.Tensor):
         labels = class_labels
+    elif hasattr(class_labels, "__array__") and not isinstance(class_labels, numbers.Number):
+        labels = torch.as_tensor(class_labels)  # a NumPy array: its dtype is checked below
     else:
-        items = [class_labels] if isinstance(class_labels, int) else list(class_labels)
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        if isinstance(class_labels, numbers.Number):
+            items = [class_labels]
+        else:
+            try:
+                items = list(class_labels)
+            except TypeError:
+                raise ValueError(f"class_labels must be an int, a sequence of ints or a 1-D integer tensor, "
+                                 f"got {class_labels!r}") from None
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in items):
             raise ValueError(f"class_labels must be integers, got {class_labels!r}")
-        labels = torch.tensor(items, dtype=torch.int64)
+        labels = torch.tensor([int(v) for v in items], dtype=torch.int64)
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise ValueError(f"class_labels must be integers, got dtype {labels.dtype}")
     labels = labels.reshape(-1) if labels.dim() == 0 else labels
@@ -101,16 +112,17 @@ def _num_iters(model: FractalGen, num_iter) -> tuple[int, ...]:
     config = model.config
     if num_iter is None:
         return config.num_iters
-    if isinstance(num_iter, int) and not isinstance(num_iter, bool):
-        values = tuple(num_iter if lv.kind == MAR else lv.seq_len for lv in config.levels)
+    if isinstance(num_iter, numbers.Integral) and not isinstance(num_iter, bool):
+        values = tuple(int(num_iter) if lv.kind == MAR else lv.seq_len for lv in config.levels)
     elif isinstance(num_iter, Sequence) and len(num_iter) == config.num_levels:
         values = tuple(num_iter)
     else:
         raise ValueError(f"num_iter must be None, an int (every MAR level) or one int per level "
                          f"({config.num_levels}), got {num_iter!r}")
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
             raise ValueError(f"iterations must be positive integers, got {num_iter!r}")
+    values = tuple(int(v) for v in values)
     # As the official samplers: an AR level makes one iteration per token, a MAR level at most L.
     return tuple(lv.seq_len if lv.kind == AR else min(v, lv.seq_len) for lv, v in zip(config.levels, values))
 
@@ -120,7 +132,7 @@ def _seed(seed) -> int:
         # One draw from the generator (on its device), once per call: the keyed RNG takes it from there.
         return int(torch.randint(0, 2 ** 63 - 1, (), generator=seed, device=seed.device))
     rng._check_seed(seed)
-    return seed
+    return int(seed)
 
 
 def make_plan(model: FractalGen, class_labels, *, cfg: float = 1.0, cfg_schedule: str = "linear",
@@ -133,6 +145,13 @@ def make_plan(model: FractalGen, class_labels, *, cfg: float = 1.0, cfg_schedule
     """
     if not isinstance(model, FractalGen):
         raise ValueError(f"model must be a fastgen.fractal.FractalGen, got {type(model).__name__}")
+    kinds = {(p.dtype, p.device) for p in model.parameters()}
+    if len(kinds) != 1:
+        found = ", ".join(sorted(f"{dtype} on {device}" for dtype, device in kinds))
+        raise ValueError(f"the model's parameters must share one dtype and device (model.to(...)), found {found}")
+    if next(model.parameters()).device.type == "meta":
+        raise ValueError("the model is on the meta device: load weights into it (load_state_dict(..., assign=True)) "
+                         "or build it on a real device")
     if cfg_schedule not in CFG_SCHEDULES:
         raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
     filter_threshold = _number("filter_threshold", filter_threshold, 0.0)
@@ -279,7 +298,6 @@ _IMPLEMENTATIONS: dict[str, Callable[[FractalGen, SamplingPlan], torch.Tensor]] 
     "reference": _reference, "block": sample_block}
 
 
-@torch.inference_mode()
 def sample(model: FractalGen, class_labels, *, sampler: str = "reference", cfg: float = 1.0,
            cfg_schedule: str = "linear", temperature: float = 1.0, num_iter=None, filter_threshold: float = 1e-4,
            seed: int | torch.Generator = 0, progress: bool = True) -> torch.Tensor:
@@ -295,27 +313,33 @@ def sample(model: FractalGen, class_labels, *, sampler: str = "reference", cfg: 
         cfg_schedule: ``"linear"`` (default; the top level's scale grows with the tokens generated,
             levels below use their top-level iteration's scale) or ``"constant"``.
         temperature: > 0, *multiplies* the pixel heads' logits (official semantics).
-        num_iter: iterations per level: None (the config's: 64/16/16 at 256 px, 64/16 at 64 px), an
-            int for every MAR level, or one int per level. AR levels always make one per token; a MAR
+        num_iter: iterations per level: None (the config's: MAR 64/16/16 at 256 px, MAR 64/16 and AR
+            256/16 at 64 px), an int for every MAR level, or one int per level. AR levels always make one per token; a MAR
             level makes at most one per token.
         filter_threshold: with CFG, conditional probability below which guidance is held back
             (official default 1e-4).
-        seed: int in ``[0, 2**64)`` or a ``torch.Generator`` (one number is drawn from it). Image ``i``
+        seed: int (Python or NumPy) in ``[0, 2**64)`` or a ``torch.Generator`` (one number is drawn from it). Image ``i``
             depends on the seed, its label, ``i`` and the settings, not on the rest of the batch.
         progress: a progress bar per top-level iteration.
 
     Returns:
-        uint8 ``(B, 3, H, W)`` on the model's device.
+        uint8 ``(B, 3, H, W)`` on the model's device: an ordinary tensor (sampling runs under
+        ``torch.inference_mode``; the result is not an inference tensor unless the caller's own code
+        runs in inference mode).
 
     Raises:
         ValueError: for an unknown sampler, labels out of range, cfg < 1, a non-positive temperature,
-            an unknown schedule, bad iterations or seed.
+            cfg or temperature not finite, an unknown schedule, bad iterations or seed, or a model whose
+            parameters do not share one dtype and device.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; the samplers are {SAMPLERS}")
     plan = make_plan(model, class_labels, cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature,
                      num_iter=num_iter, filter_threshold=filter_threshold, seed=seed, progress=progress)
-    return values_to_uint8(_IMPLEMENTATIONS[sampler](model, plan))
+    with torch.inference_mode():
+        images = values_to_uint8(_IMPLEMENTATIONS[sampler](model, plan))
+    # Outside inference mode a clone is an ordinary tensor (users write into images, e.g. a grid's border).
+    return images.clone()
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None, scale: int | None = None, pad: int = 2) -> torch.Tensor:
