@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import fastgen.benchmarks
 from fastgen.benchmarks import fractal as F
@@ -54,7 +55,10 @@ def test_the_package_imports_no_suite_until_suites_is_used():
     (["--top-iterations", "-1"], "argument --top-iterations: must be at least 0"),
     (["--threads", "0"], "argument --threads: must be at least 1"),
     (["--device", "bogus"], "--device 'bogus' is not a device"),
-], ids=["preset", "presets", "rounds", "batches", "empty-batch", "top-iterations", "threads", "device"])
+    (["--device", "meta"], "--device meta: the meta device holds no data"),
+    (["--device", "cpu:1"], "--device cpu:1: there is one CPU device"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda:0"], "--device cuda:0 asked for, but this torch")]),
+    ids=lambda v: "-".join(v) if isinstance(v, list) else None)
 def test_fractal_main_bad_arguments_exit_2(capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
         F.main(argv)

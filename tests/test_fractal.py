@@ -30,7 +30,7 @@ from fastgen.fractal import (
     sample,
 )
 from fastgen.fractal.config import small_config
-from fastgen.fractal.model import ids_to_values, rope_2d, values_to_uint8
+from fastgen.fractal.model import ids_to_values, load_checkpoint, rope_2d, values_to_uint8
 from fractal_models import model_of, single_thread, tiny  # noqa: F401 (single_thread: an autouse fixture)
 from fastgen.fractal.schedule import level_schedule, mar_mask_lengths
 
@@ -385,26 +385,72 @@ def test_state_dict_round_trip():
     assert not any("rope" in k for k in keys)
 
 
-def test_meta_build_and_assigned_weights_sample_like_the_source():
-    # The usual way to load a large checkpoint: build on meta, load_state_dict(assign=True). The rotary
-    # tables are not in the state dict; they are rebuilt where the weights are.
+@pytest.mark.parametrize("how", ["assign", "to_empty", "parent-assign", "deepcopy"])
+def test_every_way_of_building_and_loading_samples_like_the_source(how):
+    # Large checkpoints load into models built on the meta device (assign=True, or to_empty() then a load,
+    # through the model or a module holding it). The rotary tables are not in the state dict: they must
+    # come out right whatever the route.
+    import copy
+
     config = tiny(("ar", "ar"), num_conds=1)
     source = model_of(config)
-    with torch.device("meta"):
-        model = FractalGen(config)
-    model.load_state_dict(source.state_dict(), assign=True)
-    assert all(level.rope.device.type == "cpu" for level in model.levels)
+    sample(source, [1], progress=False)  # a first use (tables made) before a copy is taken
+    if how == "deepcopy":
+        model = copy.deepcopy(source)
+    else:
+        with torch.device("meta"):
+            model = FractalGen(config)
+        if how == "assign":
+            model.load_state_dict(source.state_dict(), assign=True)
+        elif how == "to_empty":
+            model = model.to_empty(device="cpu")
+            model.load_state_dict(source.state_dict())
+        else:
+            parent = torch.nn.ModuleDict({"fractal": model})
+            parent.load_state_dict({f"fractal.{k}": v for k, v in source.state_dict().items()}, assign=True)
+    for level, want in zip(model.levels, source.levels):
+        if hasattr(want, "rope"):
+            assert level.rope.device.type == "cpu" and torch.equal(level.rope, want.rope)
     assert torch.equal(sample(model, [3, 5], cfg=2.0, progress=False), sample(source, [3, 5], cfg=2.0, progress=False))
 
 
 def test_rotary_tables_stay_float32_in_a_low_precision_model():
     # Official: the tables are float32 attributes whatever the weights' dtype; a bf16 table would round angles.
     model = model_of(tiny(("ar", "ar"), num_conds=1)).to(torch.bfloat16)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        wide = FractalGen(tiny(("ar", "ar"), num_conds=1))
+    finally:
+        torch.set_default_dtype(default)
+    assert all(level.rope.dtype == torch.float32 for level in wide.levels)
     for level in model.levels:
         assert level.rope.dtype == torch.float32
         assert torch.equal(level.rope, rope_2d(level.config.grid, level.config.width // level.config.heads))
     assert model.levels[0].patch_emb.weight.dtype == torch.bfloat16
     assert sample(model, [1], cfg=2.0, progress=False).shape == (1, 3, 8, 8)
+
+
+def test_load_checkpoint_reads_official_and_plain_files(tmp_path):
+    import argparse
+
+    model = model_of(tiny())
+    sd = model.state_dict()
+    official, plain, junk, other = (tmp_path / n for n in ("official.pth", "plain.pt", "junk.pt", "other.pt"))
+    torch.save({"model": sd, "model_ema": sd, "args": argparse.Namespace(model="fractalmar_in64", cfg=6.5),
+                "epoch": 799}, official)  # util/misc.py save_model's layout
+    torch.save(sd, plain)
+    junk.write_bytes(b"not a checkpoint")
+    torch.save({"weights": [1, 2]}, other)
+    for path in (official, plain):
+        loaded = load_checkpoint(path)
+        assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k]) for k in sd)
+    with pytest.raises(ValueError, match="junk.pt is not a PyTorch checkpoint of tensors"):
+        load_checkpoint(junk)
+    with pytest.raises(ValueError, match="without a 'model' state dict of tensors"):
+        load_checkpoint(other)
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.pth")
 
 
 def test_state_dict_mistakes_get_a_hint():
@@ -466,6 +512,14 @@ def test_bad_sampling_input():
     for name, value in (("cfg", float("inf")), ("temperature", float("inf")), ("cfg", float("nan"))):
         with pytest.raises(ValueError, match=f"{name} must be a finite number"):
             sample(model, [1], progress=False, **{name: value})
+    for huge in (1e39, -1e39):
+        with pytest.raises(ValueError, match="within float32's range"):
+            sample(model, [1], temperature=huge, progress=False)
+    with pytest.raises(ValueError, match=r"class labels must be in \[0, 10\).*\[1180591620717411303424\]"):
+        sample(model, [2 ** 70], progress=False)
+    for dtype in (torch.uint8, torch.uint16, torch.uint32, torch.uint64):
+        with pytest.raises(ValueError, match=r"class labels must be in \[0, 10\)"):
+            sample(model, torch.tensor([3, 12], dtype=dtype), progress=False)
     with pytest.raises(ValueError, match="must be an int, a sequence of ints"):
         sample(model, object(), progress=False)
     with pytest.raises(ValueError, match="integers, got dtype torch.float64"):
@@ -488,6 +542,10 @@ def test_numpy_numbers_are_numbers():
                      seed=np.uint32(3), progress=False)
         assert torch.equal(got, want)
     assert torch.equal(sample(model, np.int64(2), seed=3, progress=False), sample(model, 2, seed=3, progress=False))
+    per_level = sample(model, [1, 2], cfg=2.0, temperature=1.5, num_iter=np.array([2, 4]), seed=3, progress=False)
+    assert torch.equal(per_level, want)  # the AR level makes one iteration per token whatever is asked
+    assert torch.equal(sample(model, torch.tensor([1, 2], dtype=torch.uint16), cfg=2.0, temperature=1.5, num_iter=2,
+                              seed=3, progress=False), want)
 
 
 def test_bad_configs():

@@ -59,6 +59,26 @@ def test_gpu_cases_and_the_timed_subset():
         F.FractalCase("x", F.cpu_config(), 0)
 
 
+@pytest.mark.parametrize("kinds", [("mar", "mar"), ("ar", "mar")])
+def test_generated_pixels_are_what_a_subset_changes(kinds):
+    from fractal_models import model_of, tiny
+
+    from fastgen.fractal.model import values_to_uint8
+    from fastgen.fractal.sampler import ReferenceSampler
+
+    model = model_of(tiny(kinds, num_conds=1 if kinds[0] == "ar" else 5))
+    plan = make_plan(model, [1, 2, 3], cfg=2.0, seed=5, progress=False)
+    assert F.generated_pixels(model, plan).all()
+    sub = F.subset_plan(plan, 2)
+    mask = F.generated_pixels(model, sub)
+    with torch.inference_mode():
+        images = values_to_uint8(ReferenceSampler(model, sub)())
+    untouched = values_to_uint8(torch.zeros_like(images, dtype=torch.float32))  # tokens never generated: zeros
+    assert 0 < mask.float().mean() < 1 and mask.shape == images.shape
+    assert torch.equal(images[~mask], untouched[~mask])
+    assert (images[mask] != untouched[mask]).any()  # generated values (almost all differ from the untouched)
+
+
 def test_a_case_budget_cuts_the_rounds_to_what_fits_but_keeps_one():
     case = F.fractal_cases("cpu", batches=(1,), top_iterations=1)[0]
     model = F.build_model(case, torch.device("cpu"))

@@ -68,8 +68,12 @@ def test_fractal_loads_weights_without_a_warning(tmp_path, capsys):
     # per tensor (filterwarnings = error makes any warning fail this test)
     from fastgen.fractal.digits import load_digits_model
 
+    import argparse
+
     weights, out = tmp_path / "digits.pth", tmp_path / "sub" / "grid.jpg"
-    torch.save(load_digits_model().state_dict(), weights)
+    # as the official util/misc.py save_model writes it: an argparse.Namespace beside the state dict
+    torch.save({"model": load_digits_model().state_dict(), "args": argparse.Namespace(model="digits"), "epoch": 3},
+               weights)
     assert main(["fractal", "--preset", "digits", "--weights", str(weights), "--labels", "7", "--out", str(out),
                  "--quiet", "--device", "cpu"]) == 0
     line = capsys.readouterr().out

@@ -14,31 +14,11 @@ from fastgen.constants import ATTENTION_BACKENDS
 
 
 def _device(value: str | None):
-    """The torch device ``value`` names (default: cuda where present, else cpu); ValueError with a one-line
-    reason for a name torch does not know or a device this machine does not have (cpu:1, cuda:N past the
-    last GPU: torch accepts both and would quietly run on another device)."""
-    import torch
+    """The torch device ``value`` names (``fastgen.benchmarks.core.parse_device``); ValueError with a one-line
+    reason."""
+    from fastgen.benchmarks.core import parse_device
 
-    if not value:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(value)
-    except RuntimeError as exc:
-        raise ValueError(f"--device {value!r} is not a device ({exc})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {value} asked for, but this torch ({torch.__version__}) sees no CUDA GPU")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {value}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
-                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    if device.type == "cpu" and device.index not in (None, 0):
-        raise ValueError(f"--device {value}: there is one CPU device, cpu (or cpu:0)")
-    if device.type not in ("cpu", "cuda"):
-        try:
-            torch.empty(0, device=device)  # another kind (mps, xpu, ...): present in this torch and machine?
-        except (RuntimeError, AssertionError):
-            raise ValueError(f"--device {value}: this torch ({torch.__version__}) and machine have no "
-                             f"{device.type} device") from None
-    return device
+    return parse_device(value)
 
 
 def _device_arg(value: str | None):
@@ -583,18 +563,14 @@ def _writable_parent(path: Path) -> None:
 def _state_dict(path: str, torch) -> dict:
     """A state dict from ``path`` (an official checkpoint's ``"model"`` entry, or a plain state dict);
     ValueError with a one-line reason."""
+    from fastgen.fractal.model import load_checkpoint
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return load_checkpoint(path)
     except FileNotFoundError:
         raise ValueError(f"--weights {path}: no such file") from None
-    except Exception as exc:  # a file torch cannot read as a state dict: say so in one line
-        raise ValueError(f"--weights {path} is not a PyTorch state dict ({type(exc).__name__}: "
-                         f"{str(exc).strip().splitlines()[0][:160]})") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]  # an official checkpoint: {"model": state dict, ...}
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"--weights {path} holds a {type(state).__name__}, not a state dict of tensors")
-    return state
+    except ValueError as exc:
+        raise ValueError(f"--weights {exc}") from None
 
 
 def _fractal_model(args, torch):

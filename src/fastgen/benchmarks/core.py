@@ -79,6 +79,34 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def parse_device(value: str | None) -> torch.device:
+    """The torch device ``value`` names (default: cuda where present, else cpu); ValueError with a one-line
+    reason for a name torch does not know or a device this machine does not have (cpu:1, cuda:N past the
+    last GPU: torch accepts both and would quietly run on another device)."""
+    if not value:
+        return default_device()
+    try:
+        device = torch.device(value)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {value!r} is not a device ({exc})") from None
+    if device.type == "meta":
+        raise ValueError(f"--device {value}: the meta device holds no data to compute with; name cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {value} asked for, but this torch ({torch.__version__}) sees no CUDA GPU")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {value}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise ValueError(f"--device {value}: there is one CPU device, cpu (or cpu:0)")
+    if device.type not in ("cpu", "cuda"):
+        try:
+            torch.empty(0, device=device)  # another kind (mps, xpu, ...): present in this torch and machine?
+        except (RuntimeError, AssertionError):
+            raise ValueError(f"--device {value}: this torch ({torch.__version__}) and machine have no "
+                             f"{device.type} device") from None
+    return device
+
+
 # --------------------------------------------------------------------------------------------
 # Timing and memory
 # --------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from fastgen.fractal.config import (
     PixelHeadConfig,
     get_config,
 )
-from fastgen.fractal.model import ARLevel, FractalGen, KVCache, MARLevel, PixelHead
+from fastgen.fractal.model import ARLevel, FractalGen, KVCache, MARLevel, PixelHead, load_checkpoint
 from fastgen.fractal.sampler import SAMPLERS, ReferenceSampler, SamplingPlan, image_grid, make_plan, sample
 from fastgen.fractal.schedule import CallCounts, LevelSchedule, call_counts, mar_schedule
 
@@ -48,6 +48,7 @@ __all__ = [
     "SamplingPlan",
     "call_counts",
     "get_config",
+    "load_checkpoint",
     "image_grid",
     "make_plan",
     "mar_schedule",

@@ -57,6 +57,7 @@ on widths that are multiples of 8) do not depend on the rows.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import torch
@@ -219,7 +220,7 @@ def rope_2d(grid: int, head_dim: int, base: float = ROPE_BASE) -> torch.Tensor:
     angles = torch.outer(torch.arange(grid, dtype=torch.float32), freqs)  # (grid, head_dim // 4)
     grid_angles = torch.cat([angles[:, None, :].expand(-1, grid, -1), angles[None, :, :].expand(grid, -1, -1)], dim=-1)
     table = torch.stack([torch.cos(grid_angles), torch.sin(grid_angles)], dim=-1).flatten(0, 1)
-    return torch.cat([torch.zeros(1, half, 2), table])
+    return torch.cat([torch.zeros(1, half, 2, dtype=torch.float32), table])
 
 
 def _rotate(x, table):
@@ -501,25 +502,21 @@ class ARLevel(nn.Module):
         self.cond_emb = Linear(cond_width, d)
         self.blocks = nn.ModuleList([ARBlock(d, config.heads) for _ in range(config.depth)])
         self.norm = nn.LayerNorm(d, eps=_LN_EPS)
-        # Not a parameter or a persistent buffer: the checkpoints do not hold it (official: an attribute,
-        # float32 whatever the model's dtype; ``_apply`` keeps it so).
-        self.register_buffer("rope", rope_2d(config.grid, d // config.heads), persistent=False)
+        # Neither a parameter nor a buffer (official: a plain attribute, float32 whatever the weights' dtype):
+        # made where the weights are on first use, so .to(dtype), to_empty() and meta builds loaded with
+        # assign=True (through this module or any parent) never round or leave it uninitialised.
+        self._rope: torch.Tensor | None = None
         nn.init.normal_(self.pos_embed_learned, std=0.02)
         _init_linear_and_norms(self)
 
-    def _apply(self, fn, recurse=True):
-        # model.to(bfloat16) would round the rotary table; rebuild it in float32 where the module now is.
-        super()._apply(fn, recurse)
-        if self.rope.dtype != torch.float32:
-            self.refresh_rope()
-        return self
-
-    def refresh_rope(self, device: torch.device | str | None = None) -> None:
-        """Rebuild the float32 rotary table on ``device`` (default: where ``rope`` is, or where the
-        parameters are when it is on the meta device, e.g. after ``load_state_dict(..., assign=True)``)."""
-        if device is None:
-            device = self.rope.device if self.rope.device.type != "meta" else self.patch_emb.weight.device
-        self.rope = rope_2d(self.config.grid, self.config.width // self.config.heads).to(device)
+    @property
+    def rope(self) -> torch.Tensor:
+        """The float32 rotary table (``rope_2d``) on the weights' device."""
+        device = self.patch_emb.weight.device
+        if self._rope is None or self._rope.device != device:
+            with torch.inference_mode(False):  # kept across calls: an ordinary tensor whatever mode made it
+                self._rope = rope_2d(self.config.grid, self.config.width // self.config.heads).to(device)
+        return self._rope
 
     def embed(self, tokens: torch.Tensor, conds: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Input tokens at positions ``[start, stop)`` (default ``stop = L``) after ``patch_emb_ln``:
@@ -673,11 +670,37 @@ class FractalGen(nn.Module):
                              f"num_conds={self.config.num_conds}); " + "; ".join(problems)
                              + ". A published checkpoint needs the preset it was trained as (fastgen.fractal.PRESETS) "
                              "and its 'model' entry.")
-        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        for level in self.levels:  # non-persistent tables of a model built on the meta device, then assigned
-            if isinstance(level, ARLevel) and level.rope.device.type == "meta":
-                level.refresh_rope()
-        return result
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def load_checkpoint(path, *, key: str = "model", map_location="cpu") -> dict[str, torch.Tensor]:
+    """The state dict in a checkpoint file: an official FractalGen checkpoint (``util/misc.py``
+    ``save_model``: ``{"model": ..., "args": argparse.Namespace, ...}``; its ``key`` entry, default
+    ``"model"``) or a plain state dict.
+
+    Loaded with ``torch.load(weights_only=True)`` (no arbitrary code from the file), allowing only the
+    ``argparse.Namespace`` the official checkpoints hold besides tensors.
+
+    Raises:
+        FileNotFoundError: for a missing file.
+        ValueError: for a file that is not a checkpoint of tensors (with torch's reason in one line).
+    """
+    import argparse
+
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # torch's message spans many lines (and colours); its first line says why
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first = re.sub(r"\x1b\[[0-9;]*m", "", first)
+        raise ValueError(f"{path} is not a PyTorch checkpoint of tensors ({type(exc).__name__}: {first[:160]})") from None
+    if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+        state = state[key]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds a {type(state).__name__} without a {key!r} state dict of tensors")
+    return dict(state)
 
 
 def _few(items: list[str], n: int = 6) -> str:

@@ -68,10 +68,15 @@ class SamplingPlan:
         return self.cfg != 1.0
 
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 def _number(name: str, value, low: float, *, strict: bool = False) -> float:
     # numbers.Real: Python and NumPy ints and floats alike; infinity is refused (inf * 0 logits are NaN)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    # and within float32's range: the logits are scaled in float32 (1e39 would be inf there)
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+            or abs(value) > _FLOAT32_MAX):
+        raise ValueError(f"{name} must be a finite number (within float32's range), got {value!r}")
     if value < low or (strict and value == low):
         raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, got {value!r}")
     return float(value)
@@ -94,6 +99,10 @@ def _labels(model: FractalGen, class_labels) -> torch.Tensor:
                                  f"got {class_labels!r}") from None
         if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in items):
             raise ValueError(f"class_labels must be integers, got {class_labels!r}")
+        n = model.config.num_classes
+        bad = [int(v) for v in items if not 0 <= v < n]  # before int64: 2**70 does not fit one
+        if bad:
+            raise ValueError(f"class labels must be in [0, {n}) for this model, got {bad[:8]}")
         labels = torch.tensor([int(v) for v in items], dtype=torch.int64)
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise ValueError(f"class_labels must be integers, got dtype {labels.dtype}")
@@ -102,6 +111,8 @@ def _labels(model: FractalGen, class_labels) -> torch.Tensor:
         raise ValueError(f"class_labels must be a non-empty 1-D sequence, got shape {tuple(labels.shape)}")
     n = model.config.num_classes
     bad = labels.cpu()
+    if bad.dtype in (torch.uint16, torch.uint32, torch.uint64):  # no comparison kernels for these on a CPU
+        bad = bad.to(torch.float64) if bad.dtype == torch.uint64 else bad.to(torch.int64)
     bad = bad[(bad < 0) | (bad >= n)]
     if bad.numel():
         raise ValueError(f"class labels must be in [0, {n}) for this model, got {bad.tolist()[:8]}")
@@ -114,8 +125,8 @@ def _num_iters(model: FractalGen, num_iter) -> tuple[int, ...]:
         return config.num_iters
     if isinstance(num_iter, numbers.Integral) and not isinstance(num_iter, bool):
         values = tuple(int(num_iter) if lv.kind == MAR else lv.seq_len for lv in config.levels)
-    elif isinstance(num_iter, Sequence) and len(num_iter) == config.num_levels:
-        values = tuple(num_iter)
+    elif (isinstance(num_iter, Sequence) or hasattr(num_iter, "__array__")) and len(num_iter) == config.num_levels:
+        values = tuple(v.item() if hasattr(v, "item") else v for v in num_iter)  # NumPy / tensor elements
     else:
         raise ValueError(f"num_iter must be None, an int (every MAR level) or one int per level "
                          f"({config.num_levels}), got {num_iter!r}")
