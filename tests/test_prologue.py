@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import zlib
 from pathlib import Path
 
 import pytest
@@ -58,7 +59,8 @@ def refs(kw, eps=1e-6):
 @pytest.mark.parametrize("norm", ["head", "all", None])
 @pytest.mark.parametrize("rope", ["interleaved", "half", None])
 def test_matches_reference(rope, norm, dtype, backend):
-    kw = inputs(2, 13, 3, 80, dtype, norm, rope, seed=hash((rope, norm)) % 1000)
+    # a seed per case that is the same in every process (hash() of strings is salted per process)
+    kw = inputs(2, 13, 3, 80, dtype, norm, rope, seed=zlib.crc32(f"{rope}-{norm}".encode()) % 1000)
     oq, ok = fastgen.ops.qk_norm_rope(**kw, backend=backend)
     tq, tk = fastgen.ops.qk_norm_rope(**kw, backend="torch")
     rq, rk = refs(kw)
