@@ -560,7 +560,7 @@ def _writable_parent(path: Path) -> None:
                                               f"cannot write into {path.parent}"))
 
 
-def _state_dict(path: str, torch) -> dict:
+def _state_dict(path: str) -> dict:
     """A state dict from ``path`` (an official checkpoint's ``"model"`` entry, or a plain state dict);
     ValueError with a one-line reason."""
     from fastgen.fractal.model import load_checkpoint
@@ -583,7 +583,7 @@ def _fractal_model(args, torch):
         if args.preset == "digits":
             return digits.load_digits_model(), "digits model (trained, fastgen/fractal/weights/digits.pt)"
         return fractal.FractalGen(config), f"{args.preset} with random weights (pass --weights for a checkpoint)"
-    state = _state_dict(args.weights, torch)
+    state = _state_dict(args.weights)
     with torch.device("meta"):  # the layout first, without the memory or the time of the real model
         layout = fractal.FractalGen(config)
     # meta tensors in, so the load is a check of names and shapes (a real tensor into a meta parameter is a
