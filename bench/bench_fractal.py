@@ -1,7 +1,7 @@
 """FractalGen (issue #15): images per second of the reference sampler vs the block sampler, same model and
 plan, same run. On a GPU the ImageNet 64 MAR and ImageNet 256 MAR-B / L / H configs (random weights, bf16)
 at batch 1, 16 and 256, each timed over a subset of its top-level iterations and scaled to whole images;
-on a CPU the small MAR config at batch 1, 4 and 16 (under FASTGEN_DRY_RUN=1: batch 1 and 4 over 2
+on a CPU the small MAR config at batch 1, 4, 16 and 64 (under FASTGEN_DRY_RUN=1: batch 1 and 4 over 2
 top-level iterations, one round; so too in the CPU test run, --benchmark-disable).
 FASTGEN_FRACTAL_PRESETS / _BATCHES / _TOP_ITERATIONS override; on a GPU each case's timed rounds get
 CASE_BUDGET_S seconds (judged by its warm-up; at least one round). Each row

@@ -282,6 +282,22 @@ def test_keyed_numbers_do_not_depend_on_order_or_layout():
 PINNED_BITS = [[4246059522, 3406712816]]  # philox4x32_10(counter (3, 77, 2 << 24 | 3 << 16, 0), key 1234)[:2]
 
 
+@pytest.mark.parametrize("per_pass", [1, 5, 192, 1000])
+def test_keyed_numbers_do_not_depend_on_the_cpu_passes(monkeypatch, per_pass):
+    # A CPU draws in passes of CPU_BLOCKS_PER_PASS Philox blocks (whole keys; 192 blocks a pixel's Gumbel
+    # noise): every pass split gives the values of one pass.
+    images, paths = torch.arange(40)[:, None], torch.arange(7)[None, :] * 1000
+    kw = {"level": 3, "purpose": rng.PIXEL}
+    whole = (rng.random_bits(9, images, paths, count=13, **kw), rng.uniform(9, images, paths, count=6, **kw),
+             rng.channel_gumbel(9, images, paths, **kw), rng.permutation(9, images, paths, level=1, length=33))
+    monkeypatch.setattr(rng, "CPU_BLOCKS_PER_PASS", per_pass)
+    passes = (rng.random_bits(9, images, paths, count=13, **kw), rng.uniform(9, images, paths, count=6, **kw),
+              rng.channel_gumbel(9, images, paths, **kw), rng.permutation(9, images, paths, level=1, length=33))
+    for a, b in zip(whole, passes):
+        assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    assert rng.channel_gumbel(9, images[:0], paths, **kw).shape == (0, 7, 3, 256)
+
+
 def test_keyed_distributions():
     image, path = torch.arange(20000), torch.zeros(1, dtype=torch.int64)
     u = rng.uniform(7, image, path, level=0, purpose=rng.ORDER, count=4)
@@ -346,19 +362,19 @@ def test_reference_sampler_without_cfg_and_with_a_generator():
 def test_reference_sampler_draws_each_key_once():
     model = model_of(tiny(("mar", "mar", "mar"), (8, 4, 2, 1), guiding=True))
     seen = collections.defaultdict(list)
-    real = rng.random_bits
+    real = rng._keyed  # every keyed draw (random_bits, uniform, gumbel) goes through it
 
-    def spy(seed, image, path, *, level, purpose, count, step=0):
+    def spy(seed, image, path, level, purpose, *args):
         image_b, path_b = torch.broadcast_tensors(image, path)
         for i, p in zip(image_b.flatten().tolist(), path_b.flatten().tolist()):
             seen[level, purpose].append((i, p))
-        return real(seed, image, path, level=level, purpose=purpose, count=count, step=step)
+        return real(seed, image, path, level, purpose, *args)
 
-    rng.random_bits = spy
+    rng._keyed = spy
     try:
         sample(model, [0, 1], cfg=2.0, progress=False)
     finally:
-        rng.random_bits = real
+        rng._keyed = real
     for key, draws in seen.items():
         assert len(draws) == len(set(draws)), key
     # orders: one per node and image; guiding pixels below the top; pixels: every pixel once

@@ -8,7 +8,7 @@ float32 on a CPU; in bf16 on a GPU the two part where a draw's logits round diff
 
 Cases: on a GPU the published ImageNet 64 MAR and ImageNet 256 MAR-B / L / H configs (random weights,
 bf16, the published CFG scale and temperature) at batch 1, 16 and 256; on a CPU a small MAR over MAR
-config (32 px: 64 tokens of 4 x 4 in 16 iterations, then 16 pixels in 16) at batch 1, 4 and 16.
+config (32 px: 64 tokens of 4 x 4 in 16 iterations, then 16 pixels in 16) at batch 1, 4, 16 and 64.
 
 Timing: each provider once untimed (warm-up: allocations, autotuning, graph capture), then ``rounds``
 timed calls, the providers interleaved (a change in the machine's load hits both); medians. A full
@@ -39,7 +39,7 @@ PROVIDERS = (REFERENCE, BLOCK)
 ROUNDS = 3
 GPU_PRESETS = ("fractalmar_in64", "fractalmar_base_in256", "fractalmar_large_in256", "fractalmar_huge_in256")
 GPU_BATCHES = (1, 16, 256)
-CPU_BATCHES = (1, 4, 16)
+CPU_BATCHES = (1, 4, 16, 64)
 # Top-level iterations timed on a GPU (of 64): the reference's whole ImageNet 256 image is minutes.
 # The reference spends ~1,100 forwards per top-level token of a 256 px model (16 level-1 iterations, each
 # a 16-iteration level-2 node with its pixel and guiding-pixel heads): seconds per token even on an H100.
@@ -92,7 +92,7 @@ def cpu_config():
 def fractal_cases(device: torch.device | str, batches=None, presets=None,
                   top_iterations: int | None = None) -> list[FractalCase]:
     """GPU: ``presets`` (default ``GPU_PRESETS``) at ``batches`` (default 1, 16, 256), bf16, the published
-    CFG and temperature, ``GPU_TOP_ITERATIONS``; CPU: ``CPU_CASE`` at ``batches`` (default 1, 4, 16), whole
+    CFG and temperature, ``GPU_TOP_ITERATIONS``; CPU: ``CPU_CASE`` at ``batches`` (default 1, 4, 16, 64), whole
     images. ``top_iterations`` overrides the iterations timed (0: whole images)."""
     from fastgen.fractal import PRESET_SAMPLING
 
