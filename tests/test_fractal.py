@@ -282,6 +282,35 @@ def test_keyed_numbers_do_not_depend_on_order_or_layout():
 PINNED_BITS = [[4246059522, 3406712816]]  # philox4x32_10(counter (3, 77, 2 << 24 | 3 << 16, 0), key 1234)[:2]
 
 
+def test_keyed_draws_refuse_keys_they_cannot_hold():
+    image, path, kw = torch.arange(3), torch.tensor(5), {"level": 1, "purpose": rng.PIXEL}
+    for seed in (np.int32(5), np.uint8(5), np.int16(5), np.uint64(5)):  # NumPy seeds: the int's numbers
+        assert torch.equal(rng.uniform(seed, image, path, count=2, **kw), rng.uniform(5, image, path, count=2, **kw))
+    assert torch.equal(rng.random_bits(7, image.int(), path.to(torch.uint8), count=3, **kw),
+                       rng.random_bits(7, image, path, count=3, **kw))
+    assert torch.equal(rng.permutation(7, image, path, level=0, length=np.int64(6)),
+                       rng.permutation(7, image, path, level=0, length=6))
+    assert rng.random_bits(7, image, path, count=np.int64(3), **kw).shape == (3, 3)
+    top = torch.tensor([2 ** 32 - 1])
+    assert rng.random_bits(7, top, top, count=1, **kw).shape == (1, 1)
+    for bad, match in (((torch.tensor([-1]), path), "image values must be in"),
+                       ((image, torch.tensor(2 ** 32)), "path values must be in"),
+                       ((image.float(), path), "image must be an integer tensor"),
+                       ((image, torch.tensor(True)), "path must be an integer tensor"),
+                       ((3, path), "image must be an integer tensor")):
+        with pytest.raises(ValueError, match=match):
+            rng.gumbel(7, *bad, count=4, **kw)
+    with pytest.raises(ValueError, match="length must be an integer in"):
+        rng.permutation(7, image, path, level=0, length=0)
+    with pytest.raises(ValueError, match="count must be an integer in"):
+        rng.random_bits(7, image, path, count=0, **kw)
+    with pytest.raises(ValueError, match="seed must be an integer in"):
+        rng.uniform(np.int64(-1), image, path, count=2, **kw)
+    with pytest.raises(ValueError, match="level must be an integer in"):
+        rng.purpose_word(256, rng.PIXEL)
+    assert rng.purpose_word(np.int64(2), np.uint8(3)) == 2 << 24 | 3 << 16
+
+
 @pytest.mark.parametrize("per_pass", [1, 5, 192, 1000])
 def test_keyed_numbers_do_not_depend_on_the_cpu_passes(monkeypatch, per_pass):
     # A CPU draws in passes of CPU_BLOCKS_PER_PASS Philox blocks (whole keys; 192 blocks a pixel's Gumbel

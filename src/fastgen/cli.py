@@ -665,7 +665,7 @@ def fractal_args(sub) -> None:
     f.add_argument("--sampler", default="block", help="block (default) or reference")
     f.add_argument("--out", type=_image_out, default="fractal.png", metavar="PATH",
                    help="the grid's image file; its extension picks the format: .png (default fractal.png), or any "
-                        "other Pillow writes (.jpg, .webp, ...)")
+                        "other Pillow writes (.jpg, .webp, ...); missing folders on its path are created")
     f.add_argument("--nrow", type=_positive, default=None, help="images per grid row (default: about square)")
     f.add_argument("--scale", type=_positive, default=None,
                    help="nearest-neighbour upscaling of each image (default: to at least 64 px)")

@@ -85,7 +85,7 @@ def philox4x32(counter: torch.Tensor, seed: int | torch.Tensor, rounds: int = RO
         r = torch.arange(rounds, dtype=torch.int64, device=seed.device)
         keys = list(zip(((seed[0] + r * PHILOX_W[0]) & M32).unbind(), ((seed[1] + r * PHILOX_W[1]) & M32).unbind()))
     else:
-        _check_seed(seed)
+        seed = _check_seed(seed)
         k0, k1 = seed & M32, seed >> 32
         keys = [((k0 + r * PHILOX_W[0]) & M32, (k1 + r * PHILOX_W[1]) & M32) for r in range(rounds)]
     c0, c1, c2, c3 = counter.unbind(-1)
@@ -96,16 +96,22 @@ def philox4x32(counter: torch.Tensor, seed: int | torch.Tensor, rounds: int = RO
     return torch.stack((c0, c1, c2, c3), dim=-1)
 
 
-def _check_seed(seed) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 64:
-        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+def _check_seed(seed) -> int:
+    # Python or NumPy integers; a Python int out (a NumPy int32 seed would overflow the key arithmetic)
+    return _integer("seed", seed, 0, 2 ** 64)
+
+
+def _integer(name: str, value, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value < high:
+        bound = {2 ** 64: "2**64", 2 ** 32: "2**32"}.get(high, high)
+        raise ValueError(f"{name} must be an integer in [{low}, {bound}), got {value!r}")
+    return int(value)
 
 
 def seed_words(seed: int, device: torch.device | str | None = None) -> torch.Tensor:
     """The key words ``(seed & 0xFFFFFFFF, seed >> 32)`` of ``seed`` as an int64 tensor ``(2,)`` on
     ``device``: what every function here takes in place of the int seed."""
-    _check_seed(seed)
-    seed = int(seed)
+    seed = _check_seed(seed)
     return torch.tensor([seed & M32, seed >> 32], dtype=torch.int64, device=device)
 
 
@@ -115,9 +121,8 @@ def purpose_word(level: int, purpose: int, step: int = 0) -> int:
     Raises:
         ValueError: for a level outside [0, 256), a purpose outside [0, 256) or a step outside [0, 65536).
     """
-    for name, value, bound in (("level", level, 256), ("purpose", purpose, 256), ("step", step, 65536)):
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < bound:
-            raise ValueError(f"{name} must be an integer in [0, {bound}), got {value!r}")
+    level, purpose, step = (_integer(name, value, 0, bound) for name, value, bound in
+                            (("level", level, 256), ("purpose", purpose, 256), ("step", step, 65536)))
     return level << 24 | purpose << 16 | step
 
 
@@ -138,7 +143,9 @@ def random_bits(seed: int | torch.Tensor, image: torch.Tensor, path: torch.Tenso
         with it.
 
     Raises:
-        ValueError: for a count below 1, and as ``purpose_word`` and ``philox4x32``.
+        ValueError: for a count below 1; image or path not an integer tensor, or (checked on a CPU, where
+            it costs no host sync) with values outside ``[0, 2**32)``; and as ``purpose_word`` and
+            ``philox4x32``.
     """
     return _keyed(seed, image, path, level, purpose, step, count, torch.int64, lambda bits: bits)
 
@@ -153,9 +160,9 @@ CPU_BLOCKS_PER_PASS = 1 << 15
 def _keyed(seed, image, path, level: int, purpose: int, step: int, count: int, dtype: torch.dtype, convert):
     # convert(bits) of the keyed words (random_bits), in passes of whole keys on a CPU: convert is
     # elementwise, so a key's values do not depend on the pass it falls in.
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"count must be a positive integer, got {count!r}")
+    count = _integer("count", count, 1, 2 ** 34)  # 2**32 blocks of 4 words: counter[3] is 32 bits
     word = purpose_word(level, purpose, step)
+    image, path = _key_words(image), _key_words(path, "path")
     image, path = torch.broadcast_tensors(image, path)
     shape, image, path = image.shape + (count,), image.reshape(-1), path.reshape(-1)
     blocks, keys = -(-count // 4), image.shape[0]
@@ -167,6 +174,18 @@ def _keyed(seed, image, path, level: int, purpose: int, step: int, count: int, d
         j = min(i + per_pass, keys)
         out[i:j] = convert(_philox_words(seed, image[i:j], path[i:j], word, blocks)[:, :count])
     return out.view(shape)
+
+
+def _key_words(x, name: str = "image") -> torch.Tensor:
+    # image / path: integer tensors of 32-bit words, as int64 (counter words). Checked where it costs no host
+    # sync (a CPU tensor); on a GPU the samplers' own indices are in range by construction.
+    if not isinstance(x, torch.Tensor) or x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got "
+                         f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    x = x.long()
+    if x.device.type == "cpu" and x.numel() and not (0 <= int(x.min()) and int(x.max()) <= M32):
+        raise ValueError(f"{name} values must be in [0, 2**32), got {int(x.min())} .. {int(x.max())}")
+    return x
 
 
 def _philox_words(seed, image: torch.Tensor, path: torch.Tensor, word: int, blocks: int) -> torch.Tensor:
@@ -211,6 +230,7 @@ def permutation(seed: int | torch.Tensor, image: torch.Tensor, path: torch.Tenso
     Returns:
         int64 ``broadcast(image, path).shape + (length,)``: a permutation of ``0 .. length-1``.
     """
+    length = _integer("length", length, 1, 2 ** 33)
     bits = random_bits(seed, image, path, level=level, purpose=ORDER, count=2 * length)
     bits = bits.unflatten(-1, (length, 2))
     keys = ((bits[..., 0] & 0x7FFFFFFF) << 32) | bits[..., 1]
