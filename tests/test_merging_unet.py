@@ -403,6 +403,10 @@ def test_bad_merging_options_are_value_errors():
         ToDoConfig(2, max_downsample=2.0)
     assert fastgen.PatchConfig(tome=np.float32(0.5)).tome.ratio == 0.5
     assert fastgen.PatchConfig(todo=np.int64(2)).todo.factor == 2
+    # NumPy integers of any width are held as Python ints (an int8 cell of 8 x 8 x 2 would overflow)
+    tome = ToMeConfig(0.99, sx=np.int8(8), sy=np.uint8(8), sf=np.int16(2), seed=np.int32(3), max_downsample=np.int8(2))
+    assert [type(v) for v in (tome.sx, tome.sy, tome.sf, tome.seed, tome.max_downsample)] == [int] * 5
+    assert tome.sx * tome.sy * tome.sf == 128
     assert fastgen.PatchConfig(todo=0).todo is None and fastgen.PatchConfig(todo=1).todo is None
 
 

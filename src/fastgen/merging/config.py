@@ -58,6 +58,7 @@ class ToMeConfig:
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            object.__setattr__(self, name, int(value))  # a NumPy int8 would overflow sx * sy * sf
         _check_ratio(self.ratio, self.sx * self.sy * self.sf, "ratio")
         _check_level(self.max_downsample, none_ok=True)
         for name in ("use_rand", "merge_attn", "merge_crossattn", "merge_mlp"):
@@ -65,6 +66,8 @@ class ToMeConfig:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be None or an integer, got {self.seed!r}")
+        if self.seed is not None:
+            object.__setattr__(self, "seed", int(self.seed))
         object.__setattr__(self, "steps", _check_steps(self.steps))
         if self.level_ratios is not None:
             try:
