@@ -618,6 +618,20 @@ def test_bad_configs():
         FractalConfig(levels=(LevelConfig(kind="mar", image_size=2, patch_size=1, width=8, depth=1, heads=2,
                                           num_iter=4, guiding_pixel=True),),
                       pixel_head=PixelHeadConfig(width=8, depth=1, heads=2))
+    for bad in (0, 2.0, True, "8"):
+        with pytest.raises(ValueError, match=r"PixelHeadConfig.width must be an integer >= 1"):
+            PixelHeadConfig(width=bad, depth=1, heads=1)
+    # NumPy integers, as everywhere in fastgen, held as Python ints
+    level = LevelConfig(kind="mar", image_size=np.int8(8), patch_size=np.int64(2), width=np.uint8(8), depth=1,
+                        heads=np.int32(2), num_iter=np.int16(4))
+    head = PixelHeadConfig(width=np.int64(8), depth=np.int8(1), heads=2)
+    assert level == LevelConfig(kind="mar", image_size=8, patch_size=2, width=8, depth=1, heads=2, num_iter=4)
+    assert all(type(getattr(level, f)) is int for f in ("image_size", "patch_size", "width", "heads", "num_iter"))
+    assert type(head.width) is int and type(head.depth) is int
+    config = FractalConfig(levels=(level, LevelConfig(kind="mar", image_size=2, patch_size=1, width=8, depth=1,
+                                                      heads=2, num_iter=4)), pixel_head=head,
+                           num_classes=np.int64(10), num_conds=np.int32(5))
+    assert type(config.num_classes) is int and type(config.num_conds) is int
 
 
 def test_fractal_is_a_lazy_submodule():

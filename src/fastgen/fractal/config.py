@@ -15,6 +15,7 @@ the 256 px models) and its ``--num_iter_list`` as the default iterations.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 from fastgen._config import validated
@@ -28,9 +29,13 @@ KINDS = (AR, MAR)
 CHILD_CONDS = {AR: 1, MAR: 5}
 
 
-def _check_int(name: str, value, low: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+def _check_ints(config, names, low: int = 1) -> None:
+    # Python or NumPy integers (as the rest of fastgen), held as Python ints
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ValueError(f"{type(config).__name__}.{name} must be an integer >= {low}, got {value!r}")
+        object.__setattr__(config, name, int(value))
 
 
 @validated
@@ -53,8 +58,7 @@ class PixelHeadConfig:
     heads: int
 
     def __post_init__(self):
-        for name in ("width", "depth", "heads"):
-            _check_int(f"PixelHeadConfig.{name}", getattr(self, name))
+        _check_ints(self, ("width", "depth", "heads"))
         if self.width % self.heads:
             raise ValueError(f"PixelHeadConfig.width ({self.width}) must be a multiple of heads ({self.heads})")
 
@@ -94,8 +98,7 @@ class LevelConfig:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"LevelConfig.kind must be one of {KINDS}, got {self.kind!r}")
-        for name in ("image_size", "patch_size", "width", "depth", "heads", "num_iter"):
-            _check_int(f"LevelConfig.{name}", getattr(self, name))
+        _check_ints(self, ("image_size", "patch_size", "width", "depth", "heads", "num_iter"))
         if self.image_size % self.patch_size or self.image_size == self.patch_size:
             raise ValueError(f"LevelConfig.patch_size ({self.patch_size}) must divide image_size "
                              f"({self.image_size}) and be smaller than it")
@@ -159,8 +162,7 @@ class FractalConfig:
         for name in ("pixel_head", "guide_head"):
             if not isinstance(getattr(self, name), PixelHeadConfig):
                 raise ValueError(f"FractalConfig.{name} must be a PixelHeadConfig, got {getattr(self, name)!r}")
-        _check_int("FractalConfig.num_classes", self.num_classes)
-        _check_int("FractalConfig.num_conds", self.num_conds)
+        _check_ints(self, ("num_classes", "num_conds"))
         if self.num_conds > CHILD_CONDS[MAR]:
             raise ValueError(f"FractalConfig.num_conds must be at most {CHILD_CONDS[MAR]}, got {self.num_conds}")
         for k in range(1, len(levels)):
