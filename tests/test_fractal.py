@@ -490,7 +490,7 @@ def test_load_checkpoint_reads_official_and_plain_files(tmp_path):
     for path in (official, plain):
         loaded = load_checkpoint(path)
         assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k]) for k in sd)
-    with pytest.raises(ValueError, match="junk.pt is not a PyTorch checkpoint of tensors"):
+    with pytest.raises(ValueError, match=r"junk.pt is not a PyTorch checkpoint of tensors \(not a file torch.save wrote"):
         load_checkpoint(junk)
     with pytest.raises(ValueError, match="without a 'model' state dict of tensors"):
         load_checkpoint(other)
@@ -569,6 +569,8 @@ def test_bad_sampling_input():
         sample(model, object(), progress=False)
     with pytest.raises(ValueError, match="integers, got dtype torch.float64"):
         sample(model, np.array([1.0, 2.0]), progress=False)
+    with pytest.raises(ValueError, match="class_labels must be integers"):
+        sample(model, [torch.tensor(1), torch.tensor(1.5)], progress=False)
     mixed = model_of(tiny())
     mixed.class_emb.to(torch.float64)
     with pytest.raises(ValueError, match="share one dtype and device.*torch.float32 on cpu, torch.float64 on cpu"):
@@ -582,7 +584,8 @@ def test_bad_sampling_input():
 def test_numpy_numbers_are_numbers():
     model = model_of(tiny(("mar", "ar")))
     want = sample(model, [1, 2], cfg=2.0, temperature=1.5, num_iter=2, seed=3, progress=False)
-    for labels in (np.array([1, 2]), [np.int64(1), np.int32(2)], torch.tensor([1, 2])):
+    for labels in (np.array([1, 2]), [np.int64(1), np.int32(2)], torch.tensor([1, 2]), list(torch.tensor([1, 2])),
+                   [torch.tensor(1, dtype=torch.uint8), np.array(2)]):
         got = sample(model, labels, cfg=np.float32(2.0), temperature=np.float64(1.5), num_iter=np.int64(2),
                      seed=np.uint32(3), progress=False)
         assert torch.equal(got, want)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,6 +23,21 @@ def test_fractal_writes_a_png_grid(tmp_path, capsys):
     assert "wrote" in line and "3 images of 16x16" in line and "digits model" in line
     with Image.open(out) as png:  # 3 images, 2 a row (about square), 32 px each, 2 px apart
         assert png.size == (2 * (32 + 2) + 2, 2 * (32 + 2) + 2) and png.mode == "RGB"
+
+
+def test_fractal_takes_iterations_per_level(tmp_path, capsys):
+    from fastgen.fractal import sample
+    from fastgen.fractal.digits import DIGITS_SAMPLING, load_digits_model
+
+    out = tmp_path / "grid.png"
+    assert main(["fractal", "--labels", "7", "--num-iter", "3,16", "--out", str(out), "--scale", "1", "--quiet",
+                 "--device", "cpu"]) == 0
+    want = sample(load_digits_model(), [7], num_iter=(3, 16), progress=False, **DIGITS_SAMPLING)[0]  # seed 0: the default
+    from PIL import Image
+
+    with Image.open(out) as png:
+        grid = torch.from_numpy(np.array(png)).permute(2, 0, 1)
+    assert torch.equal(grid[:, 2:18, 2:18], want)  # the one image, 2 px from the grid's edge
 
 
 def _status(argv) -> int:
@@ -49,9 +65,13 @@ def _status(argv) -> int:
     (["--out", "{tmp}/x.png/grid.png"], "cannot create its folder, .*x.png is a file"),
     (["--out", "{tmp}/folder.png"], "folder.png: a folder, not a file"),
     (["--out", "{tmp}/grid.xbm"], r"grid.xbm: cannot write it \(OSError: cannot write mode RGB as XBM\)"),
+    (["--num-iter", "4,x"], "argument --num-iter: not an integer: 'x'"),
+    (["--num-iter", "4,0"], "argument --num-iter: must be at least 1, got 0"),
+    (["--num-iter", "4,4,4"], r"num_iter must be .* one int per level \(2\), got \(4, 4, 4\)"),
+    (["--nrow", "two"], "argument --nrow: not an integer: 'two'"),
 ], ids=["label", "labels", "cfg", "temperature", "preset", "weights", "sampler", "empty-label", "trailing-comma",
         "cpu-index", "cuda-index", "out-no-extension", "out-unknown-extension", "out-folder-is-a-file",
-        "out-is-a-folder", "out-format-without-rgb"])
+        "out-is-a-folder", "out-format-without-rgb", "num-iter-word", "num-iter-zero", "num-iter-levels", "nrow"])
 def test_fractal_bad_arguments_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
     (tmp_path / "x.png").write_bytes(b"")  # a file where --out {tmp}/x.png/grid.png wants a folder
     (tmp_path / "folder.png").mkdir()

@@ -659,8 +659,9 @@ def fractal_args(sub) -> None:
                    "preset's published one; digits: fastgen.fractal.digits.DIGITS_SAMPLING)")
     f.add_argument("--temperature", type=float, default=None, help="multiplies the logits, > 0 (default: the "
                    "preset's published one, as --cfg)")
-    f.add_argument("--num-iter", type=_positive, default=None, metavar="N",
-                   help="iterations of every MAR level (default: the config's)")
+    f.add_argument("--num-iter", type=_num_iter, default=None, metavar="N[,N...]",
+                   help="iterations of every MAR level, or one value per level (AR levels: ignored, one per token; "
+                        "default: the config's)")
     f.add_argument("--seed", type=int, default=0, help="sampling seed in [0, 2**64) (default 0)")
     f.add_argument("--sampler", default="block", help="block (default) or reference")
     f.add_argument("--out", type=_image_out, default="fractal.png", metavar="PATH",
@@ -715,10 +716,19 @@ def _todo_factor(text: str) -> int:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _num_iter(text: str) -> int | tuple[int, ...]:
+    """``N`` (every MAR level) or ``N1,N2,...`` (one per level, as ``fractal.sample``'s ``num_iter``)."""
+    values = tuple(_positive(v.strip()) for v in text.split(","))
+    return values[0] if len(values) == 1 else values
 
 
 def pipeline_args(sp) -> None:

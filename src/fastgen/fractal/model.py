@@ -57,6 +57,7 @@ on widths that are multiples of 8) do not depend on the rows.
 
 from __future__ import annotations
 
+import pickle
 import re
 from collections.abc import Mapping
 
@@ -695,7 +696,10 @@ def load_checkpoint(path, *, key: str = "model", map_location="cpu") -> dict[str
     except Exception as exc:  # torch's message spans many lines (and colours); its first line says why
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         first = re.sub(r"\x1b\[[0-9;]*m", "", first)
-        raise ValueError(f"{path} is not a PyTorch checkpoint of tensors ({type(exc).__name__}: {first[:160]})") from None
+        reason = f"{type(exc).__name__}: {first[:160]}"
+        if isinstance(exc, (KeyError, pickle.UnpicklingError, EOFError)):  # pickle's reasons say nothing to a user
+            reason = "not a file torch.save wrote, or a truncated one"
+        raise ValueError(f"{path} is not a PyTorch checkpoint of tensors ({reason})") from None
     if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
         state = state[key]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -97,6 +97,8 @@ def _labels(model: FractalGen, class_labels) -> torch.Tensor:
             except TypeError:
                 raise ValueError(f"class_labels must be an int, a sequence of ints or a 1-D integer tensor, "
                                  f"got {class_labels!r}") from None
+        # 0-d tensors and arrays (a list of them, as iterating over a tensor gives): their Python numbers
+        items = [v.item() if getattr(v, "ndim", None) == 0 and hasattr(v, "item") else v for v in items]
         if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in items):
             raise ValueError(f"class_labels must be integers, got {class_labels!r}")
         n = model.config.num_classes
